@@ -180,7 +180,7 @@ class ImageReader(abc.ABC):
         format knows it without reading the data (qcow2 L2 tables, VHD BAT, ...)."""
         return None
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027
         """Release the underlying source."""
 
 
