@@ -1,0 +1,1 @@
+"""vmigrate: migrate virtual machines and their disks between hypervisors and clouds."""
