@@ -1,0 +1,64 @@
+"""Request-scoped dependencies: the application context, a DB session, the caller."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings
+from app.crypto import SecretBox
+from app.db import Database
+from app.services.tokens import Principal, authenticate
+
+
+@dataclass(slots=True)
+class AppContext:
+    """What the lifespan built once and every request shares."""
+
+    settings: Settings
+    db: Database
+    box: SecretBox
+
+
+def get_context(request: Request) -> AppContext:
+    ctx: AppContext = request.app.state.ctx
+    return ctx
+
+
+Context = Annotated[AppContext, Depends(get_context)]
+
+
+async def get_session(ctx: Context) -> AsyncIterator[AsyncSession]:
+    """One transaction per request: committed when the handler returns, else rolled back."""
+    async with ctx.db.session() as session:
+        yield session
+
+
+Session = Annotated[AsyncSession, Depends(get_session)]
+
+
+def _unauthorized(detail: str) -> HTTPException:
+    return HTTPException(401, detail, headers={"WWW-Authenticate": 'Bearer realm="vmigrate"'})
+
+
+def require(scope: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
+    """A dependency that authenticates the bearer token and checks one scope."""
+
+    async def dependency(request: Request, ctx: Context) -> Principal:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _unauthorized("a bearer token is required (Authorization: Bearer <token>)")
+        async with ctx.db.session() as session:
+            principal = await authenticate(session, token.strip())
+        if principal is None:
+            raise _unauthorized("the bearer token is unknown or revoked")
+        if not principal.allows(scope):
+            raise HTTPException(403, f"the token lacks the {scope!r} scope")
+        return principal
+
+    return dependency

@@ -1,0 +1,7 @@
+"""/v1/migrations."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(prefix="/migrations", tags=["migrations"])

@@ -1,0 +1,173 @@
+"""RFC 9457 problem documents for every error the API returns.
+
+Every error leaves as ``application/problem+json`` with ``type``, ``title``,
+``status`` and ``detail``; validation errors add ``errors``: one entry per bad field
+with its JSON pointer (``/source/port``) and what is wrong. Unexpected exceptions
+become a 500 whose detail names nothing internal (the traceback goes to the log).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import AppError
+
+log = logging.getLogger(__name__)
+
+PROBLEM_BASE = "https://vmigrate.dev/problems/"
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+class FieldError(BaseModel):
+    pointer: str = Field(description="JSON pointer (RFC 6901) of the offending field")
+    detail: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    errors: list[FieldError] | None = None
+
+
+def problem_response(
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    *,
+    instance: str | None = None,
+    errors: Sequence[FieldError] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = Problem(
+        type=PROBLEM_BASE + code,
+        title=title,
+        status=status,
+        detail=detail,
+        instance=instance,
+        errors=list(errors) if errors is not None else None,
+    )
+    return JSONResponse(
+        body.model_dump(exclude_none=True),
+        status_code=status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers=headers,
+    )
+
+
+def json_pointer(parts: Sequence[int | str]) -> str:
+    """``["source", "port"]`` -> ``/source/port`` (RFC 6901 escaping)."""
+    escaped = [str(p).replace("~", "~0").replace("/", "~1") for p in parts]
+    return "/" + "/".join(escaped) if escaped else ""
+
+
+def _document_path(body: Any, loc: Sequence[int | str]) -> list[int | str]:
+    """Map a pydantic error location onto the request document.
+
+    Pydantic inserts names that are not in the document (the tag of a discriminated
+    union, ``function-after[...]`` for validators); walking the actual body tells which
+    elements are real keys and indexes.
+    """
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
+        origin, parts = parts[0], parts[1:]
+        if origin != "body":
+            return parts
+    out: list[int | str] = []
+    node = body
+    for part in parts:
+        in_dict = isinstance(node, dict) and isinstance(part, str) and part in node
+        in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if in_dict or in_list:
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, dict) and isinstance(part, str):
+            if _is_synthetic(part) or part in node.values():
+                continue  # a validator name or a union tag: not part of the document
+            out.append(part)  # a missing field: the pointer names where it should be
+            node = None
+        elif node is None:
+            out.append(part)
+    return out
+
+
+def _is_synthetic(part: str) -> bool:
+    return "[" in part or part.startswith("function-")
+
+
+def _validation_errors(exc: RequestValidationError) -> list[FieldError]:
+    out: list[FieldError] = []
+    body = getattr(exc, "body", None)
+    for err in exc.errors():
+        msg = str(err.get("msg", "invalid"))
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        pointer = json_pointer(_document_path(body, err.get("loc", ())))
+        out.append(FieldError(pointer=pointer, detail=msg))
+    return out
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that turn every error into a problem document."""
+
+    @app.exception_handler(AppError)
+    async def _app_error(request: Request, exc: AppError) -> JSONResponse:
+        errors = exc.extra.get("errors")
+        field_errors = [FieldError(**e) for e in errors] if isinstance(errors, list) else None
+        headers = {"Retry-After": "5"} if exc.retryable else None
+        return problem_response(
+            exc.status, exc.code, exc.title, exc.message,
+            instance=request.url.path, errors=field_errors, headers=headers,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = _validation_errors(exc)
+        detail = "; ".join(f"{e.pointer or '/'}: {e.detail}" for e in errors[:5])
+        return problem_response(
+            422, "validation-error", "Request validation failed", detail,
+            instance=request.url.path, errors=errors,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        titles = {401: "Unauthorized", 403: "Forbidden", 404: "Not found",
+                  405: "Method not allowed", 406: "Not acceptable", 409: "Conflict",
+                  413: "Request body too large", 415: "Unsupported media type"}
+        title = titles.get(exc.status_code, "HTTP error")
+        detail = exc.detail if isinstance(exc.detail, str) else title
+        code = title.lower().replace(" ", "-")
+        return problem_response(
+            exc.status_code, code, title, detail,
+            instance=request.url.path, headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem_response(
+            500, "internal-error", "Internal error",
+            "The service failed unexpectedly; the error was logged.",
+            instance=request.url.path,
+        )
+
+
+#: ``responses=`` entry for routes, so the OpenAPI document types every error.
+def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {
+        code: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}, "description": "Problem"}
+        for code in codes
+    }

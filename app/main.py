@@ -1,0 +1,74 @@
+"""The application factory and its lifespan.
+
+The lifespan builds everything once: settings -> database (embedded when no URL is
+configured) -> schema upgrade -> secret box; and hands them to requests through
+``app.state.ctx`` (see :mod:`app.api.deps`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api import health, problems
+from app.api.deps import AppContext
+from app.api.limits import BodyLimit
+from app.config import Settings
+from app.crypto import SecretBox, load_keys
+from app.db import Database, embedded_postgres_url, upgrade
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "0.1.0"
+
+
+async def database_url(settings: Settings) -> str:
+    """The configured database URL, or the embedded server's (started on demand)."""
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value()
+    log.info("no VMIGRATE_DATABASE_URL: using the embedded PostgreSQL in %s",
+             settings.postgres_dir)
+    return await embedded_postgres_url(settings.postgres_dir)
+
+
+async def build_context(settings: Settings, db: Database | None = None) -> AppContext:
+    if db is None:
+        db = Database(await database_url(settings), pool_size=settings.db_pool_size)
+    await upgrade(db)
+    keys = load_keys([k.get_secret_value() for k in settings.encryption_keys], settings.key_file)
+    return AppContext(settings=settings, db=db, box=SecretBox(keys))
+
+
+def create_app(settings: Settings | None = None, *, db: Database | None = None) -> FastAPI:
+    """Build the ASGI app. ``db`` lets tests share one database across apps."""
+    settings = settings or Settings()
+    owns_db = db is None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ctx = await build_context(settings, db)
+        app.state.ctx = ctx
+        try:
+            yield
+        finally:
+            if owns_db:
+                await ctx.db.dispose()
+
+    app = FastAPI(
+        title="vmigrate",
+        version=API_VERSION,
+        summary="Migrate virtual machines and their disks between hypervisors and clouds.",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
+                       exempt_prefixes=("/v1/images",))
+    app.include_router(health.router)
+    from app.api import routers
+
+    for router in routers():
+        app.include_router(router, prefix="/v1")
+    return app

@@ -1,0 +1,77 @@
+"""Enumerations shared by the ORM, the API schemas and the engines."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class CloudKind(StrEnum):
+    vmware = "vmware"
+    esxi = "esxi"
+    openstack = "openstack"
+    metapod = "metapod"
+    xen = "xen"
+    nutanix = "nutanix"
+    hyperv = "hyperv"
+    azure = "azure"
+    amazon = "amazon"
+    softlayer = "softlayer"
+    linux = "linux"
+
+
+class MigrationType(StrEnum):
+    hypervisor = "hypervisor"
+    image_extract = "image_extract"
+    live_stream = "live_stream"
+
+
+class HypervisorMode(StrEnum):
+    store = "store"
+    new = "new"
+
+
+class Platform(StrEnum):
+    windows = "windows"
+    linux = "linux"
+
+
+class ImageFormat(StrEnum):
+    vhd = "vhd"
+    qcow2 = "qcow2"
+    raw = "raw"
+    vmdk = "vmdk"
+
+
+class MigrationStatus(StrEnum):
+    pending = "pending"
+    queued = "queued"
+    running = "running"
+    cancelling = "cancelling"
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+class StepStatus(StrEnum):
+    pending = "pending"
+    running = "running"
+    completed = "completed"
+    failed = "failed"
+    skipped = "skipped"
+
+    def is_done(self) -> bool:
+        return self in (StepStatus.completed, StepStatus.skipped)
+
+
+class ImageStatus(StrEnum):
+    creating = "creating"
+    ready = "ready"
+    failed = "failed"
+
+
+_TERMINAL = frozenset(
+    {MigrationStatus.completed, MigrationStatus.failed, MigrationStatus.cancelled}
+)
