@@ -71,7 +71,7 @@ async def db(shared_db: Database) -> AsyncIterator[Database]:
 def settings(tmp_path: Path) -> Settings:
     return Settings(
         data_dir=tmp_path / "data",
-        encryption_keys=[Fernet.generate_key().decode()],  # type: ignore[list-item]
+        encryption_keys=[Fernet.generate_key().decode()],
         max_body_bytes=64 * 1024,
     )
 
