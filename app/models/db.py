@@ -115,6 +115,9 @@ class Migration(Base):
     #: Fencing token: bumped on every claim; writes carry the epoch they read.
     epoch: Mapped[int] = mapped_column(Integer, default=0)
     version: Mapped[int] = mapped_column(Integer, default=1)
+    #: Sequence number of the last event written for this migration; bumped by the
+    #: same UPDATE that writes the event, so events are numbered without gaps or races.
+    event_seq: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _now()
     started_at: Mapped[datetime | None]
