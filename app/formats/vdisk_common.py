@@ -1,0 +1,361 @@
+"""Helpers shared by the VMDK, VHD and VHDX modules.
+
+- :class:`ExtentBuilder` turns an in-order sequence of data pieces and zero runs into
+  :class:`~app.formats.base.Extent` values that honour the reader contract (data
+  extents at most ``chunk_size`` bytes, adjacent zero runs merged, all-zero data
+  pieces turned into zero runs).
+- :class:`StreamReader` reads exact byte counts from a sequential source and keeps the
+  position for error messages.
+- :func:`read_exact_at` reads from a random-access source and turns a short read into
+  a :class:`~app.formats.base.FormatError`.
+- :func:`crc32c` is a small table-driven CRC-32C (Castagnoli), as VHDX needs it.
+- :func:`compute_pool` is the process-wide thread pool for CPU-bound work
+  (compression, decompression) that releases the GIL.
+- :func:`deflate` / :func:`inflate_bounded` wrap isal (when it produces valid zlib
+  streams) or the standard zlib module.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
+
+from app.formats.base import (
+    Extent,
+    FormatError,
+    RandomAccessSource,
+    SequentialSource,
+)
+
+#: Zero bytes for comparisons and padding. Sized for the largest piece we compare.
+_ZERO_LEN = 4 * 1024 * 1024
+_ZEROS = bytes(_ZERO_LEN)
+
+
+def zeros(n: int) -> bytes:
+    """``n`` zero bytes, shared when ``n`` is small enough."""
+    if n == _ZERO_LEN:
+        return _ZEROS
+    if n < _ZERO_LEN:
+        return _ZEROS[:n]
+    return bytes(n)
+
+
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
+    """True when every byte of ``data`` is zero (memcmp speed)."""
+    n = len(data)
+    if isinstance(data, memoryview):
+        data = data.tobytes() if n <= _ZERO_LEN else bytes(data)
+    pos = 0
+    while pos < n:
+        step = min(_ZERO_LEN, n - pos)
+        piece = data[pos : pos + step] if (pos or step != n) else data
+        if piece != (_ZEROS if step == _ZERO_LEN else _ZEROS[:step]):
+            return False
+        pos += step
+    return True
+
+
+class ExtentBuilder:
+    """Collects in-order pieces of a virtual disk and emits contract-abiding extents.
+
+    Call :meth:`zero` and :meth:`data` with consecutive offsets; each returns the
+    extents that became complete. :meth:`finish` returns the rest.
+    """
+
+    def __init__(self, chunk_size: int, *, detect_zeros: bool = True) -> None:
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        self.chunk_size = chunk_size
+        self.detect_zeros = detect_zeros
+        self.pos = 0
+        self._zero_start = 0
+        self._zero_len = 0
+        self._buf = bytearray()
+        self._buf_start = 0
+
+    def _flush_zero(self, out: list[Extent]) -> None:
+        if self._zero_len:
+            out.append(Extent(self._zero_start, self._zero_len))
+            self._zero_len = 0
+
+    def _flush_data(self, out: list[Extent]) -> None:
+        if self._buf:
+            buf = self._buf
+            out.append(Extent(self._buf_start, len(buf), bytes(buf)))
+            self._buf = bytearray()
+
+    def zero(self, offset: int, length: int) -> list[Extent]:
+        """A run of zeros at ``offset`` (must equal the current position)."""
+        if offset != self.pos:
+            raise AssertionError(f"extent builder: zero run at {offset}, expected {self.pos}")
+        out: list[Extent] = []
+        if length <= 0:
+            return out
+        self._flush_data(out)
+        if not self._zero_len:
+            self._zero_start = offset
+        self._zero_len += length
+        self.pos += length
+        return out
+
+    def data(self, offset: int, data: bytes | bytearray | memoryview) -> list[Extent]:
+        """Bytes at ``offset`` (must equal the current position)."""
+        if offset != self.pos:
+            raise AssertionError(f"extent builder: data at {offset}, expected {self.pos}")
+        n = len(data)
+        if n == 0:
+            return []
+        if self.detect_zeros and is_zero(data):
+            return self.zero(offset, n)
+        out: list[Extent] = []
+        self._flush_zero(out)
+        view = memoryview(data)
+        pos = 0
+        cs = self.chunk_size
+        if not self._buf:
+            self._buf_start = offset
+        elif len(self._buf) + n >= cs:
+            take = cs - len(self._buf)
+            self._buf += view[:take]
+            pos = take
+            self._flush_data(out)
+            self._buf_start = offset + pos
+        # Whole chunks straight from the input without going through the buffer.
+        while n - pos >= cs:
+            out.append(Extent(offset + pos, cs, bytes(view[pos : pos + cs])))
+            pos += cs
+        if pos < n:
+            if not self._buf:
+                self._buf_start = offset + pos
+            self._buf += view[pos:]
+        self.pos += n
+        return out
+
+    def finish(self) -> list[Extent]:
+        out: list[Extent] = []
+        self._flush_data(out)
+        self._flush_zero(out)
+        return out
+
+
+class StreamReader:
+    """Exact reads from a :class:`SequentialSource`, tracking the stream position.
+
+    Reads from the source in blocks of ``block_size`` and serves small reads from the
+    buffer, so parsing a stream of 512-byte markers does not cost one await each.
+    """
+
+    def __init__(
+        self,
+        source: SequentialSource,
+        fmt: str,
+        *,
+        block_size: int = 1024 * 1024,
+        max_read: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.source = source
+        self.fmt = fmt
+        self.block_size = block_size
+        self.max_read = max_read
+        #: Stream offset of the next byte :meth:`read_upto` returns.
+        self.pos = 0
+        self._buf = b""
+        self._off = 0
+        self._eof = False
+
+    async def _fill(self, need: int) -> None:
+        """Make at least ``need`` bytes available unless the stream ends first."""
+        avail = len(self._buf) - self._off
+        if avail >= need or self._eof:
+            return
+        parts = [self._buf[self._off :]] if avail else []
+        want = max(need, self.block_size)
+        while avail < need:
+            piece = await self.source.read(want - avail)
+            if not piece:
+                self._eof = True
+                break
+            parts.append(piece)
+            avail += len(piece)
+        self._buf = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._off = 0
+
+    async def read_upto(self, n: int) -> bytes:
+        """Up to ``n`` bytes; fewer only at end of stream."""
+        if n > self.max_read:
+            raise FormatError(f"refusing to read {n} bytes at once", fmt=self.fmt, offset=self.pos)
+        if n <= 0:
+            return b""
+        await self._fill(n)
+        end = min(self._off + n, len(self._buf))
+        if self._off == 0 and end == len(self._buf):
+            data = self._buf
+            self._buf = b""
+            self._off = 0
+        else:
+            data = self._buf[self._off : end]
+            self._off = end
+        self.pos += len(data)
+        return data
+
+    async def read_exact(self, n: int, what: str) -> bytes:
+        start = self.pos
+        data = await self.read_upto(n)
+        if len(data) != n:
+            raise FormatError(f"truncated {what}: stream ended", fmt=self.fmt, offset=start)
+        return data
+
+    async def at_eof(self) -> bool:
+        """True when no byte is left in the stream."""
+        await self._fill(1)
+        return self._off >= len(self._buf)
+
+    async def skip(self, n: int, what: str) -> None:
+        """Consume ``n`` bytes in bounded pieces."""
+        while n > 0:
+            step = min(n, self.block_size)
+            await self.read_exact(step, what)
+            n -= step
+
+
+async def read_exact_at(
+    source: RandomAccessSource, offset: int, length: int, fmt: str, what: str
+) -> bytes:
+    """Read exactly ``length`` bytes at ``offset`` or raise a :class:`FormatError`."""
+    if offset < 0 or length < 0:
+        raise FormatError(f"{what} has a negative position or length", fmt=fmt, offset=offset)
+    if offset + length > source.size:
+        raise FormatError(
+            f"{what} ({length} bytes) extends past the end of the file ({source.size} bytes)",
+            fmt=fmt,
+            offset=offset,
+        )
+    parts: list[bytes] = []
+    got = 0
+    while got < length:
+        piece = await source.read_at(offset + got, length - got)
+        if not piece:
+            raise FormatError(f"truncated {what}", fmt=fmt, offset=offset + got)
+        parts.append(piece)
+        got += len(piece)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+# --- CRC-32C (Castagnoli), reflected polynomial 0x82F63B78 -------------------------
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        crc = i
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
+    """CRC-32C of ``data`` (continuing from ``crc``), as used by VHDX and iSCSI."""
+    table = _CRC32C_TABLE
+    crc ^= 0xFFFFFFFF
+    for b in bytes(data):
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+# --- Compression ---------------------------------------------------------------------
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def compute_pool() -> ThreadPoolExecutor:
+    """The shared pool (``os.cpu_count()`` workers) for compression and decompression."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(
+                max_workers=os.cpu_count() or 2, thread_name_prefix="vdisk-compute"
+            )
+        return _pool
+
+
+def _pick_deflate() -> Callable[[bytes, int], bytes]:
+    """isal's zlib-format compressor when it round-trips through stdlib zlib, else zlib."""
+    try:
+        from isal import isal_zlib
+    except ImportError:  # pragma: no cover - isal is a dependency
+        return lambda data, level: zlib.compress(data, level)
+
+    def isal_deflate(data: bytes, level: int) -> bytes:
+        # zlib levels 1-9 onto isal's 0-3: fast levels stay fast, high levels compress.
+        isal_level = 1 if level <= 3 else 2 if level <= 6 else 3
+        out: bytes = isal_zlib.compress(data, isal_level)
+        return out
+
+    sample = (b"vmigrate-isal-probe " * 4000) + os.urandom(4096) + bytes(8192)
+    try:
+        ok = zlib.decompress(isal_deflate(sample, 6)) == sample
+    except Exception:  # any failure means: do not use isal  # pragma: no cover
+        ok = False
+    if ok:
+        return isal_deflate
+    return lambda data, level: zlib.compress(data, level)  # pragma: no cover
+
+
+_deflate_impl: Callable[[bytes, int], bytes] | None = None
+
+
+def deflate(data: bytes | memoryview, level: int = 6) -> bytes:
+    """A zlib-format (RFC 1950) deflate stream of ``data``."""
+    global _deflate_impl
+    if _deflate_impl is None:
+        _deflate_impl = _pick_deflate()
+    return _deflate_impl(bytes(data), level)
+
+
+def _pick_inflate() -> tuple[Callable[[], Any], tuple[type[Exception], ...]]:
+    """isal's decompressobj (faster) when importable, else zlib's; plus their errors."""
+    try:
+        from isal import isal_zlib
+    except ImportError:  # pragma: no cover - isal is a dependency
+        return zlib.decompressobj, (zlib.error,)
+    isal_error = cast("type[Exception]", isal_zlib.error)
+    return isal_zlib.decompressobj, (zlib.error, isal_error)
+
+
+_inflate_obj, _inflate_errors = _pick_inflate()
+
+
+def inflate_bounded(data: bytes | memoryview, limit: int, fmt: str, offset: int) -> bytes:
+    """Inflate a zlib stream that must decode to at most ``limit`` bytes.
+
+    Raises :class:`FormatError` for corrupt data, a stream that would produce more than
+    ``limit`` bytes, or a stream that ends early (missing its end marker). Bytes after
+    the end of the stream are ignored (producers pad).
+    """
+    d = _inflate_obj()
+    try:
+        out: bytes = d.decompress(data, limit)
+        # Input left over after `limit` bytes of output: it may only be the stream's
+        # trailer; anything that still produces output means the data is too big.
+        for _ in range(4):
+            if d.eof or not d.unconsumed_tail:
+                break
+            if d.decompress(d.unconsumed_tail, 1):
+                raise FormatError(
+                    f"compressed data inflates beyond {limit} bytes", fmt=fmt, offset=offset
+                )
+    except _inflate_errors as exc:
+        raise FormatError(f"corrupt compressed data ({exc})", fmt=fmt, offset=offset) from exc
+    if not d.eof:
+        raise FormatError("compressed data is truncated or too big", fmt=fmt, offset=offset)
+    return out
