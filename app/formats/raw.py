@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from typing import ClassVar
 
 from app.formats.base import (
@@ -179,7 +179,7 @@ async def prefetch_reads(
     *,
     depth: int = READ_DEPTH,
     fmt: str = FMT,
-) -> AsyncIterator[tuple[int, bytes]]:
+) -> AsyncGenerator[tuple[int, bytes], None]:
     """Read ``(offset, length)`` ranges of ``source`` in order with up to ``depth`` reads
     in flight; yields ``(offset, data)``. A short read is a :class:`FormatError`."""
     pending: deque[tuple[int, int, asyncio.Task[bytes]]] = deque()
