@@ -11,10 +11,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Security
+from fastapi.security import HTTPBearer
 
 from app.api import health, problems
 from app.api.deps import AppContext
+from app.api.idempotency import Idempotency
 from app.api.limits import BodyLimit
 from app.config import Settings
 from app.crypto import SecretBox, load_keys
@@ -23,6 +25,15 @@ from app.db import Database, embedded_postgres_url, upgrade
 log = logging.getLogger(__name__)
 
 API_VERSION = "0.1.0"
+
+#: Request bodies under these prefixes are streamed (image uploads): not size-limited
+#: as JSON and not buffered for Idempotency-Key.
+STREAMED_PREFIXES = ("/v1/images",)
+
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    description="An API token from `vmigrate tokens create`: `Authorization: Bearer vmg_...`.",
+)
 
 
 async def database_url(settings: Settings) -> str:
@@ -64,11 +75,15 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
         lifespan=lifespan,
     )
     problems.install(app)
+    # Added first, so it runs inside BodyLimit: the bodies it buffers are bounded.
+    app.add_middleware(Idempotency, exempt_prefixes=STREAMED_PREFIXES)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
-                       exempt_prefixes=("/v1/images",))
+                       exempt_prefixes=STREAMED_PREFIXES)
     app.include_router(health.router)
     from app.api import routers
 
     for router in routers():
-        app.include_router(router, prefix="/v1")
+        # Declares the bearer scheme on every /v1 operation, so generated clients send
+        # the token; ``require(scope)`` in each route does the actual checking.
+        app.include_router(router, prefix="/v1", dependencies=[Security(bearer_scheme)])
     return app

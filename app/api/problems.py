@@ -74,12 +74,17 @@ def json_pointer(parts: Sequence[int | str]) -> str:
     return "/" + "/".join(escaped) if escaped else ""
 
 
-def _document_path(body: Any, loc: Sequence[int | str]) -> list[int | str]:
+def _document_path(
+    body: Any, loc: Sequence[int | str], error_type: str = "", ctx: dict[str, Any] | None = None
+) -> list[int | str]:
     """Map a pydantic error location onto the request document.
 
     Pydantic inserts names that are not in the document (the tag of a discriminated
     union, ``function-after[...]`` for validators); walking the actual body tells which
-    elements are real keys and indexes.
+    elements are real keys and indexes. The last element of a ``missing`` error is
+    always a field name, even when some value in the body happens to equal it.
+    Discriminator errors (``union_tag_invalid``/``union_tag_not_found``) are located at
+    the union itself; the pointer names the discriminator field (``/kind``).
     """
     parts = list(loc)
     if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
@@ -88,19 +93,24 @@ def _document_path(body: Any, loc: Sequence[int | str]) -> list[int | str]:
             return parts
     out: list[int | str] = []
     node = body
-    for part in parts:
+    for i, part in enumerate(parts):
         in_dict = isinstance(node, dict) and isinstance(part, str) and part in node
         in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        last_missing = error_type == "missing" and i == len(parts) - 1
         if in_dict or in_list:
             out.append(part)
             node = node[part]
         elif isinstance(node, dict) and isinstance(part, str):
-            if _is_synthetic(part) or part in node.values():
+            if not last_missing and (_is_synthetic(part) or part in node.values()):
                 continue  # a validator name or a union tag: not part of the document
             out.append(part)  # a missing field: the pointer names where it should be
             node = None
         elif node is None:
             out.append(part)
+    if error_type in ("union_tag_invalid", "union_tag_not_found") and ctx:
+        discriminator = str(ctx.get("discriminator", "")).strip("'\"")
+        if discriminator.isidentifier():
+            out.append(discriminator)
     return out
 
 
@@ -109,13 +119,22 @@ def _is_synthetic(part: str) -> bool:
 
 
 def _validation_errors(exc: RequestValidationError) -> list[FieldError]:
+    """One entry per error: its pointer and pydantic's message (never the input)."""
     out: list[FieldError] = []
     body = getattr(exc, "body", None)
     for err in exc.errors():
+        error_type = str(err.get("type", ""))
+        ctx = err.get("ctx") if isinstance(err.get("ctx"), dict) else None
         msg = str(err.get("msg", "invalid"))
-        if err.get("type") == "extra_forbidden":
+        if error_type == "extra_forbidden":
             msg = "unknown field"
-        pointer = json_pointer(_document_path(body, err.get("loc", ())))
+        elif error_type == "json_invalid":
+            loc = err.get("loc", ())
+            where = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+            reason = f": {ctx['error']}" if ctx and "error" in ctx else ""
+            out.append(FieldError(pointer="", detail=f"malformed JSON{reason}{where}"))
+            continue
+        pointer = json_pointer(_document_path(body, err.get("loc", ()), error_type, ctx))
         out.append(FieldError(pointer=pointer, detail=msg))
     return out
 

@@ -1,0 +1,262 @@
+"""``Idempotency-Key`` for every POST: a retried request gets the first answer.
+
+A pure ASGI middleware, so it covers every POST route without each one opting in.
+For a POST carrying the header and a valid bearer token:
+
+- the first request claims ``(tenant, key)`` (a committed row, visible to every API
+  process), runs, and its response (status, body, ``Location``/``ETag``/...) is
+  stored if it is 2xx or 4xx. A 5xx or an exception releases the claim, so a retry
+  runs again: those outcomes are not decisions worth repeating;
+- a repeat with the same method, path and body gets the stored response, marked
+  ``Idempotent-Replayed: true``, without the route running again;
+- a repeat with a different request is a 422 problem (the key was reused by mistake);
+- a repeat while the first is still running is a 409 problem with ``Retry-After``.
+
+Keys are per tenant (resolved from the token's hash) and expire after
+``settings.idempotency_ttl_seconds``. Requests without a usable token pass through
+untouched: the route answers 401 and nothing is stored. Bodies are hashed after JSON
+canonicalisation, so a client re-serialising the same object is still a repeat.
+The middleware sits inside :class:`~app.api.limits.BodyLimit`, so the body it buffers
+is bounded.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+from datetime import timedelta
+from typing import Any
+
+import anyio
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.deps import AppContext
+from app.api.problems import problem_response
+from app.repositories import idempotency as repo
+from app.services.tokens import hash_token
+
+log = logging.getLogger(__name__)
+
+HEADER = "idempotency-key"
+MAX_KEY_LENGTH = 255
+#: Response headers worth replaying; others (date, server, ...) are per response.
+_KEPT_HEADERS = frozenset({b"content-type", b"location", b"etag", b"link", b"retry-after"})
+#: Larger responses are not stored (the claim is released): a retry runs again.
+_MAX_STORED = 4 * 1024 * 1024
+
+
+class Idempotency:
+    """Make POSTs with an ``Idempotency-Key`` safe to retry."""
+
+    def __init__(
+        self, app: ASGIApp, *, in_flight_timeout: float = 300.0,
+        exempt_prefixes: tuple[str, ...] = (),
+    ) -> None:
+        self.app = app
+        #: A claim older than this with no response is taken to be orphaned (its
+        #: process died) and may be claimed again.
+        self.in_flight_timeout = timedelta(seconds=in_flight_timeout)
+        #: Streaming uploads are not buffered, hence not covered.
+        self.exempt = exempt_prefixes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http" or scope["method"] != "POST"
+            or scope["path"].startswith(self.exempt)
+        ):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        key = headers.get(HEADER)
+        if key is None:
+            await self.app(scope, receive, send)
+            return
+        if not _valid_key(key):
+            await _problem(scope, receive, send, 400, "invalid-idempotency-key",
+                           "Invalid Idempotency-Key",
+                           f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} visible ASCII characters")
+            return
+        ctx: AppContext = scope["app"].state.ctx
+        tenant = await self._tenant(ctx, headers.get("authorization", ""))
+        if tenant is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await _read_body(receive)
+        except HTTPException as exc:  # BodyLimit's 413, raised from its receive
+            await _problem(scope, receive, send, exc.status_code, "request-body-too-large",
+                           "Request body too large", str(exc.detail))
+            return
+        if body is None:  # the client went away
+            return
+        await self._handle(ctx, tenant, key, body, scope, receive, send)
+
+    async def _tenant(self, ctx: AppContext, authorization: str) -> str | None:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        async with ctx.db.session() as session:
+            return await repo.tenant_for_token(session, hash_token(token.strip()))
+
+    async def _handle(
+        self, ctx: AppContext, tenant: str, key: str, body: bytes,
+        scope: Scope, receive: Receive, send: Send,
+    ) -> None:
+        method, path = scope["method"], scope["path"]
+        request_hash = _request_hash(method, path, scope.get("query_string", b""), body)
+        async with ctx.db.session() as session:
+            outcome = await repo.claim(
+                session, tenant=tenant, key=key, method=method, path=path,
+                request_hash=request_hash,
+                ttl=timedelta(seconds=ctx.settings.idempotency_ttl_seconds),
+                in_flight_timeout=self.in_flight_timeout,
+            )
+        if isinstance(outcome, repo.StoredKey):
+            await _answer_repeat(outcome, method, path, request_hash, scope, receive, send)
+            return
+        captured = _Capture(send)
+        try:
+            await self.app(scope, _replay(body, receive), captured.send)
+        except BaseException:
+            await self._release(ctx, tenant, key, outcome)
+            raise
+        status = captured.status
+        if status is None or status >= 500 or captured.size > _MAX_STORED:
+            await self._release(ctx, tenant, key, outcome)
+            return
+        try:
+            async with ctx.db.session() as session:
+                await repo.complete(
+                    session, tenant=tenant, key=key, held=outcome,
+                    status_code=status, response=captured.stored(),
+                )
+        except Exception:
+            # The response is already on its way; a retry will find the claim in flight
+            # until it times out, which is the safe side.
+            log.exception("could not store the response for an Idempotency-Key")
+
+    async def _release(
+        self, ctx: AppContext, tenant: str, key: str, held: repo.Claimed
+    ) -> None:
+        with anyio.CancelScope(shield=True):  # also when the request was cancelled
+            try:
+                async with ctx.db.session() as session:
+                    await repo.release(session, tenant=tenant, key=key, held=held)
+            except Exception:
+                log.exception("could not release an Idempotency-Key claim")
+
+
+def _valid_key(key: str) -> bool:
+    return 0 < len(key) <= MAX_KEY_LENGTH and all(0x20 < ord(c) < 0x7F for c in key)
+
+
+def _request_hash(method: str, path: str, query: bytes, body: bytes) -> str:
+    try:
+        canonical = json.dumps(
+            json.loads(body), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        ).encode()
+    except (ValueError, RecursionError):
+        canonical = body  # not JSON: the bytes themselves
+    digest = hashlib.sha256()
+    for part in (method.encode(), path.encode(), query, canonical):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that yields the buffered body once, then defers to the real one."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+class _Capture:
+    """Passes the response through while keeping a copy of it."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.status: int | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = int(message["status"])
+            self.headers = [(k.lower(), v) for k, v in message.get("headers", [])]
+        elif message["type"] == "http.response.body":
+            chunk = message.get("body", b"")
+            self.size += len(chunk)
+            if self.size <= _MAX_STORED:
+                self.chunks.append(chunk)
+        await self._send(message)
+
+    def stored(self) -> dict[str, Any]:
+        body = b"".join(self.chunks)
+        kept = [[k.decode("latin-1"), v.decode("latin-1")]
+                for k, v in self.headers if k in _KEPT_HEADERS]
+        try:
+            return {"headers": kept, "body": body.decode("utf-8")}
+        except UnicodeDecodeError:
+            return {"headers": kept, "body_b64": base64.b64encode(body).decode()}
+
+
+async def _answer_repeat(
+    stored: repo.StoredKey, method: str, path: str, request_hash: str,
+    scope: Scope, receive: Receive, send: Send,
+) -> None:
+    if (stored.method, stored.path, stored.request_hash) != (method, path, request_hash):
+        await _problem(scope, receive, send, 422, "idempotency-key-reused",
+                       "Idempotency-Key reused",
+                       "this Idempotency-Key was already used for a different request; "
+                       "use a new key for a new request")
+        return
+    if stored.status_code is None or stored.response is None:
+        await _problem(scope, receive, send, 409, "idempotency-key-in-flight",
+                       "Request in progress",
+                       "a request with this Idempotency-Key is still being processed; "
+                       "retry shortly", headers={"Retry-After": "1"})
+        return
+    response = stored.response
+    if "body_b64" in response:
+        body = base64.b64decode(response["body_b64"])
+    else:
+        body = str(response.get("body", "")).encode("utf-8")
+    headers = [(str(k).encode("latin-1"), str(v).encode("latin-1"))
+               for k, v in response.get("headers", [])]
+    headers += [(b"content-length", str(len(body)).encode()),
+                (b"idempotent-replayed", b"true")]
+    await send({"type": "http.response.start", "status": stored.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _problem(
+    scope: Scope, receive: Receive, send: Send, status: int, code: str, title: str,
+    detail: str, headers: dict[str, str] | None = None,
+) -> None:
+    response = problem_response(status, code, title, detail,
+                                instance=scope["path"], headers=headers)
+    await response(scope, receive, send)
