@@ -1,0 +1,309 @@
+"""VHD (Microsoft Virtual Hard Disk, "vpc"): fixed and dynamic disks.
+
+Reading (random access only):
+
+- **fixed**: data then a 512-byte footer at the end; holes in the file are skipped.
+- **dynamic**: footer copy at the start, dynamic header, BAT and blocks, each with a
+  sector bitmap that is honoured (sectors whose bit is 0 read as zeros). If the
+  trailing footer is damaged the copy at the start is used, as the specification says.
+
+The virtual size is the footer's ``current_size``. qemu instead uses the CHS geometry
+for images whose creator application is not one of ``win ``, ``qem2``, ``d2v ``,
+``tap\\0`` or ``CTXS`` (unless the geometry is the 65535x16x255 maximum), so it may
+report less than ``current_size`` for Virtual PC / VirtualBox images; this reader takes
+``current_size`` as the specification intends.
+
+Refused with :class:`~app.formats.base.FormatError`: differencing disks, unknown disk
+types, bad cookies or checksums, headers/BAT/blocks past the end of the file, block
+sizes that are not a power of two between 512 bytes and 256 MiB, a BAT too small for
+the disk, and sizes above ``max_virtual_size``.
+
+Writing: see :mod:`app.formats.vhd_writer` (fixed: streamable; dynamic: on a seekable
+sink, or streamable after :meth:`set_allocation_map`).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import AsyncIterator
+from typing import ClassVar
+
+from app.formats.base import (
+    DEFAULT_CHUNK,
+    DEFAULT_MAX_VIRTUAL_SIZE,
+    SECTOR,
+    Extent,
+    FormatError,
+    ImageInfo,
+    ImageReader,
+    ImageWriter,
+    RandomAccessSource,
+    SeekableSink,
+    SequentialSink,
+    SequentialSource,
+    WriterOptions,
+)
+from app.formats.vdisk_common import ExtentBuilder, read_exact_at
+from app.formats.vhd_meta import (
+    FMT,
+    FOOTER_COOKIE,
+    NO_DATA_OFFSET,
+    TYPE_DIFFERENCING,
+    TYPE_DYNAMIC,
+    TYPE_FIXED,
+    TYPE_NAMES,
+    UNUSED_BAT,
+    DynamicHeader,
+    Footer,
+    bitmap_bytes,
+    bitmap_runs,
+)
+from app.formats.vhd_writer import VhdDynamicWriter, VhdFixedWriter, VhdWriterOptions
+
+__all__ = [
+    "VhdDynamicWriter",
+    "VhdFixedWriter",
+    "VhdReader",
+    "VhdWriterOptions",
+    "create_writer",
+    "open_reader",
+    "probe",
+]
+
+MIN_BLOCK = SECTOR
+MAX_BLOCK = 256 * 1024 * 1024
+
+
+def probe(head: bytes, tail: bytes = b"") -> bool:
+    """Footer cookie at the start (dynamic) or in the last sector (fixed)."""
+    return head[:8] == FOOTER_COOKIE or tail[-SECTOR:][:8] == FOOTER_COOKIE
+
+
+class VhdReader(ImageReader):
+    format: ClassVar[str] = "vhd"
+    needs_random_access: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        source: RandomAccessSource,
+        footer: Footer,
+        *,
+        dyn: DynamicHeader | None = None,
+        bat: list[int] | None = None,
+        details: dict[str, str | int | bool] | None = None,
+    ) -> None:
+        self._source = source
+        self._footer = footer
+        self._dyn = dyn
+        self._bat = bat
+        self._used = False
+        info_details: dict[str, str | int | bool] = {
+            "creator_app": footer.creator_app.decode("latin-1"),
+            "chs_size": footer.chs_size,
+        }
+        info_details.update(details or {})
+        self.info = ImageInfo(
+            format=FMT,
+            virtual_size=footer.current_size,
+            subformat=TYPE_NAMES.get(footer.disk_type, "?"),
+            cluster_size=dyn.block_size if dyn else None,
+            details=info_details,
+        )
+
+    async def close(self) -> None:
+        await self._source.close()
+
+    async def allocation_map(self) -> list[tuple[int, int]] | None:
+        vsize = self.virtual_size
+        if self._dyn is None or self._bat is None:
+            ranges = await self._source.data_ranges()
+            if ranges is None:
+                return [(0, vsize)] if vsize else []
+            return [(o, min(o + n, vsize) - o) for o, n in ranges if o < vsize]
+        bs = self._dyn.block_size
+        out: list[tuple[int, int]] = []
+        for b, entry in enumerate(self._bat):
+            if entry == UNUSED_BAT:
+                continue
+            off = b * bs
+            length = min(bs, vsize - off)
+            if out and out[-1][0] + out[-1][1] == off:
+                out[-1] = (out[-1][0], out[-1][1] + length)
+            else:
+                out.append((off, length))
+        return out
+
+    def extents(self, chunk_size: int = DEFAULT_CHUNK) -> AsyncIterator[Extent]:
+        if self._used:
+            raise FormatError("extents() can be iterated once per reader", fmt=FMT)
+        self._used = True
+        if self._dyn is None:
+            return self._fixed_extents(chunk_size)
+        return self._dynamic_extents(chunk_size)
+
+    async def _read_runs(
+        self, builder: ExtentBuilder, voff: int, foff: int, length: int, chunk_size: int
+    ) -> AsyncIterator[Extent]:
+        """Data at file offset ``foff`` for virtual ``[voff, voff+length)``, in chunks."""
+        pos = 0
+        while pos < length:
+            n = min(chunk_size, length - pos)
+            data = await read_exact_at(self._source, foff + pos, n, FMT, "disk data")
+            for ext in builder.data(voff + pos, data):
+                yield ext
+            pos += n
+
+    async def _fixed_extents(self, chunk_size: int) -> AsyncIterator[Extent]:
+        vsize = self.virtual_size
+        builder = ExtentBuilder(chunk_size)
+        ranges = await self._source.data_ranges()
+        if ranges is None:
+            ranges = [(0, vsize)]
+        for off, length in ranges:
+            end = min(off + length, vsize)
+            if end <= off:
+                continue
+            for ext in builder.zero(builder.pos, off - builder.pos):
+                yield ext
+            async for ext in self._read_runs(builder, off, off, end - off, chunk_size):
+                yield ext
+        for ext in builder.zero(builder.pos, vsize - builder.pos):
+            yield ext
+        for ext in builder.finish():
+            yield ext
+
+    async def _dynamic_extents(self, chunk_size: int) -> AsyncIterator[Extent]:
+        assert self._dyn is not None
+        assert self._bat is not None
+        vsize = self.virtual_size
+        bs = self._dyn.block_size
+        bm_len = bitmap_bytes(bs)
+        builder = ExtentBuilder(chunk_size)
+        for b in range(-(-vsize // bs)):
+            start = b * bs
+            length = min(bs, vsize - start)
+            entry = self._bat[b]
+            if entry == UNUSED_BAT:
+                for ext in builder.zero(start, length):
+                    yield ext
+                continue
+            base = entry * SECTOR
+            bitmap = await read_exact_at(self._source, base, bm_len, FMT, f"block {b} bitmap")
+            nsec = -(-length // SECTOR)
+            for first, count, present in bitmap_runs(bitmap, nsec):
+                roff = first * SECTOR
+                rlen = min(count * SECTOR, length - roff)
+                if not present:
+                    for ext in builder.zero(start + roff, rlen):
+                        yield ext
+                    continue
+                async for ext in self._read_runs(
+                    builder, start + roff, base + bm_len + roff, rlen, chunk_size
+                ):
+                    yield ext
+        for ext in builder.finish():
+            yield ext
+
+
+async def _read_footer(source: RandomAccessSource) -> tuple[Footer, bool]:
+    """The footer, and whether it came from the end of the file (False: the copy)."""
+    size = source.size
+    if size < SECTOR:
+        raise FormatError(f"file of {size} bytes is too small for a VHD", fmt=FMT, offset=0)
+    tail = await read_exact_at(source, size - SECTOR, SECTOR, FMT, "footer")
+    try:
+        return Footer.parse(tail, offset=size - SECTOR), True
+    except FormatError as tail_error:
+        head = await read_exact_at(source, 0, SECTOR, FMT, "footer copy")
+        if head[:8] != FOOTER_COOKIE:
+            raise
+        try:
+            copy = Footer.parse(head, offset=0, what="footer copy")
+        except FormatError:
+            raise tail_error from None
+        if copy.disk_type == TYPE_FIXED:
+            raise
+        return copy, False
+
+
+async def open_reader(
+    source: RandomAccessSource | SequentialSource,
+    *,
+    max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE,
+) -> ImageReader:
+    """Open a fixed or dynamic VHD (see the module docstring)."""
+    if not isinstance(source, RandomAccessSource):
+        raise FormatError("reading a VHD needs random access (its footer is at the end)", fmt=FMT)
+    footer, at_end = await _read_footer(source)
+    size = source.size
+    vsize = footer.current_size
+    if vsize > max_virtual_size:
+        raise FormatError(
+            f"virtual size {vsize} exceeds the limit of {max_virtual_size} bytes",
+            fmt=FMT,
+            offset=size - SECTOR + 48 if at_end else 48,
+        )
+    details: dict[str, str | int | bool] = {"footer_copy_used": not at_end}
+    if footer.disk_type == TYPE_DIFFERENCING:
+        raise FormatError(
+            "differencing VHDs depend on a parent disk and are not supported; merge it first",
+            fmt=FMT,
+        )
+    if footer.disk_type == TYPE_FIXED:
+        if size - SECTOR < vsize:
+            raise FormatError(
+                f"fixed VHD holds {size - SECTOR} data bytes but its footer says {vsize}",
+                fmt=FMT,
+                offset=size - SECTOR,
+            )
+        return VhdReader(source, footer, details=details)
+    if footer.disk_type != TYPE_DYNAMIC:
+        raise FormatError(f"unknown disk type {footer.disk_type}", fmt=FMT, offset=60)
+    data_limit = size - SECTOR if at_end else size
+    if footer.data_offset == NO_DATA_OFFSET or footer.data_offset + 1024 > data_limit:
+        raise FormatError(
+            f"dynamic header offset {footer.data_offset:#x} is outside the file", fmt=FMT,
+            offset=16,
+        )  # fmt: skip
+    dyn = DynamicHeader.parse(
+        await read_exact_at(source, footer.data_offset, 1024, FMT, "dynamic header"),
+        offset=footer.data_offset,
+    )
+    bs = dyn.block_size
+    if bs & (bs - 1) or not MIN_BLOCK <= bs <= MAX_BLOCK:
+        raise FormatError(f"block size {bs} is not a power of two in 512 B..256 MiB", fmt=FMT,
+                          offset=footer.data_offset + 32)  # fmt: skip
+    nblocks = -(-vsize // bs)
+    if dyn.max_table_entries < nblocks:
+        raise FormatError(
+            f"BAT has {dyn.max_table_entries} entries, the disk needs {nblocks}",
+            fmt=FMT,
+            offset=footer.data_offset + 28,
+        )
+    bat_raw = await read_exact_at(source, dyn.table_offset, nblocks * 4, FMT, "BAT")
+    bat = list(struct.unpack(f">{nblocks}I", bat_raw))
+    bm_len = bitmap_bytes(bs)
+    for b, entry in enumerate(bat):
+        if entry == UNUSED_BAT:
+            continue
+        needed = bm_len + min(bs, vsize - b * bs)
+        if entry * SECTOR + needed > data_limit or entry * SECTOR < SECTOR:
+            raise FormatError(
+                f"block {b} at sector {entry} lies outside the file's data area",
+                fmt=FMT,
+                offset=dyn.table_offset + 4 * b,
+            )
+    details["block_size"] = bs
+    return VhdReader(source, footer, dyn=dyn, bat=bat, details=details)
+
+
+def create_writer(
+    sink: SeekableSink | SequentialSink, virtual_size: int, options: WriterOptions
+) -> ImageWriter:
+    """``options.subformat``: ``dynamic`` (default, like qemu-img) or ``fixed``."""
+    sub = (options.subformat or "dynamic").lower()
+    if sub == "fixed":
+        return VhdFixedWriter(sink, virtual_size, options)
+    if sub == "dynamic":
+        return VhdDynamicWriter(sink, virtual_size, options)
+    raise FormatError(f"unknown VHD subformat {options.subformat!r} (fixed or dynamic)", fmt=FMT)
