@@ -46,7 +46,7 @@ from app.formats.base import (
     SequentialSink,
     WriterOptions,
 )
-from app.formats.raw import Buffer, is_zero, zeros
+from app.formats.raw import Buffer, WriteBehind, is_zero, zeros
 
 FMT = L.FMT
 DEFAULT_CLUSTER_SIZE = 64 * 1024
@@ -228,6 +228,7 @@ class Qcow2Writer(ImageWriter):
         self._rc = array("H", [1])  # refcounts of clusters _rc_base..
         self._rc_blocks: list[int] = []
         self._finished = False
+        self._wb = WriteBehind()
 
     # ----------------------------------------------------------------- allocation
 
@@ -259,7 +260,7 @@ class Qcow2Writer(ImageWriter):
         per = self._rc_per_block
         while self._end // self._cs - self._rc_base >= per:
             block = self._alloc_clusters(1)
-            await self._sink.write_at(block, _pack16(self._rc[:per]))
+            await self._wb.submit(self._sink.write_at(block, _pack16(self._rc[:per])))
             self._rc_blocks.append(block)
             del self._rc[:per]
             self._rc_base += per
@@ -278,7 +279,7 @@ class Qcow2Writer(ImageWriter):
         if self._l2_index < 0:
             return
         host = self._alloc_clusters(1)
-        await self._sink.write_at(host, _pack64(self._l2))
+        await self._wb.submit(self._sink.write_at(host, _pack64(self._l2)))
         self._l1[self._l2_index] = host | L.OFLAG_COPIED
         self._l2_index = -1
 
@@ -297,7 +298,7 @@ class Qcow2Writer(ImageWriter):
             while k < count and nonzero[k]:
                 k += 1
             host = self._alloc_clusters(k - start)
-            await self._sink.write_at(host, memoryview(buf)[start * cs : k * cs])
+            await self._wb.submit(self._sink.write_at(host, memoryview(buf)[start * cs : k * cs]))
             for j in range(start, k):
                 await self._set_l2(first + j, (host + (j - start) * cs) | L.OFLAG_COPIED)
         await self._finalize_refcount_blocks()
@@ -327,7 +328,7 @@ class Qcow2Writer(ImageWriter):
         async def flush_run() -> None:
             nonlocal parts, run_host, run_len
             if parts:
-                await self._sink.write_at(run_host, b"".join(parts))
+                await self._wb.submit(self._sink.write_at(run_host, b"".join(parts)))
             parts, run_host, run_len = [], -1, 0
 
         for k, packed in enumerate(results):
@@ -337,7 +338,7 @@ class Qcow2Writer(ImageWriter):
             if packed is None:
                 await flush_run()
                 host = self._alloc_clusters(1)
-                await self._sink.write_at(host, memoryview(clusters[k]))
+                await self._wb.submit(self._sink.write_at(host, memoryview(clusters[k])))
                 await self._set_l2(cluster, host | L.OFLAG_COPIED)
                 continue
             host = self._alloc_bytes(len(packed))
@@ -379,6 +380,7 @@ class Qcow2Writer(ImageWriter):
             for _, fut, _ in self._jobs:
                 fut.cancel()
             self._jobs.clear()
+            await self._wb.cancel()
         self._finished = True
 
     async def _write_tail_metadata(self) -> None:
@@ -416,6 +418,7 @@ class Qcow2Writer(ImageWriter):
         )
         hdr.refcount_table_offset = table_host
         hdr.refcount_table_clusters = table
+        await self._wb.drain()
         await self._sink.truncate(self._end)
         await self._sink.write_at(0, _header_cluster(hdr))
         await self._sink.flush()

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
-from typing import ClassVar
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterable, Iterator
+from typing import Any, ClassVar
 
 from app.formats.base import (
     DEFAULT_CHUNK,
@@ -205,6 +205,40 @@ async def prefetch_reads(
             yield off, data
     finally:
         tasks = [task for _, _, task in pending]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class WriteBehind:
+    """Up to ``depth`` writes in flight, so reading the next chunk overlaps writing the
+    last one. Writes target disjoint ranges, so their completion order does not matter;
+    a failed write is raised by the next ``submit`` or by ``drain``."""
+
+    def __init__(self, depth: int = READ_DEPTH) -> None:
+        self._depth = depth
+        self._tasks: deque[asyncio.Future[None]] = deque()
+
+    async def submit(self, write: Coroutine[Any, Any, None]) -> None:
+        try:
+            while self._tasks and (len(self._tasks) >= self._depth or self._tasks[0].done()):
+                await self._tasks.popleft()
+        except BaseException:
+            write.close()
+            raise
+        self._tasks.append(asyncio.ensure_future(write))
+
+    async def drain(self) -> None:
+        try:
+            while self._tasks:
+                await self._tasks.popleft()
+        finally:
+            await self.cancel()
+
+    async def cancel(self) -> None:
+        tasks = list(self._tasks)
+        self._tasks.clear()
         for task in tasks:
             task.cancel()
         if tasks:
@@ -402,6 +436,7 @@ class RawWriter(ImageWriter):
         self._unflushed = 0
         self._resume_pending = resume_from > 0
         self._finished = False
+        self._wb = WriteBehind()
 
     def durable_offset(self) -> int:
         return self._durable if self._seekable is not None else 0
@@ -418,7 +453,7 @@ class RawWriter(ImageWriter):
         while offset < end:
             n = min(end - offset, ZERO_WRITE_CHUNK)
             if self._seekable is not None:
-                await self._seekable.write_at(offset, zeros(n))
+                await self._wb.submit(self._seekable.write_at(offset, zeros(n)))
             else:
                 assert self._stream is not None
                 await self._stream.write(zeros(n))
@@ -459,7 +494,7 @@ class RawWriter(ImageWriter):
         else:
             data = memoryview(extent.data)[skip:] if skip else extent.data
             if self._seekable is not None:
-                await self._seekable.write_at(start, data)
+                await self._wb.submit(self._seekable.write_at(start, data))
             else:
                 assert self._stream is not None
                 await self._stream.write(data)
@@ -474,6 +509,7 @@ class RawWriter(ImageWriter):
             # Nothing pending: holes are as durable as the last flush.
             self._durable = self._pos
         elif self._unflushed >= self._flush_interval:
+            await self._wb.drain()
             await self._seekable.flush()
             self._unflushed = 0
             self._durable = self._pos
@@ -483,6 +519,7 @@ class RawWriter(ImageWriter):
             return
         await self._prepare_resume()
         await self._advance_zero(self.virtual_size)
+        await self._wb.drain()
         if self._seekable is not None:
             await self._seekable.truncate(self.virtual_size)
             await self._seekable.flush()
