@@ -41,6 +41,22 @@ class Settings(BaseSettings):
         default=24 * 3600, ge=60, description="How long an Idempotency-Key is remembered."
     )
     db_pool_size: int = Field(default=10, ge=1, description="Database connection pool size.")
+    library_s3_bucket: str | None = Field(
+        default=None,
+        description="Keep library images in this S3 bucket instead of data_dir/library.",
+    )
+    library_s3_prefix: str = Field(default="images", description="Key prefix in the bucket.")
+    library_s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint (MinIO, Ceph); unset: AWS."
+    )
+    library_s3_region: str | None = Field(default=None, description="S3 region.")
+    library_s3_access_key_id: SecretStr | None = Field(default=None, description="S3 key id.")
+    library_s3_secret_access_key: SecretStr | None = Field(
+        default=None, description="S3 secret key."
+    )
+    max_image_bytes: int = Field(
+        default=2 * 1024**4, ge=1, description="Largest image upload accepted (bytes)."
+    )
     log_level: str = Field(default="INFO", description="Python log level.")
 
     @field_validator("encryption_keys", mode="before")
@@ -57,3 +73,7 @@ class Settings(BaseSettings):
     @property
     def postgres_dir(self) -> Path:
         return self.data_dir / "postgres"
+
+    @property
+    def library_dir(self) -> Path:
+        return self.data_dir / "library"

@@ -21,6 +21,7 @@ from app.api.limits import BodyLimit
 from app.config import Settings
 from app.crypto import SecretBox, load_keys
 from app.db import Database, embedded_postgres_url, upgrade
+from app.storage import build_store
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ async def build_context(settings: Settings, db: Database | None = None) -> AppCo
         db = Database(await database_url(settings), pool_size=settings.db_pool_size)
     await upgrade(db)
     keys = load_keys([k.get_secret_value() for k in settings.encryption_keys], settings.key_file)
-    return AppContext(settings=settings, db=db, box=SecretBox(keys))
+    return AppContext(settings=settings, db=db, box=SecretBox(keys), store=build_store(settings))
 
 
 def create_app(settings: Settings | None = None, *, db: Database | None = None) -> FastAPI:

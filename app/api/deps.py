@@ -13,6 +13,7 @@ from app.config import Settings
 from app.crypto import SecretBox
 from app.db import Database
 from app.services.tokens import Principal, authenticate
+from app.storage.base import ImageStore
 
 
 @dataclass(slots=True)
@@ -22,6 +23,7 @@ class AppContext:
     settings: Settings
     db: Database
     box: SecretBox
+    store: ImageStore
 
 
 def get_context(request: Request) -> AppContext:

@@ -43,3 +43,17 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 Limit = Annotated[int, Query(ge=1, le=200, description="Page size.")]
 Cursor = Annotated[str | None, Query(max_length=512, description="From `next_cursor`.")]
+
+
+def after_uuid(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:
+    """Decode a cursor over rows keyed by (created_at, UUID id); None for the first page."""
+    if cursor is None:
+        return None
+    created, raw_id = decode_cursor(cursor)
+    try:
+        return created, uuid.UUID(raw_id)
+    except ValueError:
+        raise InvalidInput(
+            "cursor is not one this API returned",
+            extra={"errors": [{"pointer": "/cursor", "detail": "malformed cursor"}]},
+        ) from None

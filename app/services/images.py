@@ -1,0 +1,125 @@
+"""The virtual image library: uploads, reads and removal.
+
+An upload streams to a staging file, is identified and checked by the format readers
+(a declared format that disagrees with the bytes is refused), gets its ``vmd1``
+digest over the virtual disk, and is then published atomically. Nothing is visible
+in the library (row or object) until every check passed.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.errors import AppError, InvalidInput, NotFound
+from app.formats.base import FormatError, RandomAccessSource
+from app.formats.digest import digest_extents
+from app.formats.io import FileSource
+from app.formats.registry import open_reader
+from app.models.db import VirtualImage
+from app.models.enums import ImageStatus
+from app.repositories import images as repo
+from app.storage.base import ImageStore, StagedImage
+
+log = logging.getLogger(__name__)
+
+
+class TooLarge(AppError):
+    status = 413
+    code = "image-too-large"
+    title = "Image too large"
+
+
+@dataclass(frozen=True, slots=True)
+class Inspected:
+    format: str
+    virtual_size: int
+    digest: str
+
+
+async def inspect(source: RandomAccessSource, declared: str | None) -> Inspected:
+    """Identify an image, check it parses end to end, and compute its digest."""
+    reader = await open_reader(source, declared)
+    try:
+        digest = await digest_extents(reader.extents(), reader.virtual_size)
+    finally:
+        await reader.close()
+    return Inspected(reader.format, reader.virtual_size, digest)
+
+
+async def _receive(staged: StagedImage, body: AsyncIterator[bytes], max_bytes: int) -> int:
+    sink = staged.sink()
+    total = 0
+    try:
+        async for chunk in body:
+            total += len(chunk)
+            if total > max_bytes:
+                raise TooLarge(f"image uploads are limited to {max_bytes} bytes")
+            if chunk:
+                await sink.write(chunk)
+        await sink.flush()
+    finally:
+        await sink.close()
+    return total
+
+
+async def upload(
+    session: AsyncSession, store: ImageStore, tenant: str, *, name: str,
+    declared_format: str | None, body: AsyncIterator[bytes], max_bytes: int,
+) -> VirtualImage:
+    staged = store.stage()
+    published = False
+    try:
+        received = await _receive(staged, body, max_bytes)
+        if received == 0:
+            raise InvalidInput("the upload is empty", extra={"errors": [
+                {"pointer": "/", "detail": "send the image bytes as the request body"}]})
+        source = FileSource(staged.path)
+        try:
+            found = await inspect(source, declared_format)
+        except FormatError as exc:
+            raise InvalidInput(f"not a usable disk image: {exc}", extra={"errors": [
+                {"pointer": "/format" if declared_format else "/", "detail": str(exc)}]}) from exc
+        finally:
+            await source.close()
+        size = await staged.publish()
+        published = True
+        image = VirtualImage(
+            id=uuid.uuid4(), tenant=tenant, name=name, status=ImageStatus.ready,
+            format=found.format, virtual_size=found.virtual_size, size=size,
+            digest=found.digest, location=staged.key,
+        )
+        return await repo.insert_image(session, image)
+    except BaseException:
+        if published:
+            await store.delete(staged.key)
+        else:
+            await staged.discard()
+        raise
+
+
+async def get(session: AsyncSession, tenant: str, image_id: uuid.UUID) -> VirtualImage:
+    image = await repo.get_image(session, tenant, image_id)
+    if image is None:
+        raise NotFound(f"image {image_id} not found")
+    return image
+
+
+async def open_content(store: ImageStore, image: VirtualImage) -> RandomAccessSource:
+    if image.status != ImageStatus.ready or not image.location:
+        raise NotFound(f"image {image.id} has no content (status {image.status})")
+    return await store.open(image.location)
+
+
+async def remove(session: AsyncSession, store: ImageStore, tenant: str,
+                 image_id: uuid.UUID) -> None:
+    location = await repo.delete_image(session, tenant, image_id)
+    if location is None:
+        raise NotFound(f"image {image_id} not found")
+    if location:
+        await session.flush()
+        await store.delete(location)

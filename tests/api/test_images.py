@@ -1,0 +1,152 @@
+"""The virtual image library API on a real database and the local store, with
+qemu-img making the images and the vmd1 digest of the raw source as the oracle."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.config import Settings
+from app.formats.digest import digest_file
+from tests.conftest import TokenFactory, auth
+from tests.formats.oracle import make_sparse_raw, qemu_img
+
+SIZE = 5 * 1024 * 1024 + 512
+
+
+@pytest.fixture
+def raw_disk(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.raw"
+    make_sparse_raw(path, SIZE, [(0, 4096), (1024 * 1024 + 7, 70000), (SIZE - 512, 512)], seed=3)
+    return path
+
+
+def _convert(raw: Path, fmt: str, *opts: str) -> Path:
+    out = raw.with_suffix(f".{fmt}")
+    qemu_img("convert", "-f", "raw", "-O", "vpc" if fmt == "vhd" else fmt, *opts, raw, out)
+    return out
+
+
+async def _upload(client: httpx.AsyncClient, token: str, path: Path, **params: str
+                  ) -> httpx.Response:
+    return await client.post(
+        "/v1/images", params={"name": path.name, **params}, content=path.read_bytes(),
+        headers={**auth(token), "Content-Type": "application/octet-stream"},
+    )
+
+
+@pytest.mark.parametrize(("fmt", "opts"), [
+    ("qcow2", ()), ("vmdk", ("-o", "subformat=streamOptimized")),
+    ("vhd", ("-o", "subformat=dynamic,force_size=on")), ("raw", ()),
+])
+async def test_upload_identifies_and_digests(
+    client: httpx.AsyncClient, make_token: TokenFactory, raw_disk: Path,
+    fmt: str, opts: tuple[str, ...],
+) -> None:
+    token = await make_token("acme")
+    image_file = _convert(raw_disk, fmt, *opts) if fmt != "raw" else raw_disk
+    r = await _upload(client, token, image_file)
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["format"] == fmt
+    assert body["virtual_size"] == SIZE
+    assert body["size"] == image_file.stat().st_size
+    assert body["digest"] == digest_file(str(raw_disk))
+    assert r.headers["location"] == f"/v1/images/{body['id']}"
+
+    got = await client.get(f"/v1/images/{body['id']}", headers=auth(token))
+    assert got.json() == body
+    listed = await client.get("/v1/images", headers=auth(token))
+    assert [i["id"] for i in listed.json()["items"]] == [body["id"]]
+
+
+async def test_download_range_and_etag(
+    client: httpx.AsyncClient, make_token: TokenFactory, raw_disk: Path
+) -> None:
+    token = await make_token("acme")
+    qcow = _convert(raw_disk, "qcow2")
+    image = (await _upload(client, token, qcow)).json()
+    url = f"/v1/images/{image['id']}/content"
+    whole = await client.get(url, headers=auth(token))
+    assert whole.status_code == 200
+    assert whole.content == qcow.read_bytes()
+    etag = whole.headers["etag"]
+
+    part = await client.get(url, headers={**auth(token), "Range": "bytes=100-199"})
+    assert part.status_code == 206
+    assert part.content == qcow.read_bytes()[100:200]
+    assert part.headers["content-range"] == f"bytes 100-199/{qcow.stat().st_size}"
+    tail = await client.get(url, headers={**auth(token), "Range": "bytes=-10"})
+    assert tail.content == qcow.read_bytes()[-10:]
+
+    bad = await client.get(url, headers={**auth(token), "Range": "bytes=999999999-"})
+    assert bad.status_code == 416
+    assert bad.headers["content-type"] == "application/problem+json"
+    cached = await client.get(url, headers={**auth(token), "If-None-Match": etag})
+    assert cached.status_code == 304
+
+
+async def test_declared_format_must_match_bytes(
+    client: httpx.AsyncClient, make_token: TokenFactory, raw_disk: Path, settings: Settings
+) -> None:
+    token = await make_token("acme")
+    r = await _upload(client, token, _convert(raw_disk, "qcow2"), format="vmdk")
+    assert r.status_code == 422
+    assert "qcow2" in r.json()["detail"]
+    assert r.json()["errors"][0]["pointer"] == "/format"
+    # nothing left behind: no row, no staging file, no object
+    assert (await client.get("/v1/images", headers=auth(token))).json()["items"] == []
+    assert list((settings.library_dir / "staging").glob("*")) == []
+    assert not (settings.library_dir / "objects").exists() or \
+        list((settings.library_dir / "objects").iterdir()) == []
+
+
+async def test_corrupt_image_refused(
+    client: httpx.AsyncClient, make_token: TokenFactory, raw_disk: Path, settings: Settings
+) -> None:
+    token = await make_token("acme")
+    qcow = _convert(raw_disk, "qcow2")
+    data = bytearray(qcow.read_bytes())
+    data[40:48] = (2**62).to_bytes(8, "big")  # L1 table offset far past the end
+    broken = qcow.with_name("broken.qcow2")
+    broken.write_bytes(bytes(data))
+    r = await _upload(client, token, broken)
+    assert r.status_code == 422, r.text
+    assert r.json()["title"]
+    assert list((settings.library_dir / "staging").glob("*")) == []
+
+
+async def test_empty_and_oversize_uploads(
+    client: httpx.AsyncClient, make_token: TokenFactory, tmp_path: Path
+) -> None:
+    token = await make_token("acme")
+    empty = tmp_path / "empty.raw"
+    empty.write_bytes(b"")
+    r = await _upload(client, token, empty)
+    assert r.status_code == 422
+    missing_name = await client.post("/v1/images", content=b"x", headers=auth(token))
+    assert missing_name.status_code == 422
+    assert missing_name.json()["errors"][0]["pointer"] == "/name"
+
+
+async def test_tenants_and_delete(
+    client: httpx.AsyncClient, make_token: TokenFactory, raw_disk: Path, settings: Settings
+) -> None:
+    acme, other = await make_token("acme"), await make_token("globex")
+    image = (await _upload(client, acme, raw_disk)).json()
+    for method, suffix in (("GET", ""), ("GET", "/content"), ("DELETE", "")):
+        r = await client.request(method, f"/v1/images/{image['id']}{suffix}", headers=auth(other))
+        assert r.status_code == 404, (method, suffix)
+    assert (await client.get("/v1/images", headers=auth(other))).json()["items"] == []
+
+    assert (await client.delete(f"/v1/images/{image['id']}", headers=auth(acme))).status_code == 204
+    assert (await client.get(f"/v1/images/{image['id']}", headers=auth(acme))).status_code == 404
+    assert list((settings.library_dir / "objects").iterdir()) == []
+    unknown = await client.get(f"/v1/images/{uuid.uuid4()}", headers=auth(acme))
+    assert unknown.status_code == 404
+    reader_only = await make_token("acme", "images:read")
+    denied = await client.delete(f"/v1/images/{uuid.uuid4()}", headers=auth(reader_only))
+    assert denied.status_code == 403
