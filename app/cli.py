@@ -115,6 +115,46 @@ def tokens_revoke(prefix: str) -> None:
     click.echo(f"revoked {count} token(s)")
 
 
+@main.group()
+def keys() -> None:
+    """Encryption keys for credentials at rest."""
+
+
+@keys.command("rotate")
+@click.option("--batch-size", type=click.IntRange(1, 10000), default=200, show_default=True)
+def keys_rotate(batch_size: int) -> None:
+    """Re-encrypt every stored secret under the newest key.
+
+    Put the new key first in VMIGRATE_ENCRYPTION_KEYS (keeping the old ones after it)
+    on every process, run this, then remove the old keys.
+    """
+    from app.crypto import SecretBox, load_keys
+    from app.db import upgrade
+    from app.services.keys import RotationReport, rotate_keys
+
+    settings = Settings()
+
+    async def run() -> RotationReport:
+        box = SecretBox(load_keys(
+            [k.get_secret_value() for k in settings.encryption_keys], settings.key_file
+        ))
+        database = await _open_db(settings)
+        try:
+            await upgrade(database)
+            return await rotate_keys(database, box, batch_size=batch_size)
+        finally:
+            await database.dispose()
+
+    report = asyncio.run(run())
+    for column, count in report.rotated.items():
+        click.echo(f"{column}: re-encrypted {count}")
+    if report.skipped:
+        click.echo(f"{report.skipped} row(s) changed during rotation; run again to be sure")
+    if report.unreadable:
+        rows = ", ".join(f"{column} {row_id}" for column, row_id in report.unreadable)
+        raise click.ClickException(f"no configured key opens: {rows}")
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of YAML.")
 def openapi(as_json: bool) -> None:

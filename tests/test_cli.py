@@ -1,0 +1,131 @@
+"""The ``vmigrate`` CLI against the test database: tokens and key rotation.
+
+The CLI runs its own event loop (``asyncio.run``), so it is invoked in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner, Result
+from cryptography.fernet import Fernet
+from sqlalchemy import select
+
+from app.cli import main
+from app.crypto import SecretBox, SecretsUnreadable
+from app.db import Database
+from app.models.db import ApiToken, Cloud, Migration
+from app.services.tokens import hash_token
+from tests.conftest import auth
+
+
+async def invoke(args: list[str], database_url: str, tmp_path: Path, **env: str) -> Result:
+    environment = {
+        "VMIGRATE_DATABASE_URL": database_url,
+        "VMIGRATE_DATA_DIR": str(tmp_path / "cli-data"),
+        **env,
+    }
+    runner = CliRunner()
+    return await asyncio.to_thread(runner.invoke, main, args, env=environment)
+
+
+async def test_tokens_create_prints_token_once_and_stores_its_hash(
+    database_url: str, db: Database, tmp_path: Path, client: httpx.AsyncClient
+) -> None:
+    result = await invoke(
+        ["tokens", "create", "--tenant", "acme", "--scopes", "clouds:read, migrations:write",
+         "--name", "ci"], database_url, tmp_path,
+    )
+    assert result.exit_code == 0, result.output
+    token = result.output.strip()
+    assert token.startswith("vmg_")
+    assert result.output.count(token) == 1
+    async with db.session() as session:
+        row = (await session.execute(select(ApiToken))).scalar_one()
+    assert row.token_hash == hash_token(token)
+    assert token not in (row.token_hash, row.prefix, row.name)
+    assert row.tenant == "acme"
+    assert sorted(row.scopes) == ["clouds:read", "migrations:write"]
+    assert (await client.get("/v1/clouds", headers=auth(token))).status_code == 200
+    assert (await client.post("/v1/clouds", json={}, headers=auth(token))).status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("tenant", "scopes"), [("acme", "clouds:fly"), ("Not A Tenant", "clouds:read")]
+)
+async def test_tokens_create_rejects_bad_input(
+    database_url: str, db: Database, tmp_path: Path, tenant: str, scopes: str
+) -> None:
+    result = await invoke(["tokens", "create", "--tenant", tenant, "--scopes", scopes],
+                          database_url, tmp_path)
+    assert result.exit_code != 0
+    async with db.session() as session:
+        assert (await session.execute(select(ApiToken))).first() is None
+
+
+async def test_tokens_revoke(
+    database_url: str, db: Database, tmp_path: Path, client: httpx.AsyncClient
+) -> None:
+    created = await invoke(["tokens", "create", "--tenant", "acme", "--scopes", "clouds:read"],
+                           database_url, tmp_path)
+    token = created.output.strip()
+    revoked = await invoke(["tokens", "revoke", token[:12]], database_url, tmp_path)
+    assert revoked.exit_code == 0, revoked.output
+    assert (await client.get("/v1/clouds", headers=auth(token))).status_code == 401
+
+
+async def test_keys_rotate(database_url: str, db: Database, tmp_path: Path) -> None:
+    key_a, key_b = Fernet.generate_key(), Fernet.generate_key()
+    old = SecretBox([key_a])
+    cloud_ids, migration_ids = [], []
+    async with db.session() as session:
+        for i in range(5):
+            cloud = Cloud(tenant="acme", kind="vmware", name=f"c{i}", settings={},
+                          credentials=old.seal({"username": "u", "password": f"pw{i}"}))
+            migration = Migration(tenant="acme", type="live_stream", status="pending", spec={},
+                                  secrets=old.seal({"ssh_password": f"m{i}"}))
+            session.add_all([cloud, migration])
+            await session.flush()
+            cloud_ids.append(cloud.id)
+            migration_ids.append(migration.id)
+        session.add(Cloud(tenant="acme", kind="xen", name="none", settings={}, credentials=None))
+
+    result = await invoke(["keys", "rotate", "--batch-size", "2"], database_url, tmp_path,
+                          VMIGRATE_ENCRYPTION_KEYS=f"{key_b.decode()},{key_a.decode()}")
+    assert result.exit_code == 0, result.output
+    assert "clouds.credentials: re-encrypted 5" in result.output
+    assert "migrations.secrets: re-encrypted 5" in result.output
+
+    new_only, old_only = SecretBox([key_b]), SecretBox([key_a])
+    async with db.session() as session:
+        clouds = {c.id: c for c in (await session.scalars(select(Cloud))).all()}
+        migrations = {m.id: m for m in (await session.scalars(select(Migration))).all()}
+    for i, cloud_id in enumerate(cloud_ids):
+        assert new_only.open(clouds[cloud_id].credentials)["password"] == f"pw{i}"
+        with pytest.raises(SecretsUnreadable):
+            old_only.open(clouds[cloud_id].credentials)
+    for i, migration_id in enumerate(migration_ids):
+        assert new_only.open(migrations[migration_id].secrets) == {"ssh_password": f"m{i}"}
+    assert [c.credentials for c in clouds.values() if c.name == "none"] == [None]
+
+
+async def test_keys_rotate_reports_rows_no_key_opens(
+    database_url: str, db: Database, tmp_path: Path
+) -> None:
+    stray = SecretBox([Fernet.generate_key()]).seal({"password": "x"})
+    row_id = uuid.uuid4()
+    async with db.session() as session:
+        session.add(Cloud(id=row_id, tenant="acme", kind="vmware", name="c", settings={},
+                          credentials=stray))
+    result = await invoke(["keys", "rotate"], database_url, tmp_path,
+                          VMIGRATE_ENCRYPTION_KEYS=Fernet.generate_key().decode())
+    assert result.exit_code == 1
+    assert str(row_id) in result.output
+    async with db.session() as session:
+        row = await session.get(Cloud, row_id)
+    assert row is not None
+    assert row.credentials == stray  # left as it was
