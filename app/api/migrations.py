@@ -1,7 +1,118 @@
-"""/v1/migrations."""
+"""/v1/migrations: create, list, read, run, cancel, remove, and the event log.
+
+HTTP only: authentication, parameters, status codes and headers. The use cases are in
+:mod:`app.services.migrations`; every error is a problem document typed in OpenAPI.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.api.deps import Context, get_session, require
+from app.api.pagination import Cursor, Limit, Page, decode_cursor, encode_cursor
+from app.api.problems import problem_responses
+from app.errors import InvalidInput
+from app.models.enums import MigrationStatus, MigrationType
+from app.models.schemas.migrations import EventPage, MigrationCreate, MigrationOut, MigrationView
+from app.services import migrations as service
+from app.services.migrations import PageKey
+from app.services.tokens import Principal
 
 router = APIRouter(prefix="/migrations", tags=["migrations"])
+
+Reader = Annotated[Principal, Depends(require("migrations:read"))]
+Writer = Annotated[Principal, Depends(require("migrations:write"))]
+#: Function-scoped so the transaction commits *before* the response is sent: a client
+#: that got 201 can rely on the row (request-scoped cleanup runs after sending).
+Tx = Annotated[AsyncSession, Depends(get_session, scope="function")]
+MigrationId = Annotated[uuid.UUID, Path(description="The migration's id.")]
+
+_READ = problem_responses(401, 403, 404, 422)
+_ACT = problem_responses(401, 403, 404, 409, 422)
+
+
+def _page_key(cursor: str | None) -> PageKey | None:
+    if cursor is None:
+        return None
+    created_at, raw_id = decode_cursor(cursor)
+    try:
+        row_id = uuid.UUID(raw_id)
+    except ValueError:
+        row_id = None
+    if row_id is None or created_at.tzinfo is None:
+        raise InvalidInput("cursor is not one this API returned",
+                           extra={"errors": [{"pointer": "/cursor", "detail": "malformed cursor"}]})
+    return created_at, row_id
+
+
+@router.post(
+    "", status_code=201, response_model=MigrationOut, operation_id="create_migration",
+    summary="Create a migration (and queue it with `run: true`)",
+    responses=problem_responses(401, 403, 413, 422),
+)
+async def create_migration(
+    body: MigrationCreate, request: Request, response: Response, ctx: Context, tx: Tx,
+    who: Writer,
+) -> MigrationView:
+    view = await service.create(tx, ctx.box, who.tenant, body)
+    response.headers["Location"] = str(request.url_for("get_migration", migration_id=view.id))
+    return view
+
+
+@router.get(
+    "", response_model=Page[MigrationOut], operation_id="list_migrations",
+    summary="List migrations, newest first", responses=problem_responses(401, 403, 422),
+)
+async def list_migrations(
+    tx: Tx, who: Reader,
+    status: Annotated[list[MigrationStatus] | None, Query(description="Any of these.")] = None,
+    type: Annotated[list[MigrationType] | None, Query(description="Any of these.")] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> Page[MigrationView]:
+    page = await service.list_page(tx, who.tenant, statuses=status or [], types=type or [],
+                                   limit=limit, before=_page_key(cursor))
+    key = page.next_key
+    return Page(items=page.items, next_cursor=encode_cursor(*key) if key else None)
+
+
+@router.get("/{migration_id}", response_model=MigrationOut, operation_id="get_migration",
+            summary="Read a migration", responses=_READ)
+async def get_migration(migration_id: MigrationId, tx: Tx, who: Reader) -> MigrationView:
+    return await service.get(tx, who.tenant, migration_id)
+
+
+@router.post("/{migration_id}/run", response_model=MigrationOut, operation_id="run_migration",
+             summary="Queue it (from pending, failed or cancelled)", responses=_ACT)
+async def run_migration(migration_id: MigrationId, tx: Tx, who: Writer) -> MigrationView:
+    return await service.run(tx, who.tenant, migration_id)
+
+
+@router.post("/{migration_id}/cancel", response_model=MigrationOut,
+             operation_id="cancel_migration", responses=_ACT,
+             summary="Cancel it (pending/queued: at once; running: after cleanup)")
+async def cancel_migration(migration_id: MigrationId, tx: Tx, who: Writer) -> MigrationView:
+    return await service.cancel(tx, who.tenant, migration_id)
+
+
+@router.delete("/{migration_id}", status_code=204, operation_id="delete_migration",
+               summary="Remove it (not while queued, running or cancelling)", responses=_ACT)
+async def delete_migration(migration_id: MigrationId, tx: Tx, who: Writer) -> Response:
+    await service.delete(tx, who.tenant, migration_id)
+    return Response(status_code=204)
+
+
+@router.get("/{migration_id}/events", response_model=EventPage,
+            operation_id="list_migration_events", summary="Its event log, oldest first",
+            responses=_READ)
+async def list_migration_events(
+    migration_id: MigrationId, tx: Tx, who: Reader,
+    after: Annotated[int, Query(ge=0, le=2**31 - 1, description="Only events with a "
+                                "greater seq (a previous page's `next_after`).")] = 0,
+    limit: Limit = 50,
+) -> EventPage:
+    return await service.events(tx, who.tenant, migration_id, after=after, limit=limit)

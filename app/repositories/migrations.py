@@ -1,0 +1,305 @@
+"""SQL for migrations, their steps and their events.
+
+Every query filters by tenant, so another tenant's ids are simply absent. State
+changes are single guarded statements (``UPDATE ... WHERE status IN (...)``): the
+database, not a read-then-write in Python, decides which of two racing requests wins.
+The policy (which moves exist, what they do) lives in :mod:`app.engines.machine`; this
+module only knows how to express it in SQL.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, case, delete, func, null, or_, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.models.db import Migration, MigrationEvent, MigrationStep
+from app.models.enums import MigrationStatus, StepStatus
+
+JSON = dict[str, Any]
+
+_ACTIVE = (MigrationStatus.running, MigrationStatus.cancelling)
+
+
+class Effect(StrEnum):
+    """What a guarded status UPDATE may do besides moving ``status``.
+
+    Every move also bumps ``version`` and ``event_seq``, stamps ``updated_at``, sets
+    ``finished_at`` exactly when the new status is terminal, and zeroes ``rate``
+    unless the new status is an active one.
+    """
+
+    bump_attempt = "bump_attempt"
+    bump_epoch = "bump_epoch"
+    take_lease = "take_lease"
+    drop_lease = "drop_lease"
+    set_error = "set_error"
+    clear_error = "clear_error"
+    request_cancel = "request_cancel"
+    clear_cancel = "clear_cancel"
+    start_clock = "start_clock"
+    reset_clock = "reset_clock"
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """What a successful guarded UPDATE returned."""
+
+    previous: MigrationStatus
+    status: MigrationStatus
+    event_seq: int
+    epoch: int
+    attempt: int
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """The guard-relevant columns, read to explain why a guarded UPDATE matched nothing."""
+
+    status: MigrationStatus
+    epoch: int
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    leased: bool
+
+
+async def move(
+    session: AsyncSession,
+    migration_id: uuid.UUID,
+    tenant: str,
+    *,
+    moves: Mapping[MigrationStatus, MigrationStatus],
+    effects: Collection[Effect],
+    epoch: int | None = None,
+    lease_must_be_free: bool = False,
+    lease_owner: str | None = None,
+    lease_seconds: int | None = None,
+    error: JSON | None = None,
+) -> Moved | None:
+    """One guarded UPDATE: from any key of ``moves`` to its value, or nothing.
+
+    The CTE locks the row first (``FOR UPDATE``, which in READ COMMITTED waits for and
+    then sees the newest committed version), so ``previous`` is the status this very
+    statement moved from, even under concurrent writers. None means the guard did not
+    match: wrong status, stale epoch, live lease, or no such row for this tenant.
+    """
+    prev = (
+        select(Migration.id, Migration.status)
+        .where(Migration.id == migration_id, Migration.tenant == tenant)
+        .with_for_update()
+        .cte("prev")
+    )
+    terminal = [s for s, t in moves.items() if MigrationStatus(t).is_terminal()]
+    active = [s for s, t in moves.items() if t in _ACTIVE]
+    values: dict[Any, Any] = {
+        Migration.status: case({s.value: t.value for s, t in moves.items()},
+                               value=Migration.status),
+        Migration.finished_at: case((Migration.status.in_(terminal), func.now()), else_=null()),
+        Migration.rate: case((Migration.status.in_(active), Migration.rate), else_=0),
+        Migration.updated_at: func.now(),
+        Migration.version: Migration.version + 1,
+        Migration.event_seq: Migration.event_seq + 1,
+    }
+    values.update(_effect_values(effects, lease_owner, lease_seconds, error))
+    guards: list[ColumnElement[bool]] = [
+        Migration.id == prev.c.id,
+        Migration.status.in_([s.value for s in moves]),
+    ]
+    if epoch is not None:
+        guards.append(Migration.epoch == epoch)
+    if lease_must_be_free:
+        guards.append(or_(Migration.lease_expires_at.is_(None),
+                          Migration.lease_expires_at < func.now()))
+    stmt = (
+        update(Migration)
+        .where(*guards)
+        .values(values)
+        .returning(prev.c.status, Migration.status, Migration.event_seq, Migration.epoch,
+                   Migration.attempt, Migration.version)
+        .execution_options(synchronize_session=False)
+    )
+    row = (await session.execute(stmt)).one_or_none()
+    if row is None:
+        return None
+    return Moved(MigrationStatus(row[0]), MigrationStatus(row[1]), row[2], row[3], row[4], row[5])
+
+
+def _effect_values(
+    effects: Collection[Effect], lease_owner: str | None, lease_seconds: int | None,
+    error: JSON | None,
+) -> dict[Any, Any]:
+    values: dict[Any, Any] = {}
+    for effect in effects:
+        match effect:
+            case Effect.bump_attempt:
+                values[Migration.attempt] = Migration.attempt + 1
+            case Effect.bump_epoch:
+                values[Migration.epoch] = Migration.epoch + 1
+            case Effect.take_lease:
+                if lease_owner is None or lease_seconds is None:
+                    raise ValueError("take_lease needs lease_owner and lease_seconds")
+                values[Migration.lease_owner] = lease_owner
+                values[Migration.lease_expires_at] = func.now() + timedelta(seconds=lease_seconds)
+            case Effect.drop_lease:
+                values[Migration.lease_owner] = None
+                values[Migration.lease_expires_at] = None
+            case Effect.set_error:
+                values[Migration.error] = error
+            case Effect.clear_error:
+                values[Migration.error] = None
+            case Effect.request_cancel:
+                values[Migration.cancel_requested] = True
+            case Effect.clear_cancel:
+                values[Migration.cancel_requested] = False
+            case Effect.start_clock:
+                values[Migration.started_at] = func.coalesce(Migration.started_at, func.now())
+            case Effect.reset_clock:
+                values[Migration.started_at] = None
+    return values
+
+
+async def state(session: AsyncSession, migration_id: uuid.UUID, tenant: str) -> State | None:
+    row = (
+        await session.execute(
+            select(Migration.status, Migration.epoch, Migration.lease_owner,
+                   Migration.lease_expires_at,
+                   func.coalesce(Migration.lease_expires_at > func.now(), False))
+            .where(Migration.id == migration_id, Migration.tenant == tenant)
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    return State(MigrationStatus(row[0]), row[1], row[2], row[3], bool(row[4]))
+
+
+async def next_event_seq(
+    session: AsyncSession, migration_id: uuid.UUID, tenant: str, epoch: int | None = None
+) -> int | None:
+    """Reserve the next event number (the row lock serialises writers); None if no row."""
+    guards = [Migration.id == migration_id, Migration.tenant == tenant]
+    if epoch is not None:
+        guards.append(Migration.epoch == epoch)
+    stmt = (
+        update(Migration).where(*guards)
+        .values({Migration.event_seq: Migration.event_seq + 1})
+        .returning(Migration.event_seq)
+        .execution_options(synchronize_session=False)
+    )
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def insert_event(
+    session: AsyncSession, tenant: str, migration_id: uuid.UUID | None, seq: int,
+    type_: str, payload: JSON,
+) -> None:
+    session.add(MigrationEvent(tenant=tenant, migration_id=migration_id, seq=seq, type=type_,
+                               payload=payload))
+    await session.flush()
+
+
+async def insert(session: AsyncSession, row: Migration) -> None:
+    session.add(row)
+    await session.flush()
+
+
+async def get(session: AsyncSession, tenant: str, migration_id: uuid.UUID) -> Migration | None:
+    """Fresh from the database (guarded UPDATEs bypass the identity map)."""
+    result = await session.execute(
+        select(Migration)
+        .where(Migration.id == migration_id, Migration.tenant == tenant)
+        .execution_options(populate_existing=True)
+    )
+    return result.scalar_one_or_none()
+
+
+async def page(
+    session: AsyncSession,
+    tenant: str,
+    *,
+    statuses: Sequence[str],
+    types: Sequence[str],
+    before: tuple[datetime, uuid.UUID] | None,
+    limit: int,
+) -> list[Migration]:
+    """Newest first by (created_at, id); ``before`` is the last row of the previous page."""
+    stmt = select(Migration).where(Migration.tenant == tenant)
+    if statuses:
+        stmt = stmt.where(Migration.status.in_(statuses))
+    if types:
+        stmt = stmt.where(Migration.type.in_(types))
+    if before is not None:
+        stmt = stmt.where(tuple_(Migration.created_at, Migration.id) < tuple_(*before))
+    stmt = stmt.order_by(Migration.created_at.desc(), Migration.id.desc()).limit(limit)
+    return list((await session.execute(stmt)).scalars())
+
+
+async def delete_unless_active(
+    session: AsyncSession, tenant: str, migration_id: uuid.UUID,
+    deletable: Collection[MigrationStatus],
+) -> int | None:
+    """Delete if the status allows it; the final ``event_seq``, or None if nothing matched.
+
+    Steps and events go with it (``ON DELETE CASCADE``).
+    """
+    stmt = (
+        delete(Migration)
+        .where(Migration.id == migration_id, Migration.tenant == tenant,
+               Migration.status.in_([s.value for s in deletable]))
+        .returning(Migration.event_seq)
+        .execution_options(synchronize_session=False)
+    )
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def events(
+    session: AsyncSession, tenant: str, migration_id: uuid.UUID, *, after: int, limit: int
+) -> list[MigrationEvent]:
+    stmt = (
+        select(MigrationEvent)
+        .where(MigrationEvent.tenant == tenant, MigrationEvent.migration_id == migration_id,
+               MigrationEvent.seq > after)
+        .order_by(MigrationEvent.seq)
+        .limit(limit)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def steps(session: AsyncSession, migration_id: uuid.UUID) -> list[MigrationStep]:
+    stmt = (
+        select(MigrationStep)
+        .where(MigrationStep.migration_id == migration_id)
+        .order_by(MigrationStep.position)
+        .execution_options(populate_existing=True)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def reset_steps(
+    session: AsyncSession, migration_id: uuid.UUID, positions: Collection[int]
+) -> None:
+    """Back to ``pending`` with no trace of the previous attempt."""
+    if not positions:
+        return
+    await session.execute(
+        update(MigrationStep)
+        .where(and_(MigrationStep.migration_id == migration_id,
+                    MigrationStep.position.in_(list(positions))))
+        .values(status=StepStatus.pending.value, error=None, result=None, bytes_done=0,
+                started_at=None, finished_at=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def clear_checkpoint(session: AsyncSession, migration_id: uuid.UUID) -> None:
+    await session.execute(
+        update(Migration).where(Migration.id == migration_id)
+        .values(checkpoint=None, bytes_done=0)
+        .execution_options(synchronize_session=False)
+    )

@@ -1,0 +1,213 @@
+"""Migration use cases: create, read, list, run, cancel, delete, read events.
+
+The service checks what a schema cannot (cross-field rules, referenced clouds exist
+and belong to the caller, the capability matrix), keeps secrets out of the spec and
+writes rows and events through :mod:`app.engines.machine` and the repository. It
+never commits: the request's transaction does, so a failure anywhere leaves nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.crypto import SecretBox
+from app.drivers.capabilities import MATRIX, CapabilityMatrix, Role
+from app.engines import machine
+from app.engines.machine import Action
+from app.errors import Conflict, InvalidInput, NotFound
+from app.models.db import Migration, MigrationStep
+from app.models.enums import (
+    HypervisorMode,
+    ImageFormat,
+    MigrationStatus,
+    MigrationType,
+    StepStatus,
+)
+from app.models.schemas.migrations import (
+    CloudDestination,
+    EventOut,
+    EventPage,
+    FieldProblem,
+    HypervisorCreate,
+    ImageExtractCreate,
+    LiveStreamCreate,
+    MigrationView,
+    NewVmDestination,
+    migration_out,
+    split_secrets,
+)
+from app.repositories import clouds as clouds_repo
+from app.repositories import migrations as repo
+
+CreateBody = HypervisorCreate | ImageExtractCreate | LiveStreamCreate
+
+
+@dataclass(frozen=True, slots=True)
+class CloudRef:
+    pointer: str
+    cloud_id: uuid.UUID
+    role: Role
+
+
+#: Where a page of the newest-first listing starts: the (created_at, id) of the row
+#: before it.
+PageKey = tuple[datetime, uuid.UUID]
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationPage:
+    items: list[MigrationView]
+    #: Key of the last item when more rows follow, else None.
+    next_key: PageKey | None
+
+
+def _cloud_refs(body: CreateBody) -> list[CloudRef]:
+    """Every cloud the body names, with the part it must be able to play."""
+    match body:
+        case HypervisorCreate():
+            refs = [CloudRef("/source/cloud_id", body.source.cloud_id, Role.hypervisor_source)]
+            if body.mode is HypervisorMode.new and body.destination is not None:
+                refs.append(CloudRef("/destination/cloud_id", body.destination.cloud_id,
+                                     Role.hypervisor_destination))
+        case ImageExtractCreate():
+            refs = [CloudRef("/source/cloud_id", body.source.cloud_id,
+                             Role.image_extract_source)]
+            if isinstance(body.destination, CloudDestination):
+                refs.append(CloudRef("/destination/cloud_id", body.destination.cloud_id,
+                                     Role.image_extract_destination))
+        case LiveStreamCreate():
+            refs = [CloudRef("/source/cloud_id", body.source.cloud_id, Role.live_stream_source)]
+            if isinstance(body.destination, NewVmDestination):
+                refs.append(CloudRef("/destination/cloud_id", body.destination.cloud_id,
+                                     Role.live_stream_new_destination))
+    return refs
+
+
+async def check(
+    session: AsyncSession, tenant: str, body: CreateBody, matrix: CapabilityMatrix = MATRIX
+) -> list[FieldProblem]:
+    """Everything wrong with ``body`` beyond its schema, each at its JSON pointer."""
+    problems = body.field_problems()
+    for ref in _cloud_refs(body):
+        cloud = await clouds_repo.get_cloud(session, tenant, ref.cloud_id)
+        if cloud is None:
+            problems.append(FieldProblem(ref.pointer, f"no such cloud: {ref.cloud_id}"))
+        elif not matrix.allows(ref.role, cloud.kind):
+            problems.append(FieldProblem(ref.pointer,
+                                         matrix.refusal(ref.role, cloud.kind, cloud.name)))
+    return problems
+
+
+def _rejection(problems: Sequence[FieldProblem]) -> InvalidInput:
+    detail = "; ".join(f"{p.pointer}: {p.detail}" for p in problems[:5])
+    return InvalidInput(
+        f"the migration cannot be created as requested: {detail}",
+        extra={"errors": [{"pointer": p.pointer, "detail": p.detail} for p in problems]},
+    )
+
+
+async def create(
+    session: AsyncSession, box: SecretBox, tenant: str, body: CreateBody,
+    matrix: CapabilityMatrix = MATRIX,
+) -> MigrationView:
+    """Validate, store (secrets sealed apart), write the plan's step rows and the
+    ``migration.created`` event; with ``run``, queue it in the same transaction."""
+    problems = await check(session, tenant, body, matrix)
+    if problems:
+        raise _rejection(problems)
+    if isinstance(body, HypervisorCreate) and body.mode is HypervisorMode.store:
+        body = body.model_copy(update={"format": body.format or ImageFormat.qcow2})
+    spec, secrets = split_secrets(body)
+    type_ = MigrationType(body.type)
+    mode = body.mode if isinstance(body, HypervisorCreate) else None
+    plan = machine.plan_for(type_, mode, machine.flags_from_spec(spec))
+    row = Migration(
+        id=uuid.uuid4(), tenant=tenant, name=body.name, type=type_.value,
+        mode=mode.value if mode else None, status=MigrationStatus.pending.value, spec=spec,
+        secrets=box.seal(secrets), attempt=0, epoch=0, version=1, event_seq=0,
+        bytes_total=0, bytes_done=0, rate=0, cancel_requested=False,
+        steps=[MigrationStep(position=i, name=s.name, cleanup=s.cleanup,
+                             status=StepStatus.pending.value, bytes_total=0, bytes_done=0)
+               for i, s in enumerate(plan.steps)],
+    )
+    await repo.insert(session, row)
+    created: dict[str, Any] = {"type": type_.value, "mode": row.mode, "name": row.name,
+                               "steps": list(plan.names)}
+    await machine.append_event(session, row.id, tenant, "migration.created", created)
+    if body.run:
+        await machine.apply(session, row.id, tenant, Action.run)
+    return await get(session, tenant, row.id)
+
+
+async def _row(session: AsyncSession, tenant: str, migration_id: uuid.UUID) -> Migration:
+    row = await repo.get(session, tenant, migration_id)
+    if row is None:
+        raise NotFound(f"no migration {migration_id}")
+    return row
+
+
+async def get(session: AsyncSession, tenant: str, migration_id: uuid.UUID) -> MigrationView:
+    return migration_out(await _row(session, tenant, migration_id))
+
+
+async def list_page(
+    session: AsyncSession, tenant: str, *, statuses: Sequence[MigrationStatus],
+    types: Sequence[MigrationType], limit: int, before: PageKey | None,
+) -> MigrationPage:
+    """Newest first, starting after ``before`` (a previous page's ``next_key``)."""
+    rows = await repo.page(session, tenant, statuses=[s.value for s in statuses],
+                           types=[t.value for t in types], before=before, limit=limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_key = (rows[-1].created_at, rows[-1].id) if more else None
+    return MigrationPage([migration_out(r) for r in rows], next_key)
+
+
+async def run(session: AsyncSession, tenant: str, migration_id: uuid.UUID) -> MigrationView:
+    """Queue it (from pending, failed or cancelled); a new attempt resumes where the
+    last one stopped (see :func:`app.engines.machine.resume_reset`)."""
+    await machine.apply(session, migration_id, tenant, Action.run)
+    return await get(session, tenant, migration_id)
+
+
+async def cancel(session: AsyncSession, tenant: str, migration_id: uuid.UUID) -> MigrationView:
+    """Cancelled at once if no worker has it; else ``cancelling`` until its worker has
+    cleaned up (it sees ``cancel_requested`` within a heartbeat)."""
+    await machine.apply(session, migration_id, tenant, Action.cancel)
+    return await get(session, tenant, migration_id)
+
+
+async def delete(session: AsyncSession, tenant: str, migration_id: uuid.UUID) -> None:
+    """Remove it with its steps and events; refused while a worker may hold it.
+
+    A tenant-level ``migration.deleted`` event (no migration id, payload names it)
+    outlives the row for consumers such as webhooks.
+    """
+    seq = await repo.delete_unless_active(session, tenant, migration_id, machine.DELETABLE)
+    if seq is None:
+        current = await repo.state(session, migration_id, tenant)
+        if current is None:
+            raise NotFound(f"no migration {migration_id}")
+        allowed = ", ".join(sorted(s.value for s in machine.DELETABLE))
+        raise Conflict(f"cannot delete a migration that is {current.status}; cancel it and "
+                       f"wait until it is cancelled (deletable when: {allowed})")
+    await repo.insert_event(session, tenant, None, seq + 1, "migration.deleted",
+                            {"migration_id": str(migration_id)})
+
+
+async def events(
+    session: AsyncSession, tenant: str, migration_id: uuid.UUID, *, after: int, limit: int
+) -> EventPage:
+    """Events with ``seq > after``, oldest first."""
+    await _row(session, tenant, migration_id)
+    rows = await repo.events(session, tenant, migration_id, after=after, limit=limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return EventPage(items=[EventOut.of(r) for r in rows],
+                     next_after=rows[-1].seq if more else None)
