@@ -163,8 +163,10 @@ class WriterSink(ExtentSink):
     """Adapts an :class:`~app.formats.base.ImageWriter` to :class:`ExtentSink`.
 
     ``checkpoint`` calls the writer's ``flush()`` coroutine when it has one (writers
-    that can resume, such as raw). The writer itself is not closed: whoever created
-    it owns its byte sink.
+    that can resume, such as raw). When the run ends without ``finish`` (failure or
+    cancel), ``close`` calls the writer's ``abort()`` coroutine when it has one, so
+    writes still in flight stop before the caller closes the byte sink. The byte sink
+    itself is not closed: whoever created it owns it.
     """
 
     name = "encode"
@@ -172,12 +174,21 @@ class WriterSink(ExtentSink):
     def __init__(self, writer: ImageWriter) -> None:
         self.writer = writer
         self.name = f"encode ({writer.format})"
+        self._finished = False
 
     async def write(self, extent: Extent) -> None:
         await self.writer.write(extent)
 
     async def finish(self) -> None:
         await self.writer.finish()
+        self._finished = True
+
+    async def close(self) -> None:
+        if self._finished:
+            return
+        abort: Callable[[], Awaitable[None]] | None = getattr(self.writer, "abort", None)
+        if abort is not None and callable(abort):
+            await abort()
 
     def durable_offset(self) -> int:
         return self.writer.durable_offset()

@@ -74,7 +74,8 @@ class TokenBucket:
         """Wait until ``n`` bytes may pass (``n`` is clamped to the burst size)."""
         need = min(float(n), self.burst)
         self._refill()
-        while self._tokens < need:
+        # A small tolerance: float rounding must not turn into endless tiny sleeps.
+        while need - self._tokens > 1e-6 * need + 1e-3:
             await self.clock.sleep((need - self._tokens) / self.rate)
             self._refill()
-        self._tokens -= need
+        self._tokens = max(self._tokens - need, 0.0)
