@@ -143,16 +143,17 @@ def _check_create_type(desc: Descriptor, offset: int | None) -> str:
 # --- sparse extents (monolithicSparse, streamOptimized) ------------------------------
 
 
+_NO_DESCRIPTOR = (
+    "sparse extent has no embedded descriptor: it is probably one extent of a split disk; "
+    "open the disk's descriptor file instead"
+)
+
+
 async def _read_embedded_descriptor(
     source: RandomAccessSource | StreamReader, hdr: SparseHeader
 ) -> Descriptor:
     if not hdr.descriptor_offset or not hdr.descriptor_size:
-        raise FormatError(
-            "sparse extent has no embedded descriptor: it is probably one extent of a split "
-            "disk; open the disk's descriptor file instead",
-            fmt=FMT,
-            offset=28,
-        )
+        raise FormatError(_NO_DESCRIPTOR, fmt=FMT, offset=28)
     start = hdr.descriptor_offset * SECTOR
     length = hdr.descriptor_size * SECTOR
     if isinstance(source, StreamReader):
@@ -162,6 +163,8 @@ async def _read_embedded_descriptor(
         raw = await source.read_exact(length, "descriptor")
     else:
         raw = await read_exact_at(source, start, length, FMT, "embedded descriptor")
+    if not raw.split(b"\0", 1)[0].strip():
+        raise FormatError(_NO_DESCRIPTOR, fmt=FMT, offset=start)
     return parse_descriptor(raw, offset=start)
 
 
