@@ -192,9 +192,7 @@ async def convert_file(
 @click.option(
     "--from", "from_fmt", type=click.Choice(FORMATS), help="Input format (default: probe)."
 )
-@click.option(
-    "--subformat", help="vhd: fixed|dynamic; vmdk: streamOptimized|monolithicSparse; qcow2: v2|v3."
-)
+@click.option("--subformat", help="vhd: fixed|dynamic; vmdk: streamOptimized; qcow2: v2|v3.")
 @click.option("--compress", is_flag=True, help="Compress clusters/grains where the format can.")
 @click.option("--compression-level", type=click.IntRange(1, 9), default=6, show_default=True)
 @click.option("--cluster-size", type=SIZE, help="qcow2 cluster / vhd block / vmdk grain size.")
