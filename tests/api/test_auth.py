@@ -59,7 +59,7 @@ def operations() -> list[tuple[str, str]]:
 _METHODS = {"get", "post", "put", "patch", "delete"}
 
 
-def test_the_api_has_protected_operations(app: FastAPI) -> None:
+def test_the_api_has_protected_operations() -> None:
     assert ("POST", "/v1/clouds") in operations()
 
 
@@ -69,7 +69,7 @@ def test_the_api_has_protected_operations(app: FastAPI) -> None:
      "Token vmg_x"],
 )
 async def test_every_operation_needs_a_valid_token(
-    app: FastAPI, app_client: httpx.AsyncClient, authorization: str | None
+    app_client: httpx.AsyncClient, authorization: str | None
 ) -> None:
     headers = {} if authorization is None else {"Authorization": authorization}
     for method, path in operations():
@@ -86,7 +86,7 @@ async def test_probes_and_docs_need_no_token(client: httpx.AsyncClient) -> None:
 
 
 async def test_missing_scope_is_403(
-    app: FastAPI, app_client: httpx.AsyncClient, make_token: TokenFactory
+    app_client: httpx.AsyncClient, make_token: TokenFactory
 ) -> None:
     token = await make_token("acme", "images:read")
     for method, path in operations():
