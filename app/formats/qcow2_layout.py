@@ -315,10 +315,20 @@ def deflate_cluster(data: bytes | bytearray | memoryview, level: int) -> bytes:
 
 
 def inflate_cluster(data: bytes | memoryview, cluster_size: int, where: int) -> bytes:
-    """Inflate one raw-deflate cluster, never producing more than ``cluster_size``."""
+    """Inflate one raw-deflate cluster, never producing more than ``cluster_size``.
+
+    A stream that would produce more than a cluster is malformed; trailing bytes after
+    the end of the stream (sector padding, the next cluster) are ignored.
+    """
     try:
         d = zlib.decompressobj(-15)
         out = d.decompress(data, cluster_size)
+        if not d.eof and d.unconsumed_tail and d.decompress(d.unconsumed_tail, 1):
+            raise FormatError(
+                f"compressed cluster inflates beyond the cluster size {cluster_size}",
+                fmt=FMT,
+                offset=where,
+            )
     except zlib.error as exc:
         raise FormatError(f"bad compressed cluster: {exc}", fmt=FMT, offset=where) from exc
     if len(out) != cluster_size:

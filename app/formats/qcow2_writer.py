@@ -185,7 +185,7 @@ class ClusterFeed:
 def _compress_batch(clusters: list[Buffer], level: int, cluster_size: int) -> list[bytes | None]:
     """Per cluster: ``b""`` if all zero, compressed bytes, or None if it did not shrink."""
     out: list[bytes | None] = []
-    limit = cluster_size - L.COMPRESSED_SECTOR
+    limit = cluster_size - 1  # QEMU stores a cluster compressed only if it shrinks
     for data in clusters:
         if is_zero(data):
             out.append(b"")

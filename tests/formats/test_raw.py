@@ -299,7 +299,7 @@ async def test_resume_from_checkpoint_is_byte_identical(tmp_path: Path) -> None:
 
 
 @settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     size=st.integers(min_value=0, max_value=3 * MiB),
