@@ -77,38 +77,89 @@ class Transition:
         return tuple(self.moves)
 
 
-def _t(action: Action, moves: Mapping[MigrationStatus, tuple[MigrationStatus, str]],
-       *effects: Effect, fenced: bool = False, claims: bool = False,
-       resets_steps: bool = False) -> Transition:
+def _t(
+    action: Action,
+    moves: Mapping[MigrationStatus, tuple[MigrationStatus, str]],
+    *effects: Effect,
+    fenced: bool = False,
+    claims: bool = False,
+    resets_steps: bool = False,
+) -> Transition:
     return Transition(action, moves, frozenset(effects), fenced, claims, resets_steps)
 
 
 E = Effect
-TRANSITIONS: Mapping[Action, Transition] = {t.action: t for t in (
-    _t(Action.run, {S.pending: (S.queued, "migration.queued"),
-                    S.failed: (S.queued, "migration.queued"),
-                    S.cancelled: (S.queued, "migration.queued")},
-       E.bump_attempt, E.clear_error, E.clear_cancel, E.reset_clock, resets_steps=True),
-    # A lease that expired (its worker died) makes running/cancelling claimable again.
-    _t(Action.claim, {S.queued: (S.running, "migration.started"),
-                      S.running: (S.running, "migration.reclaimed"),
-                      S.cancelling: (S.cancelling, "migration.reclaimed")},
-       E.bump_epoch, E.take_lease, E.start_clock, claims=True),
-    _t(Action.complete, {S.running: (S.completed, "migration.completed")},
-       E.drop_lease, fenced=True),
-    _t(Action.fail, {S.running: (S.failed, "migration.failed"),
-                     S.cancelling: (S.failed, "migration.failed")},
-       E.set_error, E.drop_lease, fenced=True),
-    _t(Action.cancel, {S.pending: (S.cancelled, "migration.cancelled"),
-                       S.queued: (S.cancelled, "migration.cancelled"),
-                       S.running: (S.cancelling, "migration.cancel_requested")},
-       E.request_cancel),
-    _t(Action.finish_cancel, {S.cancelling: (S.cancelled, "migration.cancelled")},
-       E.drop_lease, fenced=True),
-    _t(Action.release, {S.running: (S.queued, "migration.released"),
-                        S.cancelling: (S.cancelling, "migration.released")},
-       E.drop_lease, fenced=True),
-)}
+TRANSITIONS: Mapping[Action, Transition] = {
+    t.action: t
+    for t in (
+        _t(
+            Action.run,
+            {
+                S.pending: (S.queued, "migration.queued"),
+                S.failed: (S.queued, "migration.queued"),
+                S.cancelled: (S.queued, "migration.queued"),
+            },
+            E.bump_attempt,
+            E.clear_error,
+            E.clear_cancel,
+            E.reset_clock,
+            resets_steps=True,
+        ),
+        # A lease that expired (its worker died) makes running/cancelling claimable again.
+        _t(
+            Action.claim,
+            {
+                S.queued: (S.running, "migration.started"),
+                S.running: (S.running, "migration.reclaimed"),
+                S.cancelling: (S.cancelling, "migration.reclaimed"),
+            },
+            E.bump_epoch,
+            E.take_lease,
+            E.start_clock,
+            claims=True,
+        ),
+        _t(
+            Action.complete,
+            {S.running: (S.completed, "migration.completed")},
+            E.drop_lease,
+            fenced=True,
+        ),
+        _t(
+            Action.fail,
+            {
+                S.running: (S.failed, "migration.failed"),
+                S.cancelling: (S.failed, "migration.failed"),
+            },
+            E.set_error,
+            E.drop_lease,
+            fenced=True,
+        ),
+        _t(
+            Action.cancel,
+            {
+                S.pending: (S.cancelled, "migration.cancelled"),
+                S.queued: (S.cancelled, "migration.cancelled"),
+                S.running: (S.cancelling, "migration.cancel_requested"),
+            },
+            E.request_cancel,
+        ),
+        _t(
+            Action.finish_cancel,
+            {S.cancelling: (S.cancelled, "migration.cancelled")},
+            E.drop_lease,
+            fenced=True,
+        ),
+        _t(
+            Action.release,
+            {
+                S.running: (S.queued, "migration.released"),
+                S.cancelling: (S.cancelling, "migration.released"),
+            },
+            E.drop_lease,
+            fenced=True,
+        ),
+    )
+}
 
 #: Statuses in which a migration may be deleted: nobody is working on it.
 DELETABLE = frozenset({S.pending, S.completed, S.failed, S.cancelled})
@@ -131,8 +182,13 @@ class Failure:
     retryable: bool = False
 
     def as_json(self) -> JSON:
-        return {"type": f"https://vmigrate.dev/problems/{self.code}", "title": self.title,
-                "detail": self.detail, "step": self.step, "retryable": self.retryable}
+        return {
+            "type": f"https://vmigrate.dev/problems/{self.code}",
+            "title": self.title,
+            "detail": self.detail,
+            "step": self.step,
+            "retryable": self.retryable,
+        }
 
     @classmethod
     def from_error(cls, exc: AppError, step: str | None = None) -> Failure:
@@ -177,9 +233,13 @@ async def apply(
     if Effect.set_error in t.effects and failure is None:
         raise ValueError(f"{action} records why: pass a failure")
     moved = await repo.move(
-        session, migration_id, tenant,
+        session,
+        migration_id,
+        tenant,
         moves={src: dst for src, (dst, _) in t.moves.items()},
-        effects=t.effects, epoch=epoch, lease_must_be_free=t.claims,
+        effects=t.effects,
+        epoch=epoch,
+        lease_must_be_free=t.claims,
         lease_owner=lease.owner if lease else None,
         lease_seconds=lease.seconds if lease else None,
         error=failure.as_json() if failure else None,
@@ -187,21 +247,38 @@ async def apply(
     if moved is None:
         raise await _refusal(session, migration_id, tenant, t, epoch)
     event_type = t.moves[moved.previous][1]
-    body: JSON = {"action": action.value, "from": moved.previous.value,
-                  "to": moved.status.value, "attempt": moved.attempt}
+    body: JSON = {
+        "action": action.value,
+        "from": moved.previous.value,
+        "to": moved.status.value,
+        "attempt": moved.attempt,
+    }
     if failure is not None:
         body["error"] = failure.as_json()
     body.update(payload or {})
     await repo.insert_event(session, tenant, migration_id, moved.event_seq, event_type, body)
     if t.resets_steps:
         await _reset_for_resume(session, migration_id)
-    return Applied(action, moved.previous, moved.status, event_type, moved.event_seq,
-                   moved.epoch, moved.attempt, moved.version)
+    return Applied(
+        action,
+        moved.previous,
+        moved.status,
+        event_type,
+        moved.event_seq,
+        moved.epoch,
+        moved.attempt,
+        moved.version,
+    )
 
 
 async def append_event(
-    session: AsyncSession, migration_id: uuid.UUID, tenant: str, type_: str,
-    payload: Mapping[str, Any] | None = None, *, epoch: int | None = None,
+    session: AsyncSession,
+    migration_id: uuid.UUID,
+    tenant: str,
+    type_: str,
+    payload: Mapping[str, Any] | None = None,
+    *,
+    epoch: int | None = None,
 ) -> int:
     """Record a non-transition event (created, step finished, ...); returns its seq.
 
@@ -214,14 +291,18 @@ async def append_event(
         current = await repo.state(session, migration_id, tenant)
         if current is None:
             raise NotFound(f"no migration {migration_id}")
-        raise StaleEpoch(f"epoch {epoch} is stale: migration {migration_id} is at epoch "
-                         f"{current.epoch}")
+        raise StaleEpoch(
+            f"epoch {epoch} is stale: migration {migration_id} is at epoch {current.epoch}"
+        )
     await repo.insert_event(session, tenant, migration_id, seq, type_, dict(payload or {}))
     return seq
 
 
 async def _refusal(
-    session: AsyncSession, migration_id: uuid.UUID, tenant: str, t: Transition,
+    session: AsyncSession,
+    migration_id: uuid.UUID,
+    tenant: str,
+    t: Transition,
     epoch: int | None,
 ) -> AppError:
     """Explain why the guarded UPDATE matched nothing."""
@@ -229,22 +310,33 @@ async def _refusal(
     if current is None:
         return NotFound(f"no migration {migration_id}")
     allowed = ", ".join(s.value for s in t.sources)
-    extra: JSON = {"current_status": current.status.value,
-                   "allowed_from": [s.value for s in t.sources]}
+    extra: JSON = {
+        "current_status": current.status.value,
+        "allowed_from": [s.value for s in t.sources],
+    }
     if epoch is not None and current.epoch != epoch:
-        return StaleEpoch(f"epoch {epoch} is stale: migration {migration_id} is at epoch "
-                          f"{current.epoch}; another worker owns it", extra=extra)
+        return StaleEpoch(
+            f"epoch {epoch} is stale: migration {migration_id} is at epoch "
+            f"{current.epoch}; another worker owns it",
+            extra=extra,
+        )
     if current.status not in t.moves:
         return InvalidTransition(
             f"cannot {t.action} a migration that is {current.status}; "
-            f"{t.action} is allowed from: {allowed}", extra=extra)
+            f"{t.action} is allowed from: {allowed}",
+            extra=extra,
+        )
     if t.claims and current.leased:
         return InvalidTransition(
             f"cannot {t.action}: the migration is leased by {current.lease_owner} until "
-            f"{current.lease_expires_at:%Y-%m-%dT%H:%M:%SZ}", extra=extra)
+            f"{current.lease_expires_at:%Y-%m-%dT%H:%M:%SZ}",
+            extra=extra,
+        )
     return InvalidTransition(  # it moved between our UPDATE and this read
         f"cannot {t.action}: the migration changed concurrently (now {current.status}); "
-        "read it again", extra=extra)
+        "read it again",
+        extra=extra,
+    )
 
 
 # --- plans --------------------------------------------------------------------------
@@ -285,9 +377,12 @@ class Plan:
         started: only those undoing something that happened, newest first."""
         position = {s.name: i for i, s in enumerate(self.steps) if not s.cleanup}
         needed = [c for c in self.steps if c.cleanup and any(u in started for u in c.undoes)]
-        return tuple(sorted(
-            needed, key=lambda c: -max((position[u] for u in c.undoes if u in position),
-                                       default=-1)))
+        return tuple(
+            sorted(
+                needed,
+                key=lambda c: -max((position[u] for u in c.undoes if u in position), default=-1),
+            )
+        )
 
     def success_path(self) -> tuple[Step, ...]:
         return tuple(s for s in self.steps if not s.cleanup or s.on_success)
@@ -301,8 +396,13 @@ _VERIFY = Step("verify", only_if=Flag.verify)
 
 
 def _restore_power(on_success: bool) -> Step:
-    return Step("restore_power", cleanup=True, undoes=("power_off",), only_if=Flag.power_off,
-                on_success=on_success)
+    return Step(
+        "restore_power",
+        cleanup=True,
+        undoes=("power_off",),
+        only_if=Flag.power_off,
+        on_success=on_success,
+    )
 
 
 PlanKey = tuple[MigrationType, HypervisorMode | None]
@@ -311,23 +411,43 @@ PLANS: Mapping[PlanKey, tuple[Step, ...]] = {
     # Power is restored after a store; after a move to a new VM the source stays off
     # on success (cutover: two live copies would fight over addresses).
     (MigrationType.hypervisor, HypervisorMode.store): (
-        _VALIDATE, _POWER_OFF, _SNAPSHOT, Step("export"), Step("convert"), Step("store"),
-        _REMOVE_SNAPSHOT, _restore_power(on_success=True),
+        _VALIDATE,
+        _POWER_OFF,
+        _SNAPSHOT,
+        Step("export"),
+        Step("convert"),
+        Step("store"),
+        _REMOVE_SNAPSHOT,
+        _restore_power(on_success=True),
     ),
     (MigrationType.hypervisor, HypervisorMode.new): (
-        _VALIDATE, _POWER_OFF, _SNAPSHOT, Step("export"), Step("convert"), Step("provision"),
-        _VERIFY, _REMOVE_SNAPSHOT, _restore_power(on_success=False),
+        _VALIDATE,
+        _POWER_OFF,
+        _SNAPSHOT,
+        Step("export"),
+        Step("convert"),
+        Step("provision"),
+        _VERIFY,
+        _REMOVE_SNAPSHOT,
+        _restore_power(on_success=False),
     ),
     # The snapshot step writes a VSS-consistent image to the staging path.
     (MigrationType.image_extract, None): (
-        _VALIDATE, _SNAPSHOT, Step("transfer"), Step("store", only_if=Flag.to_library),
+        _VALIDATE,
+        _SNAPSHOT,
+        Step("transfer"),
+        Step("store", only_if=Flag.to_library),
         Step("import", only_if=Flag.to_cloud),
         Step("remove_staging", cleanup=True, undoes=("snapshot",)),
     ),
     # Provision before the LVM snapshot: a snapshot held while a VM boots wastes COW space.
     (MigrationType.live_stream, None): (
-        _VALIDATE, Step("provision", only_if=Flag.provision), _SNAPSHOT, Step("transfer"),
-        _VERIFY, _REMOVE_SNAPSHOT,
+        _VALIDATE,
+        Step("provision", only_if=Flag.provision),
+        _SNAPSHOT,
+        Step("transfer"),
+        _VERIFY,
+        _REMOVE_SNAPSHOT,
     ),
 }
 
@@ -375,23 +495,27 @@ def resume_reset(steps: Sequence[StepState]) -> tuple[frozenset[int], bool]:
     checkpoint is void.
 
     The attempt resumes at the first unfinished work step - unless a cleanup that ran
-    (or started) undid an earlier one (the snapshot is gone), in which case it resumes
-    at the earliest undone step. Everything from there on, and every cleanup step,
-    goes back to ``pending``; completed steps before it stay completed. Redoing a
-    completed step voids the checkpoint: its bytes came from a state that is gone.
+    (or started: it may have got far) undid an earlier one (the snapshot is gone), in
+    which case it resumes at the earliest undone step. Everything from there on, and
+    every cleanup step (cleanups are idempotent), goes back to ``pending``; completed
+    steps before it stay completed. When all work was done (only a cleanup failed),
+    only the cleanups run again. Redoing a completed step voids the checkpoint: its
+    bytes came from a state that is gone.
     """
     work = [s for s in steps if not s.cleanup]
     at = {s.name: s.position for s in work}
     starts = [s.position for s in work if not s.status.is_done()][:1]
-    for c in steps:
-        if c.cleanup and c.status in (StepStatus.running, StepStatus.completed, StepStatus.failed):
-            starts += [at[name] for name in UNDOES.get(c.name, ()) if name in at]
-    resume = min(starts, default=None)
+    if starts:
+        for c in steps:
+            if c.cleanup and c.status in (StepStatus.running, StepStatus.completed,
+                                          StepStatus.failed):
+                starts += [at[name] for name in UNDOES.get(c.name, ()) if name in at]
     reset = {c.position for c in steps if c.cleanup and c.status is not StepStatus.pending}
-    if resume is not None:
+    if starts:
+        resume = min(starts)
         reset |= {s.position for s in work
                   if s.position >= resume and s.status is not StepStatus.pending}
-    void = any(s.position in reset and s.status.is_done() for s in work)
+    void = any(s.position in reset and s.status is StepStatus.completed for s in work)
     return frozenset(reset), void
 
 
