@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import uuid
 from typing import Any
@@ -58,7 +59,9 @@ EXAMPLES: dict[str, dict[str, Any]] = {
 
 
 def cloud_body(kind: str = "vmware", name: str | None = None) -> dict[str, Any]:
-    return {"name": name or f"{kind}-{uuid.uuid4().hex[:6]}", "kind": kind, **EXAMPLES[kind]}
+    """A fresh (deep-copied) valid create body; the name is unique unless given."""
+    body = copy.deepcopy(EXAMPLES[kind])
+    return {"name": name or f"{kind}-{uuid.uuid4().hex[:6]}", "kind": kind, **body}
 
 
 async def create(client: httpx.AsyncClient, token: str, **overrides: Any) -> dict[str, Any]:

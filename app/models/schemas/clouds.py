@@ -55,7 +55,9 @@ Host = Annotated[
     AfterValidator(_host),
     Field(description="DNS name or IP address (no scheme, no port)."),
 ]
-Port = Annotated[int, Field(ge=1, le=65535)]
+# Strict: "443" or true is a client bug to report, not something to guess about.
+Port = Annotated[int, Field(ge=1, le=65535, strict=True)]
+Flag = Annotated[bool, Field(strict=True)]
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255)]
 Username = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 Secret = Annotated[SecretStr, Field(min_length=1, max_length=4096)]
@@ -86,7 +88,7 @@ class _Strict(BaseModel):
 
 
 class TlsOptions(_Strict):
-    verify_tls: bool = Field(
+    verify_tls: Flag = Field(
         default=True, description="Verify the server certificate. Only opt out deliberately."
     )
     ca_bundle: PemBundle | None = None
@@ -122,7 +124,7 @@ class NutanixSettings(TlsOptions):
 class HyperVSettings(TlsOptions):
     host: Host
     winrm_port: Port = 5986
-    use_tls: bool = Field(default=True, description="WinRM over HTTPS (5986) rather than HTTP.")
+    use_tls: Flag = Field(default=True, description="WinRM over HTTPS (5986) rather than HTTP.")
 
 
 class AzureSettings(_Strict):
