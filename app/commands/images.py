@@ -145,6 +145,28 @@ class ConvertRequest:
     options: WriterOptions
     throttle: int | None
     digest: bool
+    sync: bool = False
+
+
+class _DeferredSyncSink(FileSink):
+    """A :class:`FileSink` whose ``flush`` does nothing: writers flush for resumable
+    checkpoints, which a one-shot CLI conversion does not need. The command makes the
+    result durable once at the end when asked (``--sync``), like ``qemu-img convert``
+    whose default destination cache mode (``unsafe``) never flushes."""
+
+    async def flush(self) -> None:
+        return None
+
+    async def sync(self) -> None:
+        await super().flush()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _temp_path(dst: Path) -> Path:
@@ -160,7 +182,7 @@ async def convert_file(
     try:
         reader = await registry.open_reader(source, req.from_fmt)
         tmp = _temp_path(req.dst)
-        sink = FileSink(tmp)
+        sink = _DeferredSyncSink(tmp)
         try:
             writer = registry.create_writer(req.to_fmt, sink, reader.virtual_size, req.options)
             result = await convert(
@@ -171,9 +193,12 @@ async def convert_file(
                 progress_hz=4.0,
                 digest=req.digest,
             )
-            await sink.flush()
+            if req.sync:
+                await sink.sync()
             await sink.close()
             os.replace(tmp, req.dst)
+            if req.sync:
+                await asyncio.to_thread(_fsync_dir, req.dst.parent)
         except BaseException:
             await sink.close()
             tmp.unlink(missing_ok=True)
@@ -199,6 +224,9 @@ async def convert_file(
 @click.option("--throttle", type=SIZE, metavar="BYTES/s", help="Limit data bytes per second.")
 @click.option("--digest", is_flag=True, help="Print the vmd1 digest of the disk when done.")
 @click.option(
+    "--sync", is_flag=True, help="fsync OUT before it replaces the old one (default: page cache)."
+)
+@click.option(
     "--progress/--no-progress", default=None, help="Progress line (default: when stdout is a TTY)."
 )
 def convert_command(
@@ -212,6 +240,7 @@ def convert_command(
     cluster_size: int | None,
     throttle: int | None,
     digest: bool,
+    sync: bool,
     progress: bool | None,
 ) -> None:
     """Convert disk image IN into OUT in another format (OUT appears only when complete)."""
@@ -228,6 +257,7 @@ def convert_command(
         ),
         throttle=throttle,
         digest=digest,
+        sync=sync,
     )
     show = sys.stdout.isatty() if progress is None else progress
     bar = _TtyProgress(sys.stdout) if show else None
