@@ -28,7 +28,9 @@ What it does NOT cover (a driver tested only here can still be wrong about these
   user/password pair; no roles, permissions or SSO.
 * Tasks complete synchronously; no task queueing, cancellation or slow progress.
 * No guest operations, vMotion / relocate data movement, storage policies or vSAN.
-* The inventory model is a vCenter 6.5 (``apiVersion`` 6.5) from govmomi 0.24.2.
+* The inventory model is a vCenter 6.5 (``apiVersion`` 6.5) from govmomi 0.24.2; no
+  direct-to-ESXi mode (0.24.2's ESX model hands pyvmomi datastore references it then
+  cannot resolve).
 
 Gotchas for a pyvmomi driver (real vCenters behave the same for the first two):
 
@@ -74,7 +76,8 @@ if TYPE_CHECKING:
 
 BUILD_SCRIPT = Path(__file__).resolve().parent / "vcsim" / "build.sh"
 GOVMOMI_SOURCES = Path("/usr/share/gocode/src/github.com/vmware/govmomi/simulator")
-APT_PACKAGES = ("golang-go", "golang-github-vmware-govmomi-dev")
+# Debian packages the simulator needs (qemu-utils only for tests making VMDKs).
+APT_PACKAGES = ("golang-go", "golang-github-vmware-govmomi-dev", "patch", "qemu-utils")
 
 BUILD_TIMEOUT = 600.0
 START_TIMEOUT = 20.0
@@ -93,6 +96,8 @@ def missing_prerequisites() -> list[str]:
     missing = []
     if shutil.which("go") is None:
         missing.append("go (apt-get install golang-go)")
+    if shutil.which("patch") is None:
+        missing.append("patch (apt-get install patch)")
     if not (GOVMOMI_SOURCES / "http_nfc_lease.go").is_file():
         missing.append("govmomi sources (apt-get install golang-github-vmware-govmomi-dev)")
     return missing
@@ -226,7 +231,7 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
 
 @dataclass(frozen=True)
 class VcsimOptions:
-    """Inventory and login of a simulated vCenter (or, with ``esx``, one ESXi host).
+    """Inventory and login of the simulated vCenter.
 
     Names follow govmomi's model: datacenters ``DC0``..., datastores ``LocalDS_0``...,
     VMs ``DC0_H0_VM0`` (standalone host) and ``DC0_C0_RP0_VM0`` (cluster pool); every
@@ -241,7 +246,6 @@ class VcsimOptions:
     standalone_hosts: int = 1
     datastores: int = 1
     vms: int = 2  # per resource pool (standalone host and cluster each have one)
-    esx: bool = False
     autostart: bool = True
 
     def args(self) -> list[str]:
@@ -254,7 +258,6 @@ class VcsimOptions:
             f"-standalone-host={self.standalone_hosts}",
             f"-ds={self.datastores}",
             f"-vm={self.vms}",
-            f"-esx={str(self.esx).lower()}",
             f"-autostart={str(self.autostart).lower()}",
         ]
 
@@ -493,8 +496,6 @@ def running_vcsim(
             pid=process.pid,
             workdir=workdir,
             log_path=log_path,
-            datastore="datastore1" if options.esx else "LocalDS_0",
-            datacenter="ha-datacenter" if options.esx else "DC0",
         )
     finally:
         if process is not None:

@@ -32,8 +32,7 @@ func main() {
 	username := flag.String("username", "user", "login user name")
 	password := flag.String("password", "pass", "login password")
 	readyFile := flag.String("ready-file", "", "write {\"url\",\"pid\",...} JSON here once serving")
-	esx := flag.Bool("esx", false, "simulate a standalone ESXi host instead of a vCenter")
-	dc := flag.Int("dc", 1, "datacenters (vCenter only)")
+	dc := flag.Int("dc", 1, "datacenters")
 	cluster := flag.Int("cluster", 1, "clusters per datacenter")
 	host := flag.Int("host", 3, "hosts per cluster")
 	standalone := flag.Int("standalone-host", 1, "standalone hosts per datacenter")
@@ -52,15 +51,11 @@ func main() {
 	sum := sha1.Sum(cert.Certificate[0]) // #nosec G401
 	simulator.NfcSslThumbprint = strings.ToUpper(strings.Join(splitHex(sum[:]), ":"))
 
-	model := simulator.VPX()
-	if *esx {
-		model = simulator.ESX()
-	} else {
-		model.Datacenter = *dc
-		model.Cluster = *cluster
-		model.ClusterHost = *host
-		model.Host = *standalone
-	}
+	model := simulator.VPX() // a vCenter; govmomi 0.24.2's ESX() model breaks pyvmomi
+	model.Datacenter = *dc
+	model.Cluster = *cluster
+	model.ClusterHost = *host
+	model.Host = *standalone
 	model.Datastore = *ds
 	model.Machine = *vm
 	model.Autostart = *autostart
