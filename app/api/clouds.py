@@ -15,6 +15,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 
 from app.api.deps import Context, Session, require
+from app.api.idempotency import IdempotencyKeyHeader
 from app.api.media import require_json
 from app.api.pagination import Cursor, Limit, Page, decode_cursor, encode_cursor
 from app.api.problems import problem_responses
@@ -36,6 +37,11 @@ IfMatch = Annotated[
         "is still at that version, else 412.",
     ),
 ]
+
+_ETAG_HEADER = {"ETag": {"description": 'The version, for If-Match: `"v<version>"`.',
+                         "schema": {"type": "string"}}}
+_CREATED_HEADERS = {**_ETAG_HEADER, "Location": {"description": "URL of the new cloud.",
+                                                 "schema": {"type": "string"}}}
 
 _ETAG = re.compile(r'^"v([0-9]{1,9})"$')
 
@@ -75,11 +81,13 @@ def _after(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:
 
 @router.post(
     "", status_code=201, operation_id="create_cloud", response_model=CloudOut,
-    responses=problem_responses(400, 401, 403, 409, 413, 415, 422),
+    responses={201: {"headers": _CREATED_HEADERS},
+               **problem_responses(400, 401, 403, 409, 413, 415, 422)},
 )
 async def create_cloud(
     body: Annotated[CloudCreate, Body()], request: Request, response: Response,
     principal: Writer, session: Session, ctx: Context,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> CloudOut:
     """Register a cloud. The settings and credentials fields depend on `kind`."""
     cloud = await service.create_cloud(session, ctx.box, principal.tenant, body)
@@ -110,7 +118,7 @@ async def list_clouds(
 
 @router.get(
     "/{cloud_id}", operation_id="get_cloud", response_model=CloudOut,
-    responses=problem_responses(401, 403, 404, 422),
+    responses={200: {"headers": _ETAG_HEADER}, **problem_responses(401, 403, 404, 422)},
 )
 async def get_cloud(
     cloud_id: uuid.UUID, response: Response, principal: Reader, session: Session, ctx: Context
@@ -123,7 +131,8 @@ async def get_cloud(
 
 @router.patch(
     "/{cloud_id}", operation_id="update_cloud", response_model=CloudOut,
-    responses=problem_responses(401, 403, 404, 409, 412, 413, 415, 422),
+    responses={200: {"headers": _ETAG_HEADER},
+               **problem_responses(401, 403, 404, 409, 412, 413, 415, 422)},
 )
 async def update_cloud(
     cloud_id: uuid.UUID, patch: Annotated[CloudUpdate, Body()], response: Response,

@@ -27,9 +27,10 @@ import hashlib
 import json
 import logging
 from datetime import timedelta
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
+from fastapi import Header
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -47,6 +48,20 @@ MAX_KEY_LENGTH = 255
 _KEPT_HEADERS = frozenset({b"content-type", b"location", b"etag", b"link", b"retry-after"})
 #: Larger responses are not stored (the claim is released): a retry runs again.
 _MAX_STORED = 4 * 1024 * 1024
+
+
+#: Declare on a POST route (``key: IdempotencyKeyHeader = None``) to document the header
+#: in the OpenAPI document; the middleware does the work whether declared or not.
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key", max_length=MAX_KEY_LENGTH,
+        description="Makes the POST safe to retry: a repeat with the same key and body "
+        "returns the first response instead of running again (keys last "
+        "`idempotency_ttl_seconds`). Same key, different request: 422; while the first "
+        "is still running: 409.",
+    ),
+]
 
 
 class Idempotency:

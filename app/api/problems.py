@@ -140,7 +140,16 @@ def _validation_errors(exc: RequestValidationError) -> list[FieldError]:
 
 
 def install(app: FastAPI) -> None:
-    """Register the handlers that turn every error into a problem document."""
+    """Register the handlers that turn every error into a problem document, and make
+    the OpenAPI document say so (see :func:`_document_problem_media_type`)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _document_problem_media_type(generate())
+        return app.openapi_schema or generate()
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(AppError)
     async def _app_error(request: Request, exc: AppError) -> JSONResponse:
@@ -182,6 +191,23 @@ def install(app: FastAPI) -> None:
             "The service failed unexpectedly; the error was logged.",
             instance=request.url.path,
         )
+
+
+def _document_problem_media_type(spec: dict[str, Any]) -> None:
+    """Move the Problem schema of error responses under ``application/problem+json``.
+
+    FastAPI files a response ``model`` under the route's media type (application/json);
+    errors are sent as application/problem+json, and that is what clients must be told
+    to parse. Responses declared with :func:`problem_responses` carry both keys.
+    """
+    for item in spec.get("paths", {}).values():
+        for operation in item.values():
+            if not isinstance(operation, dict):
+                continue
+            for response in operation.get("responses", {}).values():
+                content = response.get("content", {})
+                if PROBLEM_MEDIA_TYPE in content and "application/json" in content:
+                    content[PROBLEM_MEDIA_TYPE] = content.pop("application/json")
 
 
 #: ``responses=`` entry for routes, so the OpenAPI document types every error.
