@@ -17,10 +17,18 @@ from sqlalchemy import select
 from app.config import Settings
 from app.crypto import SecretBox
 from app.db import Database
+from app.errors import NotFound
 from app.main import create_app
 from app.models.db import Cloud, Migration
 from app.models.enums import CloudKind
-from app.models.schemas.clouds import CREDENTIALS_MODELS, SETTINGS_MODELS
+from app.models.schemas.clouds import (
+    CREDENTIALS_MODELS,
+    SETTINGS_MODELS,
+    AmazonCredentials,
+    AmazonSettings,
+)
+from app.repositories import clouds as clouds_repo
+from app.services import clouds as clouds_service
 from tests.conftest import TokenFactory, auth
 
 PASSWORD = "hunter2-Very-Secret-4711"
@@ -345,3 +353,41 @@ async def test_undecryptable_credentials_are_a_clear_error(
             r = await c.get(f"/v1/clouds/{cloud['id']}", headers=auth(token))
     assert r.status_code == 500
     assert r.json()["type"].endswith("/secrets-unreadable")
+
+
+async def test_delete_waits_for_a_migration_being_created_against_it(
+    client: httpx.AsyncClient, make_token: TokenFactory, db: Database
+) -> None:
+    """A writer holding FOR SHARE on the cloud makes a concurrent delete wait, then 409."""
+    token = await make_token()
+    cloud = await create(client, token)
+    async with db.session() as session:
+        assert await clouds_repo.lock_cloud(session, "acme", uuid.UUID(cloud["id"]), share=True)
+        session.add(Migration(tenant="acme", type="hypervisor", status="pending",
+                              spec={"destination": {"cloud_id": cloud["id"]}}))
+        await session.flush()
+        deleting = asyncio.create_task(
+            client.delete(f"/v1/clouds/{cloud['id']}", headers=auth(token))
+        )
+        await asyncio.sleep(0.3)
+        assert not deleting.done()
+    r = await deleting
+    assert r.status_code == 409
+
+
+async def test_open_cloud_gives_drivers_typed_secrets(
+    client: httpx.AsyncClient, make_token: TokenFactory, db: Database, settings: Settings
+) -> None:
+    token = await make_token()
+    cloud = await create(client, token, **cloud_body("amazon"))
+    box = SecretBox([k.get_secret_value().encode() for k in settings.encryption_keys])
+    async with db.session() as session:
+        conn = await clouds_service.open_cloud(session, box, "acme", uuid.UUID(cloud["id"]))
+        with pytest.raises(NotFound):
+            await clouds_service.open_cloud(session, box, "globex", uuid.UUID(cloud["id"]))
+    assert conn.kind is CloudKind.amazon
+    assert isinstance(conn.settings, AmazonSettings)
+    assert conn.settings.region == "eu-west-1"
+    assert isinstance(conn.credentials, AmazonCredentials)
+    assert conn.credentials.secret_access_key.get_secret_value() == PASSWORD
+    assert PASSWORD not in repr(conn)
