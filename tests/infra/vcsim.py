@@ -472,9 +472,10 @@ def running_vcsim(
                     f"-tlscert={pki.server_cert}",
                     f"-tlskey={pki.server_key}",
                     f"-ready-file={ready_file}",
+                    "-exit-on-stdin-eof",  # no orphan if this process is killed
                     *options.args(),
                 ],
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,  # held open until _stop()
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -538,6 +539,8 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=STOP_TIMEOUT)
+    if process.stdin is not None:
+        process.stdin.close()
 
 
 def _tail(path: Path, limit: int = 4000) -> str:

@@ -3,7 +3,8 @@
 // Debian ships govmomi's simulator library but not the vcsim command, so this
 // is our own small main. It builds an inventory model, serves it over HTTPS
 // with the given certificate, writes a JSON ready file once it is listening,
-// and shuts down cleanly (removing its temporary datastores) on SIGTERM/SIGINT.
+// and shuts down cleanly (removing its temporary datastores) on SIGTERM/SIGINT
+// or, with -exit-on-stdin-eof, when its parent dies and stdin closes.
 //
 // Built by build.sh against a private copy of the simulator package that also
 // contains simulator/export.go and simulator/nfc.go.
@@ -15,6 +16,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"log"
 	"net/url"
 	"os"
@@ -39,6 +41,7 @@ func main() {
 	ds := flag.Int("ds", 1, "datastores")
 	vm := flag.Int("vm", 2, "VMs per resource pool")
 	autostart := flag.Bool("autostart", true, "power on the model's VMs")
+	watchStdin := flag.Bool("exit-on-stdin-eof", false, "also shut down when stdin closes (parent died)")
 	flag.Parse()
 
 	if *certFile == "" || *keyFile == "" {
@@ -88,6 +91,12 @@ func main() {
 
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	if *watchStdin {
+		go func() {
+			_, _ = io.Copy(io.Discard, os.Stdin) // returns at EOF: the parent is gone
+			sig <- syscall.SIGTERM
+		}()
+	}
 	<-sig
 	server.Close()
 	model.Remove() // deletes the temporary datastore directories
