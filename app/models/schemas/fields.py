@@ -24,6 +24,7 @@ from pydantic import (
     StrictInt,
     StringConstraints,
 )
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "AccountName",
@@ -45,21 +46,43 @@ __all__ = [
     "WindowsUser",
 ]
 
-_PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
+def invalid(message: str) -> PydanticCustomError:
+    """A validation error whose message is exactly ``message`` (no "Value error," prefix)."""
+    return PydanticCustomError("invalid", message)
+
+
+def _grammar(pattern: str, expected: str, max_length: int) -> tuple[Any, ...]:
+    """Annotated metadata for a string with an exact grammar: the pattern is documented
+    in the JSON schema, and a mismatch says what was expected instead of the regex."""
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise invalid(f"must be {expected}")
+        return value
+
+    return (StringConstraints(strict=True, max_length=max_length), AfterValidator(check),
+            Field(description=f"Must be {expected}.", json_schema_extra={"pattern": pattern}))
 
 Port = Annotated[StrictInt, Field(ge=1, le=65535, description="TCP port, 1-65535.")]
 WinRMPort = Annotated[StrictInt, Field(ge=1, le=65535, description="WinRM port (HTTPS: 5986).")]
 
+def _printable(value: str) -> str:
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise invalid("must not contain control characters (newlines, tabs, ...)")
+    return value
+
+
 Name = Annotated[
     str,
-    StringConstraints(strict=True, strip_whitespace=True, min_length=1, max_length=128,
-                      pattern=_PRINTABLE),
+    StringConstraints(strict=True, strip_whitespace=True, min_length=1, max_length=128),
+    AfterValidator(_printable),
 ]
 #: A free-form label (server name, datastore, flavor): printable, 1-255 characters.
 Label = Annotated[
     str,
-    StringConstraints(strict=True, strip_whitespace=True, min_length=1, max_length=255,
-                      pattern=_PRINTABLE),
+    StringConstraints(strict=True, strip_whitespace=True, min_length=1, max_length=255),
+    AfterValidator(_printable),
 ]
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
@@ -74,9 +97,9 @@ def _host(value: str) -> str:
             pass
     labels = value.lower().split(".")
     if len(value) > 253 or not all(_LABEL_RE.match(label) for label in labels):
-        raise ValueError("must be a DNS hostname or an IP address (no scheme, port or path)")
+        raise invalid("must be a DNS hostname or an IP address (no scheme, port or path)")
     if labels[-1].isdigit():
-        raise ValueError("is neither a valid IP address nor a hostname")
+        raise invalid("is neither a valid IP address nor a hostname")
     return value.lower()
 
 
@@ -89,38 +112,34 @@ Host = Annotated[
 
 PosixUser = Annotated[
     str,
-    StringConstraints(strict=True, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$"),
-    Field(description="POSIX login name."),
+    *_grammar(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}",
+              "a POSIX login name (letters, digits, '_', '.', '-'; at most 32)", 32),
 ]
 WindowsUser = Annotated[
     str,
-    StringConstraints(
-        strict=True, max_length=170,
-        pattern=r"^(?:(?:\.|[A-Za-z0-9][A-Za-z0-9._-]{0,62})\\)?[A-Za-z0-9][A-Za-z0-9._@-]{0,103}$",
-    ),
-    Field(description="`user`, `DOMAIN\\user`, `.\\user` or `user@domain`."),
+    *_grammar(r"(?:(?:\.|[A-Za-z0-9][A-Za-z0-9._-]{0,62})\\)?[A-Za-z0-9][A-Za-z0-9._@-]{0,103}",
+              r"a Windows account: user, DOMAIN\user, .\user or user@domain", 170),
 ]
 AccountName = Annotated[
     str,
-    StringConstraints(
-        strict=True, max_length=192,
-        pattern=r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,62}\\)?[A-Za-z0-9_][A-Za-z0-9._@+-]{0,127}$",
-    ),
-    Field(description="Hypervisor account, e.g. `root` or `administrator@vsphere.local`."),
+    *_grammar(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,62}\\)?[A-Za-z0-9_][A-Za-z0-9._@+-]{0,127}",
+              "an account name such as root, DOMAIN\\user or administrator@vsphere.local",
+              192),
 ]
 
 
 def _server_id(value: str) -> str:
     if ".." in value or "//" in value:
-        raise ValueError("must not contain '..' or '//'")
+        raise invalid("must not contain '..' or '//'")
     return value
 
 
 ServerId = Annotated[
     str,
-    StringConstraints(strict=True, pattern=r"^[A-Za-z0-9/][A-Za-z0-9._:/@-]{0,254}$"),
+    *_grammar(r"[A-Za-z0-9/][A-Za-z0-9._:/@-]{0,254}",
+              "the platform's server id (moref, UUID, instance id): letters, digits and "
+              "._:/@-", 255),
     AfterValidator(_server_id),
-    Field(description="The platform's id of the server (moref, UUID, instance id, ...)."),
 ]
 
 _LVM_NAME = r"[A-Za-z0-9][A-Za-z0-9+_.-]{0,127}"
@@ -132,14 +151,14 @@ _DISK = (
 
 LvDevice = Annotated[
     str,
-    StringConstraints(strict=True, max_length=300, pattern=rf"^{_LV}$"),
-    Field(description="LVM logical volume: `/dev/<vg>/<lv>` or `/dev/mapper/<vg>-<lv>`."),
+    *_grammar(_LV, "an LVM logical volume, /dev/<vg>/<lv> or /dev/mapper/<vg>-<lv> "
+                   "(names of letters, digits and +_.-)", 300),
 ]
 BlockDevice = Annotated[
     str,
-    StringConstraints(strict=True, max_length=300, pattern=rf"^(?:{_LV}|{_DISK})$"),
-    Field(description="A logical volume (`/dev/vg0/root`, `/dev/mapper/...`) or a disk "
-                      "(`/dev/sdb`, `/dev/nvme0n1p2`, `/dev/disk/by-id/...`)."),
+    *_grammar(rf"{_LV}|{_DISK}", "a logical volume (/dev/vg0/root, /dev/mapper/vg0-root) or "
+                                "a disk (/dev/sdb, /dev/vda2, /dev/nvme0n1p2, "
+                                "/dev/disk/by-id/...)", 300),
 ]
 
 _WIN_PART = re.compile(r"^[A-Za-z0-9_.-](?:[A-Za-z0-9 _.-]{0,62}[A-Za-z0-9_.-])?$")
@@ -153,17 +172,17 @@ def _windows_path(value: str) -> str:
         share, _, tail = rest.partition("\\")
         _host(host)
         if not _WIN_SHARE.match(share):
-            raise ValueError("UNC share name must be letters, digits, space, '_', '.', '-'")
+            raise invalid("UNC share name must be letters, digits, space, '_', '.', '-'")
         parts = tail.split("\\") if tail else []
     elif re.match(r"^[A-Za-z]:\\", value):
         parts = value[3:].split("\\") if len(value) > 3 else []
     else:
-        raise ValueError(r"must be an absolute Windows path (D:\dir) or a UNC share (\\host\share)")
+        raise invalid(r"must be an absolute Windows path (D:\dir) or a UNC share (\\host\share)")
     if parts and parts[-1] == "":
         parts.pop()  # one trailing backslash
     for part in parts:
         if part in (".", "..") or not _WIN_PART.match(part):
-            raise ValueError(
+            raise invalid(
                 "path components must be letters, digits, space, '_', '.', '-' "
                 "(no '.', '..', empty or reserved characters)"
             )
@@ -186,11 +205,11 @@ def _bounded_secret(max_length: int) -> Callable[[Any], Any]:
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
         if not isinstance(value, str):
-            raise ValueError("must be a string")
+            raise invalid("must be a string")
         if not 1 <= len(value) <= max_length:
-            raise ValueError(f"must be 1-{max_length} characters long")
+            raise invalid(f"must be 1-{max_length} characters long")
         if "\x00" in value:
-            raise ValueError("must not contain NUL characters")
+            raise invalid("must not contain NUL characters")
         return value
 
     return check
@@ -205,7 +224,7 @@ _PEM = re.compile(
 
 def _private_key(value: SecretStr) -> SecretStr:
     if not _PEM.match(value.get_secret_value()):
-        raise ValueError("must be a PEM or OpenSSH private key (-----BEGIN ... PRIVATE KEY-----)")
+        raise invalid("must be a PEM or OpenSSH private key (-----BEGIN ... PRIVATE KEY-----)")
     return value
 
 
@@ -233,28 +252,27 @@ def _public_key(value: str) -> str:
     kind, _, rest = value.partition(" ")
     blob, _, _comment = rest.partition(" ")
     if kind not in _KEY_TYPES:
-        raise ValueError(f"key type must be one of {', '.join(_KEY_TYPES)}")
+        raise invalid(f"key type must be one of {', '.join(_KEY_TYPES)}")
     try:
         raw = base64.b64decode(blob, validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError("key data is not base64") from None
+        raise invalid("key data is not base64") from None
     n = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else -1
     if raw[4 : 4 + n].decode("latin-1") != kind:
-        raise ValueError("key data does not match the key type")
+        raise invalid("key data does not match the key type")
     return value
 
 
 PublicKey = Annotated[
     str,
-    StringConstraints(strict=True, strip_whitespace=True, max_length=8192,
-                      pattern=r"^[a-z0-9@.-]+ [A-Za-z0-9+/]+={0,2}(?: [\x20-\x7e]{0,256})?$"),
+    *_grammar(r"[a-z0-9@.-]+ [A-Za-z0-9+/]+={0,2}(?: [\x20-\x7e]{0,256})?",
+              "an OpenSSH public key line: <type> <base64> [comment]", 8192),
     AfterValidator(_public_key),
-    Field(description="OpenSSH public key line (`ssh-ed25519 AAAA... comment`)."),
 ]
 Fingerprint = Annotated[
     str,
-    StringConstraints(strict=True, pattern=r"^SHA256:[A-Za-z0-9+/]{43}$"),
-    Field(description="Pinned host key fingerprint as `ssh-keygen -lf` prints it."),
+    *_grammar(r"SHA256:[A-Za-z0-9+/]{43}",
+              "a host key fingerprint as ssh-keygen -lf prints it (SHA256:<43 base64>)", 50),
 ]
 Throttle = Annotated[
     StrictInt,

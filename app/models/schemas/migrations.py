@@ -51,6 +51,7 @@ from app.models.schemas.fields import (
     WindowsPath,
     WindowsUser,
     WinRMPort,
+    invalid,
 )
 
 
@@ -71,7 +72,7 @@ class ServerRef(_Strict):
     @model_validator(mode="after")
     def _exactly_one(self) -> Self:
         if (self.id is None) == (self.name is None):
-            raise ValueError("give exactly one of id and name")
+            raise invalid("give exactly one of id and name")
         return self
 
 
@@ -180,7 +181,7 @@ class ImageExtractSource(_ImageExtractSourceBase):
     @model_validator(mode="after")
     def _new_by_name(self) -> Self:
         if not self.existing and self.server.name is None:
-            raise ValueError("a new (not inventoried) server is named by server.name")
+            raise invalid("a new (not inventoried) server is named by server.name")
         return self
 
 
@@ -240,7 +241,7 @@ class _SshSecrets(_Strict):
     @model_validator(mode="after")
     def _one_way_in(self) -> Self:
         if self.password is None and self.private_key is None:
-            raise ValueError("give a password, a private_key or both")
+            raise invalid("give a password, a private_key or both")
         return self
 
 
