@@ -65,7 +65,7 @@ FLUSH_INTERVAL = 64 * MiB
 ZERO_WRITE_CHUNK = 1 * MiB
 
 #: Reads kept in flight by :func:`prefetch_reads`.
-READ_DEPTH = 4
+READ_DEPTH = 2
 
 _ZEROS = bytes(max(ZERO_WRITE_CHUNK, ZERO_GRANULE, DEFAULT_CHUNK))
 _ZEROS_VIEW = memoryview(_ZEROS)
@@ -434,6 +434,8 @@ class RawWriter(ImageWriter):
         self._pos = resume_from  # everything below is done
         self._durable = resume_from
         self._unflushed = 0
+        self._flush_task: asyncio.Future[None] | None = None
+        self._flush_mark = resume_from
         self._resume_pending = resume_from > 0
         self._finished = False
         self._wb = WriteBehind()
@@ -502,17 +504,31 @@ class RawWriter(ImageWriter):
             self._pos = extent.end
         await self._maybe_flush()
 
+    async def _reap_flush(self, *, wait: bool) -> None:
+        """Collect a background flush: once it is done, everything written before it
+        started is durable."""
+        task = self._flush_task
+        if task is None or not (wait or task.done()):
+            return
+        self._flush_task = None
+        await task
+        self._durable = max(self._durable, self._flush_mark)
+
     async def _maybe_flush(self) -> None:
         if self._seekable is None:
             return
+        await self._reap_flush(wait=False)
         if self._unflushed == 0:
-            # Nothing pending: holes are as durable as the last flush.
-            self._durable = self._pos
+            if self._flush_task is None:
+                # Nothing pending: holes are as durable as the last flush.
+                self._durable = self._pos
         elif self._unflushed >= self._flush_interval:
+            # fsync in the background while the next chunks are written; one at a time.
+            await self._reap_flush(wait=True)
             await self._wb.drain()
-            await self._seekable.flush()
+            self._flush_mark = self._pos
             self._unflushed = 0
-            self._durable = self._pos
+            self._flush_task = asyncio.ensure_future(self._seekable.flush())
 
     async def finish(self) -> None:
         if self._finished:
@@ -521,6 +537,7 @@ class RawWriter(ImageWriter):
         await self._advance_zero(self.virtual_size)
         await self._wb.drain()
         if self._seekable is not None:
+            await self._reap_flush(wait=True)
             await self._seekable.truncate(self.virtual_size)
             await self._seekable.flush()
             self._unflushed = 0
