@@ -26,6 +26,8 @@ What it does NOT cover (a driver tested only here can still be wrong about these
   ``sslThumbprint`` (``ExportVm``'s carry the SHA-1 of the server certificate).
 * Authorisation: ``/folder`` and ``/nfc`` accept requests without credentials; one
   user/password pair; no roles, permissions or SSO.
+* ``CloneVM_Task`` / ``RelocateVM_Task`` give the VM new, empty disk files (no data is
+  copied); ``VirtualDiskManager.CopyVirtualDisk_Task`` does copy the bytes.
 * Tasks complete synchronously; no task queueing, cancellation or slow progress.
 * No guest operations, vMotion / relocate data movement, storage policies or vSAN.
 * The inventory model is a vCenter 6.5 (``apiVersion`` 6.5) from govmomi 0.24.2; no
