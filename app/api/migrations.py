@@ -32,6 +32,12 @@ Tx = Annotated[AsyncSession, Depends(get_session, scope="function")]
 MigrationId = Annotated[uuid.UUID, Path(description="The migration's id.")]
 
 _READ = problem_responses(401, 403, 404, 422)
+
+
+class MigrationPage(Page[MigrationOut]):
+    """A page of migrations, newest first."""
+
+
 _ACT = problem_responses(401, 403, 404, 409, 422)
 
 
@@ -44,18 +50,27 @@ def _page_key(cursor: str | None) -> PageKey | None:
     except ValueError:
         row_id = None
     if row_id is None or created_at.tzinfo is None:
-        raise InvalidInput("cursor is not one this API returned",
-                           extra={"errors": [{"pointer": "/cursor", "detail": "malformed cursor"}]})
+        raise InvalidInput(
+            "cursor is not one this API returned",
+            extra={"errors": [{"pointer": "/cursor", "detail": "malformed cursor"}]},
+        )
     return created_at, row_id
 
 
 @router.post(
-    "", status_code=201, response_model=MigrationOut, operation_id="create_migration",
+    "",
+    status_code=201,
+    response_model=MigrationOut,
+    operation_id="create_migration",
     summary="Create a migration (and queue it with `run: true`)",
     responses=problem_responses(401, 403, 413, 422),
 )
 async def create_migration(
-    body: MigrationCreate, request: Request, response: Response, ctx: Context, tx: Tx,
+    body: MigrationCreate,
+    request: Request,
+    response: Response,
+    ctx: Context,
+    tx: Tx,
     who: Writer,
 ) -> MigrationView:
     view = await service.create(tx, ctx.box, who.tenant, body)
@@ -64,55 +79,96 @@ async def create_migration(
 
 
 @router.get(
-    "", response_model=Page[MigrationOut], operation_id="list_migrations",
-    summary="List migrations, newest first", responses=problem_responses(401, 403, 422),
+    "",
+    response_model=MigrationPage,
+    operation_id="list_migrations",
+    summary="List migrations, newest first",
+    responses=problem_responses(401, 403, 422),
 )
 async def list_migrations(
-    tx: Tx, who: Reader,
+    tx: Tx,
+    who: Reader,
     status: Annotated[list[MigrationStatus] | None, Query(description="Any of these.")] = None,
     type: Annotated[list[MigrationType] | None, Query(description="Any of these.")] = None,
     limit: Limit = 50,
     cursor: Cursor = None,
-) -> Page[MigrationView]:
-    page = await service.list_page(tx, who.tenant, statuses=status or [], types=type or [],
-                                   limit=limit, before=_page_key(cursor))
+) -> MigrationPage:
+    page = await service.list_page(
+        tx,
+        who.tenant,
+        statuses=status or [],
+        types=type or [],
+        limit=limit,
+        before=_page_key(cursor),
+    )
     key = page.next_key
-    return Page(items=page.items, next_cursor=encode_cursor(*key) if key else None)
+    return MigrationPage(items=page.items, next_cursor=encode_cursor(*key) if key else None)
 
 
-@router.get("/{migration_id}", response_model=MigrationOut, operation_id="get_migration",
-            summary="Read a migration", responses=_READ)
+@router.get(
+    "/{migration_id}",
+    response_model=MigrationOut,
+    operation_id="get_migration",
+    summary="Read a migration",
+    responses=_READ,
+)
 async def get_migration(migration_id: MigrationId, tx: Tx, who: Reader) -> MigrationView:
     return await service.get(tx, who.tenant, migration_id)
 
 
-@router.post("/{migration_id}/run", response_model=MigrationOut, operation_id="run_migration",
-             summary="Queue it (from pending, failed or cancelled)", responses=_ACT)
+@router.post(
+    "/{migration_id}/run",
+    response_model=MigrationOut,
+    operation_id="run_migration",
+    summary="Queue it (from pending, failed or cancelled)",
+    responses=_ACT,
+)
 async def run_migration(migration_id: MigrationId, tx: Tx, who: Writer) -> MigrationView:
     return await service.run(tx, who.tenant, migration_id)
 
 
-@router.post("/{migration_id}/cancel", response_model=MigrationOut,
-             operation_id="cancel_migration", responses=_ACT,
-             summary="Cancel it (pending/queued: at once; running: after cleanup)")
+@router.post(
+    "/{migration_id}/cancel",
+    response_model=MigrationOut,
+    operation_id="cancel_migration",
+    responses=_ACT,
+    summary="Cancel it (pending/queued: at once; running: after cleanup)",
+)
 async def cancel_migration(migration_id: MigrationId, tx: Tx, who: Writer) -> MigrationView:
     return await service.cancel(tx, who.tenant, migration_id)
 
 
-@router.delete("/{migration_id}", status_code=204, operation_id="delete_migration",
-               summary="Remove it (not while queued, running or cancelling)", responses=_ACT)
+@router.delete(
+    "/{migration_id}",
+    status_code=204,
+    operation_id="delete_migration",
+    summary="Remove it (not while queued, running or cancelling)",
+    responses=_ACT,
+)
 async def delete_migration(migration_id: MigrationId, tx: Tx, who: Writer) -> Response:
     await service.delete(tx, who.tenant, migration_id)
     return Response(status_code=204)
 
 
-@router.get("/{migration_id}/events", response_model=EventPage,
-            operation_id="list_migration_events", summary="Its event log, oldest first",
-            responses=_READ)
+@router.get(
+    "/{migration_id}/events",
+    response_model=EventPage,
+    operation_id="list_migration_events",
+    summary="Its event log, oldest first",
+    responses=_READ,
+)
 async def list_migration_events(
-    migration_id: MigrationId, tx: Tx, who: Reader,
-    after: Annotated[int, Query(ge=0, le=2**31 - 1, description="Only events with a "
-                                "greater seq (a previous page's `next_after`).")] = 0,
+    migration_id: MigrationId,
+    tx: Tx,
+    who: Reader,
+    after: Annotated[
+        int,
+        Query(
+            ge=0,
+            le=2**31 - 1,
+            description="Only events with a greater seq (a previous page's `next_after`).",
+        ),
+    ] = 0,
     limit: Limit = 50,
 ) -> EventPage:
     return await service.events(tx, who.tenant, migration_id, after=after, limit=limit)

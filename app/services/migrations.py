@@ -61,7 +61,7 @@ PageKey = tuple[datetime, uuid.UUID]
 
 
 @dataclass(frozen=True, slots=True)
-class MigrationPage:
+class ListedMigrations:
     items: list[MigrationView]
     #: Key of the last item when more rows follow, else None.
     next_key: PageKey | None
@@ -73,19 +73,33 @@ def _cloud_refs(body: CreateBody) -> list[CloudRef]:
         case HypervisorCreate():
             refs = [CloudRef("/source/cloud_id", body.source.cloud_id, Role.hypervisor_source)]
             if body.mode is HypervisorMode.new and body.destination is not None:
-                refs.append(CloudRef("/destination/cloud_id", body.destination.cloud_id,
-                                     Role.hypervisor_destination))
+                refs.append(
+                    CloudRef(
+                        "/destination/cloud_id",
+                        body.destination.cloud_id,
+                        Role.hypervisor_destination,
+                    )
+                )
         case ImageExtractCreate():
-            refs = [CloudRef("/source/cloud_id", body.source.cloud_id,
-                             Role.image_extract_source)]
+            refs = [CloudRef("/source/cloud_id", body.source.cloud_id, Role.image_extract_source)]
             if isinstance(body.destination, CloudDestination):
-                refs.append(CloudRef("/destination/cloud_id", body.destination.cloud_id,
-                                     Role.image_extract_destination))
+                refs.append(
+                    CloudRef(
+                        "/destination/cloud_id",
+                        body.destination.cloud_id,
+                        Role.image_extract_destination,
+                    )
+                )
         case LiveStreamCreate():
             refs = [CloudRef("/source/cloud_id", body.source.cloud_id, Role.live_stream_source)]
             if isinstance(body.destination, NewVmDestination):
-                refs.append(CloudRef("/destination/cloud_id", body.destination.cloud_id,
-                                     Role.live_stream_new_destination))
+                refs.append(
+                    CloudRef(
+                        "/destination/cloud_id",
+                        body.destination.cloud_id,
+                        Role.live_stream_new_destination,
+                    )
+                )
     return refs
 
 
@@ -99,8 +113,9 @@ async def check(
         if cloud is None:
             problems.append(FieldProblem(ref.pointer, f"no such cloud: {ref.cloud_id}"))
         elif not matrix.allows(ref.role, cloud.kind):
-            problems.append(FieldProblem(ref.pointer,
-                                         matrix.refusal(ref.role, cloud.kind, cloud.name)))
+            problems.append(
+                FieldProblem(ref.pointer, matrix.refusal(ref.role, cloud.kind, cloud.name))
+            )
     return problems
 
 
@@ -113,7 +128,10 @@ def _rejection(problems: Sequence[FieldProblem]) -> InvalidInput:
 
 
 async def create(
-    session: AsyncSession, box: SecretBox, tenant: str, body: CreateBody,
+    session: AsyncSession,
+    box: SecretBox,
+    tenant: str,
+    body: CreateBody,
     matrix: CapabilityMatrix = MATRIX,
 ) -> MigrationView:
     """Validate, store (secrets sealed apart), write the plan's step rows and the
@@ -128,17 +146,41 @@ async def create(
     mode = body.mode if isinstance(body, HypervisorCreate) else None
     plan = machine.plan_for(type_, mode, machine.flags_from_spec(spec))
     row = Migration(
-        id=uuid.uuid4(), tenant=tenant, name=body.name, type=type_.value,
-        mode=mode.value if mode else None, status=MigrationStatus.pending.value, spec=spec,
-        secrets=box.seal(secrets), attempt=0, epoch=0, version=1, event_seq=0,
-        bytes_total=0, bytes_done=0, rate=0, cancel_requested=False,
-        steps=[MigrationStep(position=i, name=s.name, cleanup=s.cleanup,
-                             status=StepStatus.pending.value, bytes_total=0, bytes_done=0)
-               for i, s in enumerate(plan.steps)],
+        id=uuid.uuid4(),
+        tenant=tenant,
+        name=body.name,
+        type=type_.value,
+        mode=mode.value if mode else None,
+        status=MigrationStatus.pending.value,
+        spec=spec,
+        secrets=box.seal(secrets),
+        attempt=0,
+        epoch=0,
+        version=1,
+        event_seq=0,
+        bytes_total=0,
+        bytes_done=0,
+        rate=0,
+        cancel_requested=False,
+        steps=[
+            MigrationStep(
+                position=i,
+                name=s.name,
+                cleanup=s.cleanup,
+                status=StepStatus.pending.value,
+                bytes_total=0,
+                bytes_done=0,
+            )
+            for i, s in enumerate(plan.steps)
+        ],
     )
     await repo.insert(session, row)
-    created: dict[str, Any] = {"type": type_.value, "mode": row.mode, "name": row.name,
-                               "steps": list(plan.names)}
+    created: dict[str, Any] = {
+        "type": type_.value,
+        "mode": row.mode,
+        "name": row.name,
+        "steps": list(plan.names),
+    }
     await machine.append_event(session, row.id, tenant, "migration.created", created)
     if body.run:
         await machine.apply(session, row.id, tenant, Action.run)
@@ -157,16 +199,27 @@ async def get(session: AsyncSession, tenant: str, migration_id: uuid.UUID) -> Mi
 
 
 async def list_page(
-    session: AsyncSession, tenant: str, *, statuses: Sequence[MigrationStatus],
-    types: Sequence[MigrationType], limit: int, before: PageKey | None,
-) -> MigrationPage:
+    session: AsyncSession,
+    tenant: str,
+    *,
+    statuses: Sequence[MigrationStatus],
+    types: Sequence[MigrationType],
+    limit: int,
+    before: PageKey | None,
+) -> ListedMigrations:
     """Newest first, starting after ``before`` (a previous page's ``next_key``)."""
-    rows = await repo.page(session, tenant, statuses=[s.value for s in statuses],
-                           types=[t.value for t in types], before=before, limit=limit + 1)
+    rows = await repo.page(
+        session,
+        tenant,
+        statuses=[s.value for s in statuses],
+        types=[t.value for t in types],
+        before=before,
+        limit=limit + 1,
+    )
     more = len(rows) > limit
     rows = rows[:limit]
     next_key = (rows[-1].created_at, rows[-1].id) if more else None
-    return MigrationPage([migration_out(r) for r in rows], next_key)
+    return ListedMigrations([migration_out(r) for r in rows], next_key)
 
 
 async def run(session: AsyncSession, tenant: str, migration_id: uuid.UUID) -> MigrationView:
@@ -195,10 +248,13 @@ async def delete(session: AsyncSession, tenant: str, migration_id: uuid.UUID) ->
         if current is None:
             raise NotFound(f"no migration {migration_id}")
         allowed = ", ".join(sorted(s.value for s in machine.DELETABLE))
-        raise Conflict(f"cannot delete a migration that is {current.status}; cancel it and "
-                       f"wait until it is cancelled (deletable when: {allowed})")
-    await repo.insert_event(session, tenant, None, seq + 1, "migration.deleted",
-                            {"migration_id": str(migration_id)})
+        raise Conflict(
+            f"cannot delete a migration that is {current.status}; cancel it and "
+            f"wait until it is cancelled (deletable when: {allowed})"
+        )
+    await repo.insert_event(
+        session, tenant, None, seq + 1, "migration.deleted", {"migration_id": str(migration_id)}
+    )
 
 
 async def events(
@@ -209,5 +265,6 @@ async def events(
     rows = await repo.events(session, tenant, migration_id, after=after, limit=limit + 1)
     more = len(rows) > limit
     rows = rows[:limit]
-    return EventPage(items=[EventOut.of(r) for r in rows],
-                     next_after=rows[-1].seq if more else None)
+    return EventPage(
+        items=[EventOut.of(r) for r in rows], next_after=rows[-1].seq if more else None
+    )

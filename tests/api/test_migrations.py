@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -317,3 +318,36 @@ def test_openapi_names_and_types_every_operation() -> None:
     schemas = spec["components"]["schemas"]
     assert "password" not in schemas["HypervisorSourceOut"]["properties"]
     assert schemas["HypervisorSource"]["properties"]["password"]["anyOf"][0]["writeOnly"]
+
+
+async def test_concurrent_api_runs_one_wins(
+    client: httpx.AsyncClient, db: Database, headers: dict[str, str]
+) -> None:
+    m = await create(client, headers, hypervisor(await add_cloud(db, CloudKind.vmware)))
+    url = f"{URL}/{m['id']}/run"
+    responses = await asyncio.gather(*(client.post(url, headers=headers) for _ in range(6)))
+    assert sorted(r.status_code for r in responses) == [200, 409, 409, 409, 409, 409]
+    r = await client.get(f"{URL}/{m['id']}/events", headers=headers)
+    assert [e["type"] for e in r.json()["items"]] == ["migration.created", "migration.queued"]
+
+
+async def test_progress_and_error_are_shown(
+    client: httpx.AsyncClient, db: Database, headers: dict[str, str]
+) -> None:
+    m = await create(client, headers, hypervisor(await add_cloud(db, CloudKind.vmware)))
+    async with db.engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE migrations SET status = 'failed', bytes_total = 1000, "
+                 "bytes_done = 250, rate = 100, phase = 'export', error = :e WHERE id = :id"),
+            {"id": uuid.UUID(m["id"]),
+             "e": '{"type": "https://vmigrate.dev/problems/transient", "title": "Timeout", '
+                  '"detail": "export timed out", "step": "export", "retryable": true}'})
+    got = (await client.get(f"{URL}/{m['id']}", headers=headers)).json()
+    assert got["progress"] == {"bytes_done": 250, "bytes_total": 1000, "rate": 100,
+                               "eta_seconds": 8}
+    assert got["phase"] == "export"
+    assert got["error"]["detail"] == "export timed out"
+    assert got["error"]["retryable"] is True
+    r = await client.post(f"{URL}/{m['id']}/run", headers=headers)
+    assert (r.json()["status"], r.json()["error"], r.json()["progress"]["rate"]) == (
+        "queued", None, 0)

@@ -11,8 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import TypeAdapter
 
+from app.models.schemas import fields
 from tests.api.migrations_support import (
+    FINGERPRINT,
     PUBLIC_KEY,
     assert_problem,
     hypervisor,
@@ -252,3 +255,46 @@ async def test_malformed_id_on_actions(client: httpx.AsyncClient, headers: dict[
     else:
         r = await client.post(f"{URL}/123/{method.removeprefix('post-')}", headers=headers)
     assert_problem(r, 422, "/migration_id")
+
+
+GOOD: list[tuple[Any, str, str]] = [
+    (fields.Host, "esx1.example.com", "esx1.example.com"),
+    (fields.Host, "ESX1.Example.COM", "esx1.example.com"),
+    (fields.Host, "localhost", "localhost"),
+    (fields.Host, "10.0.0.1", "10.0.0.1"),
+    (fields.Host, "2001:0db8:0000::1", "2001:db8::1"),
+    (fields.WindowsPath, "D:\\", "D:\\"),
+    (fields.WindowsPath, "D:\\staging\\", "D:\\staging\\"),
+    (fields.WindowsPath, "\\\\nas01\\staging$", "\\\\nas01\\staging$"),
+    (fields.WindowsPath, "\\\\10.0.0.5\\share\\dir one\\v2.1",
+     "\\\\10.0.0.5\\share\\dir one\\v2.1"),
+    (fields.LvDevice, "/dev/vg0/root", "/dev/vg0/root"),
+    (fields.LvDevice, "/dev/mapper/vg0-root", "/dev/mapper/vg0-root"),
+    (fields.LvDevice, "/dev/vg_data/lv.home+1", "/dev/vg_data/lv.home+1"),
+    (fields.BlockDevice, "/dev/sdb", "/dev/sdb"),
+    (fields.BlockDevice, "/dev/vda2", "/dev/vda2"),
+    (fields.BlockDevice, "/dev/nvme0n1p2", "/dev/nvme0n1p2"),
+    (fields.BlockDevice, "/dev/md0", "/dev/md0"),
+    (fields.BlockDevice, "/dev/disk/by-id/wwn-0x5000c500a1b2c3d4",
+     "/dev/disk/by-id/wwn-0x5000c500a1b2c3d4"),
+    (fields.BlockDevice, "/dev/mapper/vg1-root", "/dev/mapper/vg1-root"),
+    (fields.PosixUser, "_svc", "_svc"),
+    (fields.PosixUser, "deploy.user", "deploy.user"),
+    (fields.WindowsUser, "CORP\\svc-migrate", "CORP\\svc-migrate"),
+    (fields.WindowsUser, ".\\Administrator", ".\\Administrator"),
+    (fields.WindowsUser, "svc@corp.example.com", "svc@corp.example.com"),
+    (fields.AccountName, "administrator@vsphere.local", "administrator@vsphere.local"),
+    (fields.AccountName, "CORP\\admin", "CORP\\admin"),
+    (fields.ServerId, "i-0abc123def", "i-0abc123def"),
+    (fields.ServerId, "/subscriptions/1/resourceGroups/rg/providers/Microsoft.Compute/vm1",
+     "/subscriptions/1/resourceGroups/rg/providers/Microsoft.Compute/vm1"),
+    (fields.PublicKey, PUBLIC_KEY, PUBLIC_KEY),
+    (fields.Fingerprint, FINGERPRINT, FINGERPRINT),
+    (fields.Name, "  Web 01 → library  ", "Web 01 → library"),
+]
+
+
+@pytest.mark.parametrize(("kind", "value", "expected"), GOOD,
+                         ids=[f"{i}-{g[1][:24]}" for i, g in enumerate(GOOD)])
+def test_strict_types_accept_legitimate_values(kind: Any, value: str, expected: str) -> None:
+    assert TypeAdapter(kind).validate_python(value) == expected

@@ -46,6 +46,7 @@ __all__ = [
     "WindowsUser",
 ]
 
+
 def invalid(message: str) -> PydanticCustomError:
     """A validation error whose message is exactly ``message`` (no "Value error," prefix)."""
     return PydanticCustomError("invalid", message)
@@ -61,11 +62,18 @@ def _grammar(pattern: str, expected: str, max_length: int) -> tuple[Any, ...]:
             raise invalid(f"must be {expected}")
         return value
 
-    return (StringConstraints(strict=True, max_length=max_length), AfterValidator(check),
-            Field(description=f"Must be {expected}.", json_schema_extra={"pattern": pattern}))
+    return (
+        StringConstraints(strict=True, max_length=max_length),
+        AfterValidator(check),
+        Field(
+            description=f"Must be {expected}.", json_schema_extra={"pattern": f"^(?:{pattern})$"}
+        ),
+    )
+
 
 Port = Annotated[StrictInt, Field(ge=1, le=65535, description="TCP port, 1-65535.")]
 WinRMPort = Annotated[StrictInt, Field(ge=1, le=65535, description="WinRM port (HTTPS: 5986).")]
+
 
 def _printable(value: str) -> str:
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
@@ -112,19 +120,27 @@ Host = Annotated[
 
 PosixUser = Annotated[
     str,
-    *_grammar(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}",
-              "a POSIX login name (letters, digits, '_', '.', '-'; at most 32)", 32),
+    *_grammar(
+        r"[A-Za-z_][A-Za-z0-9_.-]{0,31}",
+        "a POSIX login name (letters, digits, '_', '.', '-'; at most 32)",
+        32,
+    ),
 ]
 WindowsUser = Annotated[
     str,
-    *_grammar(r"(?:(?:\.|[A-Za-z0-9][A-Za-z0-9._-]{0,62})\\)?[A-Za-z0-9][A-Za-z0-9._@-]{0,103}",
-              r"a Windows account: user, DOMAIN\user, .\user or user@domain", 170),
+    *_grammar(
+        r"(?:(?:\.|[A-Za-z0-9][A-Za-z0-9._-]{0,62})\\)?[A-Za-z0-9][A-Za-z0-9._@-]{0,103}",
+        r"a Windows account: user, DOMAIN\user, .\user or user@domain",
+        170,
+    ),
 ]
 AccountName = Annotated[
     str,
-    *_grammar(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,62}\\)?[A-Za-z0-9_][A-Za-z0-9._@+-]{0,127}",
-              "an account name such as root, DOMAIN\\user or administrator@vsphere.local",
-              192),
+    *_grammar(
+        r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,62}\\)?[A-Za-z0-9_][A-Za-z0-9._@+-]{0,127}",
+        "an account name such as root, DOMAIN\\user or administrator@vsphere.local",
+        192,
+    ),
 ]
 
 
@@ -136,9 +152,11 @@ def _server_id(value: str) -> str:
 
 ServerId = Annotated[
     str,
-    *_grammar(r"[A-Za-z0-9/][A-Za-z0-9._:/@-]{0,254}",
-              "the platform's server id (moref, UUID, instance id): letters, digits and "
-              "._:/@-", 255),
+    *_grammar(
+        r"[A-Za-z0-9/][A-Za-z0-9._:/@-]{0,254}",
+        "the platform's server id (moref, UUID, instance id): letters, digits and ._:/@-",
+        255,
+    ),
     AfterValidator(_server_id),
 ]
 
@@ -151,14 +169,22 @@ _DISK = (
 
 LvDevice = Annotated[
     str,
-    *_grammar(_LV, "an LVM logical volume, /dev/<vg>/<lv> or /dev/mapper/<vg>-<lv> "
-                   "(names of letters, digits and +_.-)", 300),
+    *_grammar(
+        _LV,
+        "an LVM logical volume, /dev/<vg>/<lv> or /dev/mapper/<vg>-<lv> "
+        "(names of letters, digits and +_.-)",
+        300,
+    ),
 ]
 BlockDevice = Annotated[
     str,
-    *_grammar(rf"{_LV}|{_DISK}", "a logical volume (/dev/vg0/root, /dev/mapper/vg0-root) or "
-                                "a disk (/dev/sdb, /dev/vda2, /dev/nvme0n1p2, "
-                                "/dev/disk/by-id/...)", 300),
+    *_grammar(
+        rf"{_LV}|{_DISK}",
+        "a logical volume (/dev/vg0/root, /dev/mapper/vg0-root) or "
+        "a disk (/dev/sdb, /dev/vda2, /dev/nvme0n1p2, "
+        "/dev/disk/by-id/...)",
+        300,
+    ),
 ]
 
 _WIN_PART = re.compile(r"^[A-Za-z0-9_.-](?:[A-Za-z0-9 _.-]{0,62}[A-Za-z0-9_.-])?$")
@@ -237,13 +263,20 @@ PrivateKey = Annotated[
     SecretStr,
     BeforeValidator(_bounded_secret(16384)),
     AfterValidator(_private_key),
-    Field(description="PEM or OpenSSH private key. Write-only; stored encrypted.",
-          json_schema_extra={"maxLength": 16384}),
+    Field(
+        description="PEM or OpenSSH private key. Write-only; stored encrypted.",
+        json_schema_extra={"maxLength": 16384},
+    ),
 ]
 
 _KEY_TYPES = (
-    "ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
-    "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com",
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
 )
 
 
@@ -265,14 +298,20 @@ def _public_key(value: str) -> str:
 
 PublicKey = Annotated[
     str,
-    *_grammar(r"[a-z0-9@.-]+ [A-Za-z0-9+/]+={0,2}(?: [\x20-\x7e]{0,256})?",
-              "an OpenSSH public key line: <type> <base64> [comment]", 8192),
+    *_grammar(
+        r"[a-z0-9@.-]+ [A-Za-z0-9+/]+={0,2}(?: [\x20-\x7e]{0,256})?",
+        "an OpenSSH public key line: <type> <base64> [comment]",
+        8192,
+    ),
     AfterValidator(_public_key),
 ]
 Fingerprint = Annotated[
     str,
-    *_grammar(r"SHA256:[A-Za-z0-9+/]{43}",
-              "a host key fingerprint as ssh-keygen -lf prints it (SHA256:<43 base64>)", 50),
+    *_grammar(
+        r"SHA256:[A-Za-z0-9+/]{43}",
+        "a host key fingerprint as ssh-keygen -lf prints it (SHA256:<43 base64>)",
+        50,
+    ),
 ]
 Throttle = Annotated[
     StrictInt,
