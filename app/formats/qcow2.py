@@ -24,6 +24,7 @@ Writer
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from array import array
 from collections import deque
@@ -69,6 +70,9 @@ Run = tuple[int, int, int, int, int]
 _MAX_COMPRESSED_SPAN_SLACK = 4 * 1024 * 1024
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
+
+#: Compressed groups in flight (each is inflated on a codec pool thread).
+_INFLATE_DEPTH = max(READ_DEPTH, os.cpu_count() or 1)
 
 
 def probe(head: bytes, tail: bytes = b"") -> bool:
@@ -350,11 +354,13 @@ class Qcow2Reader(ImageReader):
                     raise FormatError(
                         "allocated subclusters without a host cluster", fmt=FMT, offset=where
                     )
-                self._check_data(host, length, where)
+                sub = cs // 32
+                # Only the allocated subclusters need to be in the file (QEMU may leave
+                # the rest of the last cluster unwritten).
+                self._check_data(host, min(length, alloc.bit_length() * sub), where)
                 if alloc == 0xFFFF_FFFF:
                     push(guest, length, DATA, host, 0)
                     continue
-                sub = cs // 32
                 for k in range(32):
                     sg = guest + k * sub
                     if sg >= guest + length:
@@ -463,7 +469,9 @@ class Qcow2Reader(ImageReader):
                     planner.add(run)
                 for item in planner.take():
                     # Keep the pending item list bounded: drain before adding more.
-                    while in_flight >= READ_DEPTH or len(queue) > 4 * READ_DEPTH:
+                    # Compressed groups are CPU-bound: one in flight per codec thread.
+                    limit = _INFLATE_DEPTH if isinstance(item, _CompressedItem) else READ_DEPTH
+                    while in_flight >= limit or len(queue) > 4 * limit:
                         head = queue.popleft()
                         if isinstance(head, asyncio.Task):
                             in_flight -= 1

@@ -23,7 +23,7 @@ from tests.formats import oracle
 
 KiB = 1024
 SEED = 20240611
-ITERATIONS_PER_IMAGE = 150
+ITERATIONS_PER_IMAGE = 200
 TIME_LIMIT = 10.0  # seconds per mutant (generous: CI machines are slow)
 
 
