@@ -26,6 +26,8 @@ from app.main import create_app
 from app.models.db import Base
 from app.services.tokens import create_token
 
+pytest_plugins = ["tests.infra.vcsim_fixtures"]
+
 TokenFactory = Callable[..., Awaitable[str]]
 
 
