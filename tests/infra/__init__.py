@@ -14,21 +14,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ctypes
 import hashlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
     "InfraUnavailableError",
     "SshHost",
     "SshKeyPair",
+    "die_with_parent",
     "free_tcp_port",
     "generate_keypair",
     "host_key_fingerprint",
@@ -130,6 +133,16 @@ def wait_for_ssh_banner(host: str, port: int, timeout: float, alive: object = No
     return False
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """``preexec_fn``: the child gets SIGKILL if the test process dies without cleaning up
+    (a crashed or killed pytest must not leave a VM or an sshd behind)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
     """Stop a process this test session started: SIGTERM, then SIGKILL after ``grace``."""
     if proc.poll() is not None:
@@ -167,6 +180,10 @@ class SshHost:
     device: str
     user: str = "root"
     ssh_timeout: float = 120.0
+    # Set by start_master(): run()/arun() as ``user`` share one SSH connection, which saves
+    # the per-login cost (about a second on the TCG guest). Other users connect directly.
+    control_path: Path | None = field(default=None, repr=False)
+    _master: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def host_key_fingerprint(self) -> str:
@@ -180,8 +197,50 @@ class SshHost:
         self.known_hosts_path.parent.mkdir(parents=True, exist_ok=True)
         self.known_hosts_path.write_text(self.known_hosts_line + "\n")
 
-    def ssh_argv(self, command: str | None = None, *, user: str | None = None) -> list[str]:
+    def start_master(self, timeout: float = 60.0) -> None:
+        """Open the shared connection for :meth:`run` (an ``ssh -M`` this object owns)."""
+        if self._master is not None and self._master.poll() is None:
+            return
+        path = Path(tempfile.mkdtemp(prefix="vmcm-", dir="/tmp")) / "cm"
+        argv = self.ssh_argv(None, master=True)
+        argv[1:1] = ["-M", "-N", "-o", f"ControlPath={path}", "-o", "ControlPersist=no"]
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
+        )
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop_process(proc)
+                shutil.rmtree(path.parent, ignore_errors=True)
+                raise RuntimeError(f"{self.name}: SSH master connection did not come up")
+            time.sleep(0.05)
+        self._master = proc
+        self.control_path = path
+
+    def stop_master(self) -> None:
+        """Close the shared connection (stops the ``ssh -M`` process it started)."""
+        if self._master is not None:
+            stop_process(self._master, grace=5)
+            self._master = None
+        if self.control_path is not None:
+            shutil.rmtree(self.control_path.parent, ignore_errors=True)
+            self.control_path = None
+
+    def ssh_argv(
+        self, command: str | None = None, *, user: str | None = None, master: bool = False
+    ) -> list[str]:
         """An ``ssh`` command line for this host: key auth, strict pinning, no user config."""
+        user = user or self.user
+        if master:
+            mux = []  # the caller adds -M and its ControlPath
+        elif self.control_path is not None and user == self.user:
+            mux = ["-o", "ControlMaster=no", "-o", f"ControlPath={self.control_path}"]
+        else:
+            mux = ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
         argv = [
             SSH,
             "-F", "/dev/null",
@@ -196,7 +255,8 @@ class SshHost:
             "-o", "LogLevel=ERROR",
             "-i", str(self.key_path),
             "-p", str(self.port),
-            "-l", user or self.user,
+            *mux,
+            "-l", user,
             self.host,
         ]  # fmt: skip
         if command is not None:

@@ -14,7 +14,6 @@ from 127.0.0.1:<free port> by QEMU user networking; the guest is 10.0.2.15/24.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import hashlib
@@ -22,7 +21,6 @@ import io
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import tarfile
 import time
@@ -35,6 +33,7 @@ from tests.infra import (
     InfraUnavailableError,
     SshHost,
     SshKeyPair,
+    die_with_parent,
     free_tcp_port,
     generate_keypair,
     missing_tools,
@@ -189,15 +188,6 @@ def _tail(path: Path, lines: int) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL if the test process dies without cleaning up."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
 def _seed_archive(host_key: SshKeyPair, authorized_key: str, password: str) -> bytes:
     """The seed disk's content: a tar archive the guest's init unpacks (owner root)."""
     files = {
@@ -230,8 +220,9 @@ class LvmGuest(SshHost):
     console_log: Path = Path("/dev/null")
     workdir: Path = Path("/nonexistent")
     boot_seconds: float = 0.0
-    lv_sha256: str = ""  # sha256 of the whole LV after the last reset_lv()
+    lv_sha256: str = ""  # sha256 of the whole LV after the last reset_lv() (hex)
     qemu: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _state_digest: str = field(default="", repr=False)
 
     def console_tail(self, lines: int = 40) -> str:
         return _tail(self.console_log, lines)
@@ -241,6 +232,7 @@ class LvmGuest(SshHost):
 
     def stop(self) -> None:
         """Stop the QEMU process this session started (by its PID) and drop the disks."""
+        self.stop_master()
         if self.qemu is not None:
             stop_process(self.qemu, grace=10)
         for name in ("pv.img", "dest.img", "seed.img"):
@@ -254,41 +246,106 @@ class LvmGuest(SshHost):
             check=True,
         )
 
-    def reset_lv(self) -> None:
-        """Back to a known state: no LV in vg0 but ``data`` (ext4, fresh files), free VG
-        space for snapshots, destination disk zeroed. Processes inside the guest still
-        holding a vg0 device (a stream a test abandoned) are killed first."""
+    def _state_script(self) -> str:
+        """Shell that prints what a test could have changed: every device-mapper table
+        (LVs, snapshots), write counters of the dm devices and the destination disk, vg0
+        mounts. Reads and snapshot create+remove leave it unchanged."""
+        dest = self.device.removeprefix("/dev/")
+        return f"""
+dmsetup table 2>/dev/null | sort
+for f in /sys/block/dm-*/stat /sys/block/{dest}/stat; do
+  [ -e "$f" ] && echo "$f $(awk '{{print $5, $7}}' "$f")"
+done
+awk '$1 ~ "^/dev/mapper/{self.vg}-"' /proc/mounts
+"""
+
+    def reset_lv(self, *, force: bool = False) -> bool:
+        """Back to a known state: ``vg0/data`` only (ext4 with ``hello.txt``,
+        ``dir/random.bin`` (4 MiB), ``dir/numbers.txt``, ``SHA256SUMS``), free VG space for
+        snapshots, destination disk zeroed, :attr:`lv_sha256` its digest.
+
+        Skipped (one quick SSH command) when nothing changed since the last reset; a test
+        that leaves an *inactive* LV behind should call ``reset_lv(force=True)``. Processes
+        in the guest still holding a vg0 device or the destination (an abandoned stream) are
+        killed first. Returns True if it rebuilt the LV.
+        """
+        expected = "" if force else self._state_digest
         script = f"""
 set -e
+state() {{ {self._state_script()}
+}}
+if [ -n "{expected}" ] && [ "$(state | sha256sum | cut -d' ' -f1)" = "{expected}" ]; then
+  echo CLEAN; exit 0
+fi
 for m in $(awk '$1 ~ "^/dev/mapper/{self.vg}-" {{print $2}}' /proc/mounts); do
   umount -l "$m"
 done
-for fd in /proc/[0-9]*/fd/*; do
-  t=$(readlink "$fd" 2>/dev/null) || continue
-  case "$t" in
-    /dev/dm-*|/dev/mapper/{self.vg}-*|{self.device})
-      p=${{fd#/proc/}}; p=${{p%%/*}}; [ "$p" != $$ ] && kill -9 "$p" 2>/dev/null || true ;;
-  esac
-done
+pids=$(find /proc/[0-9]*/fd -maxdepth 1 \\( -lname '/dev/dm-*' -o -lname '{self.device}' \\) \\
+  2>/dev/null | cut -d/ -f3 | sort -u | grep -vx "$$" || true)
+[ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
 if lvs --noheadings -o lv_name {self.vg} 2>/dev/null | grep -q .; then
   lvremove -q -f -y {self.vg} >/dev/null
 fi
 lvcreate -q -y -W y -Z y -L {self.lv_size_mib}M -n {LV} {self.vg} >/dev/null
-mkfs.ext4 -q -F -L data {self.lv_path}
+mkfs.ext4 -q -F -L data -E lazy_itable_init=0,lazy_journal_init=0 {self.lv_path}
 mkdir -p /mnt/data
 mount {self.lv_path} /mnt/data
 echo "hello from vmigrate test guest" > /mnt/data/hello.txt
 mkdir -p /mnt/data/dir
-head -c 8M /dev/urandom > /mnt/data/dir/random.bin
+head -c 4M /dev/urandom > /mnt/data/dir/random.bin
 seq 1 100000 > /mnt/data/dir/numbers.txt
 (cd /mnt/data && sha256sum hello.txt dir/random.bin dir/numbers.txt > SHA256SUMS)
 umount /mnt/data
 blkdiscard -z {self.device} 2>/dev/null || dd if=/dev/zero of={self.device} bs=1M status=none
 sync
-sha256sum {self.lv_path} | cut -d' ' -f1
+udevadm settle --timeout=30 || true
+echo "TABLE $(dmsetup table {self.vg}-{LV})"
+echo "STATE $(state | sha256sum | cut -d' ' -f1)"
 """
         out = self.run(script, check=True, timeout=180)[1]
-        self.lv_sha256 = out.strip().splitlines()[-1]
+        if out.strip() == "CLEAN":
+            return False
+        fields = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+        self._state_digest = fields["STATE"].strip()
+        # The guest synced, so the LV's bytes are in pv.img on this side: hash them here
+        # (native speed) instead of in the guest (seconds under TCG).
+        self.lv_sha256 = hashlib.sha256(self.read_lv(fields["TABLE"])).hexdigest()
+        return True
+
+    @property
+    def pv_image(self) -> Path:
+        """The host file behind the PV disk (``pv_device`` in the guest)."""
+        return self.workdir / "pv.img"
+
+    @property
+    def dest_image(self) -> Path:
+        """The host file behind the destination disk (``device`` in the guest): what a
+        test wrote there (with O_DIRECT, fsync or after ``sync``) can be checked here."""
+        return self.workdir / "dest.img"
+
+    def read_lv(self, table: str | None = None) -> bytes:
+        """The current bytes of ``vg0/data`` read from :attr:`pv_image` on the host.
+
+        Valid for data the guest has flushed (``sync``) while the LV is linear (no snapshot
+        of it active); ``table`` is ``dmsetup table vg0-data`` output (queried if None).
+        """
+        if table is None:
+            table = self.check_output(f"dmsetup table {self.vg}-{LV}")
+        parts = table.split()
+        # "<start> <sectors> linear <major:minor> <offset>"
+        if len(parts) != 5 or parts[2] != "linear" or parts[0] != "0":
+            raise RuntimeError(f"{self.lv_path} is not a single linear segment: {table!r}")
+        sectors, offset = int(parts[1]), int(parts[4])
+        with self.pv_image.open("rb") as f:
+            f.seek(offset * 512)
+            data = f.read(sectors * 512)
+        if len(data) != sectors * 512:
+            raise RuntimeError(f"short read of the LV from {self.pv_image}")
+        return data
+
+    def mark_dirty(self) -> None:
+        """Make the next :meth:`reset_lv` rebuild even if nothing visible changed."""
+        self._state_digest = ""
 
 
 def _qemu_argv(
@@ -364,7 +421,7 @@ def boot_guest(
             stdin=subprocess.DEVNULL,
             stdout=qemu_log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - single-threaded at this point
+            preexec_fn=die_with_parent,
         )
         qemu_log.close()
         guest = LvmGuest(
@@ -395,6 +452,7 @@ def boot_guest(
             raise
         guest.boot_seconds = time.monotonic() - started
         try:
+            guest.start_master()
             _map_devices(guest)
         except BaseException:
             guest.stop()
@@ -433,7 +491,8 @@ def _wait_ready(guest: LvmGuest, deadline: float) -> None:
     last = ""
     while time.monotonic() < deadline:
         try:
-            rc, _out, err = guest.run("true", timeout=max(1.0, min(30.0, deadline - time.monotonic())))
+            left = max(1.0, min(30.0, deadline - time.monotonic()))
+            rc, _out, err = guest.run("true", timeout=left)
         except subprocess.TimeoutExpired:
             rc, err = -1, "timeout"
         if rc == 0:
