@@ -24,6 +24,7 @@ Writer
 from __future__ import annotations
 
 import asyncio
+import bisect
 import os
 import sys
 from array import array
@@ -86,6 +87,19 @@ def _be64(data: bytes) -> array[int]:
     if _LITTLE_ENDIAN:
         arr.byteswap()
     return arr
+
+
+class _Metadata:
+    """The host clusters that hold metadata (header, L1, refcount table, L2 tables) as
+    a sorted array, so overlap checks cost a binary search and little memory."""
+
+    def __init__(self, clusters: array[int]) -> None:
+        self._clusters = clusters
+
+    def overlaps(self, first: int, end: int) -> bool:
+        """Does any metadata cluster fall in ``[first, end)``?"""
+        i = bisect.bisect_left(self._clusters, first)
+        return i < len(self._clusters) and self._clusters[i] < end
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +215,7 @@ class Qcow2Reader(ImageReader):
         *,
         file_size: int,
         extended_l2: bool,
-        metadata_clusters: set[int],
+        metadata: _Metadata,
     ) -> None:
         self._source = source
         self._hdr = header
@@ -211,7 +225,7 @@ class Qcow2Reader(ImageReader):
         self._cs = header.cluster_size
         self._cbits = header.cluster_bits
         self._l2_entries = L.l2_entries_per_table(self._cs, extended_l2)
-        self._meta = metadata_clusters
+        self._meta = metadata
         self._zstd = header.compression_type == L.COMPRESSION_ZSTD
         self.info = ImageInfo(
             format=FMT,
@@ -272,7 +286,7 @@ class Qcow2Reader(ImageReader):
                         raise FormatError("L2 table missing", fmt=FMT, offset=off) from None
                     buf_end = buf_off + len(buf)
                 table = buf[off - buf_off : off - buf_off + cs]
-                yield self._parse_l2(table, guest, off)
+                yield self._check_overlaps(self._parse_l2(table, guest, off), off)
         finally:
             await tables.aclose()
 
@@ -284,10 +298,6 @@ class Qcow2Reader(ImageReader):
             raise FormatError(
                 f"data cluster {host:#x} past the end of the file", fmt=FMT, offset=where
             )
-        if host // cs in self._meta:
-            raise FormatError(
-                f"data cluster {host:#x} overlaps qcow2 metadata", fmt=FMT, offset=where
-            )
 
     def _compressed_run(self, entry: int, guest: int, length: int, where: int) -> Run:
         host, clen = L.decode_compressed(entry, self._cbits)
@@ -296,11 +306,21 @@ class Qcow2Reader(ImageReader):
                 f"compressed cluster at {host:#x} outside the file", fmt=FMT, offset=where
             )
         clen = min(clen, self._file_size - host)
-        if host // self._cs in self._meta or (host + clen - 1) // self._cs in self._meta:
-            raise FormatError(
-                f"compressed cluster at {host:#x} overlaps qcow2 metadata", fmt=FMT, offset=where
-            )
         return (guest, length, COMPRESSED, host, clen)
+
+    def _check_overlaps(self, runs: list[Run], table_off: int) -> list[Run]:
+        cs = self._cs
+        for guest, length, kind, host, clen in runs:
+            if kind == ZERO:
+                continue
+            end = host + (clen if kind == COMPRESSED else length)
+            if self._meta.overlaps(host // cs, L.div_round_up(end, cs)):
+                raise FormatError(
+                    f"data for virtual offset {guest} (host {host:#x}) overlaps qcow2 metadata",
+                    fmt=FMT,
+                    offset=table_off,
+                )
+        return runs
 
     def _parse_l2(self, table: bytes, guest_base: int, table_off: int) -> list[Run]:
         vsize = self._hdr.size
@@ -629,7 +649,6 @@ async def open_reader(
         )
     if hdr.l1_size * 8 > L.MAX_L1_BYTES:
         raise FormatError(f"L1 table of {hdr.l1_size} entries is absurd", fmt=FMT, offset=36)
-    meta: set[int] = {0}
     if needed:
         if hdr.l1_table_offset & (cs - 1) or hdr.l1_table_offset == 0:
             raise FormatError(
@@ -637,9 +656,6 @@ async def open_reader(
             )
         l1_bytes = await _read_exact(source, hdr.l1_table_offset, needed * 8, "L1 table")
         l1 = _be64(l1_bytes)
-        meta.update(
-            range(hdr.l1_table_offset // cs, L.div_round_up(hdr.l1_table_offset + needed * 8, cs))
-        )
     else:
         l1 = array("Q")
     rt_off, rt_clusters = hdr.refcount_table_offset, hdr.refcount_table_clusters
@@ -653,8 +669,13 @@ async def open_reader(
         raise FormatError(
             f"bad refcount table ({rt_clusters} clusters at {rt_off:#x})", fmt=FMT, offset=48
         )
-    meta.update(range(rt_off // cs, rt_off // cs + rt_clusters))
-    l2_seen: set[int] = set()
+    fixed = [0]  # the header cluster
+    if needed:
+        fixed.extend(
+            range(hdr.l1_table_offset // cs, L.div_round_up(hdr.l1_table_offset + needed * 8, cs))
+        )
+    fixed.extend(range(rt_off // cs, rt_off // cs + rt_clusters))
+    l2_clusters = array("Q")
     for index, entry in enumerate(l1):
         off = entry & L.OFFSET_MASK
         where = hdr.l1_table_offset + index * 8
@@ -666,19 +687,24 @@ async def open_reader(
             raise FormatError(f"L2 table {off:#x} not cluster-aligned", fmt=FMT, offset=where)
         if off + cs > file_size:
             raise FormatError(f"L2 table {off:#x} past the end of the file", fmt=FMT, offset=where)
-        if off // cs in meta:
-            raise FormatError(f"L2 table {off:#x} overlaps other metadata", fmt=FMT, offset=where)
-        if off in l2_seen:
-            raise FormatError(f"L2 table {off:#x} used twice", fmt=FMT, offset=where)
-        l2_seen.add(off)
-    meta.update(off // cs for off in l2_seen)
+        l2_clusters.append(off // cs)
+    clusters = array("Q", sorted([*fixed, *l2_clusters]))
+    del l2_clusters
+    for i in range(1, len(clusters)):
+        if clusters[i] == clusters[i - 1]:
+            raise FormatError(
+                f"metadata structures overlap at host cluster {clusters[i] * cs:#x} "
+                "(header, L1, refcount table or L2 tables)",
+                fmt=FMT,
+                offset=clusters[i] * cs,
+            )
     return Qcow2Reader(
         source,
         hdr,
         l1,
         file_size=file_size,
         extended_l2=extended_l2,
-        metadata_clusters=meta,
+        metadata=_Metadata(clusters),
     )
 
 

@@ -609,8 +609,9 @@ async def test_refuses_bad_tables(plain_image: bytes) -> None:
     l2 = struct.unpack_from(">Q", plain_image, l1)[0] & L.OFFSET_MASK
     with pytest.raises(FormatError, match="past the end"):
         await open_bytes(patched(plain_image, l1, ">Q", (1 << 40) | L.OFLAG_COPIED))
-    with pytest.raises(FormatError, match="overlaps"):
+    with pytest.raises(FormatError, match="metadata structures overlap"):
         await open_bytes(patched(plain_image, l1, ">Q", l1 | L.OFLAG_COPIED))
+
     with pytest.raises(FormatError, match="reserved"):
         await open_bytes(patched(plain_image, l1, ">Q", l2 | 0x10))
     # An L2 entry pointing at the L1 table, past EOF, misaligned, reserved bits.
@@ -625,6 +626,18 @@ async def test_refuses_bad_tables(plain_image: bytes) -> None:
     ):
         with pytest.raises(FormatError, match=msg):
             await read_bytes(patched(plain_image, l2 + first, ">Q", entry))
+
+
+async def test_refuses_shared_l2_table(workdir: Path, small_source: tuple[Path, bytes]) -> None:
+    img = workdir / "two-l2.qcow2"
+    qemu_convert(small_source[0], img, "-o", "cluster_size=4k")  # one L2 covers 2 MiB
+    image = img.read_bytes()
+    l1 = l1_offset(image)
+    first = struct.unpack_from(">Q", image, l1)[0]
+    assert struct.unpack_from(">Q", image, l1 + 8)[0]
+    await read_bytes(image)
+    with pytest.raises(FormatError, match="metadata structures overlap"):
+        await open_bytes(patched(image, l1 + 8, ">Q", first))
 
 
 async def test_refuses_compressed_bombs_and_garbage(workdir: Path) -> None:
