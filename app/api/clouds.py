@@ -16,7 +16,7 @@ from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 
 from app.api.deps import Context, Session, require
 from app.api.idempotency import IdempotencyKeyHeader
-from app.api.media import require_json
+from app.api.media import JsonOnly
 from app.api.pagination import Cursor, Limit, Page, decode_cursor, encode_cursor
 from app.api.problems import problem_responses
 from app.errors import InvalidInput
@@ -25,7 +25,7 @@ from app.models.schemas.clouds import CloudCreate, CloudOut, CloudUpdate
 from app.services import clouds as service
 from app.services.tokens import Principal
 
-router = APIRouter(prefix="/clouds", tags=["clouds"], dependencies=[Depends(require_json)])
+router = APIRouter(prefix="/clouds", tags=["clouds"])
 
 Reader = Annotated[Principal, Depends(require("clouds:read"))]
 Writer = Annotated[Principal, Depends(require("clouds:write"))]
@@ -86,7 +86,7 @@ def _after(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:
 )
 async def create_cloud(
     body: Annotated[CloudCreate, Body()], request: Request, response: Response,
-    principal: Writer, session: Session, ctx: Context,
+    principal: Writer, _json: JsonOnly, session: Session, ctx: Context,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> CloudOut:
     """Register a cloud. The settings and credentials fields depend on `kind`."""
@@ -136,7 +136,8 @@ async def get_cloud(
 )
 async def update_cloud(
     cloud_id: uuid.UUID, patch: Annotated[CloudUpdate, Body()], response: Response,
-    principal: Writer, session: Session, ctx: Context, if_match: IfMatch = None,
+    principal: Writer, _json: JsonOnly, session: Session, ctx: Context,
+    if_match: IfMatch = None,
 ) -> CloudOut:
     """Change the name, settings or credentials (each replaced as a whole when given)."""
     cloud = await service.update_cloud(

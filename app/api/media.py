@@ -3,12 +3,15 @@
 FastAPI parses a body as JSON only when the Content-Type says so; any other body is
 handed to validation as raw bytes and fails with a puzzling "Input should be a valid
 dictionary". :func:`require_json` answers such requests with a 415 problem that says
-what to send instead. Use it as a router dependency of JSON resources.
+what to send instead. Declare ``_: JsonOnly`` after the principal in a route's
+signature: dependencies run in that order, so authentication is still checked first.
 """
 
 from __future__ import annotations
 
-from fastapi import HTTPException, Request
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -35,3 +38,6 @@ async def require_json(request: Request) -> None:
             headers={"Accept-Patch": "application/json, application/merge-patch+json"}
             if request.method == "PATCH" else None,
         )
+
+
+JsonOnly = Annotated[None, Depends(require_json)]

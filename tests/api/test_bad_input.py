@@ -210,3 +210,14 @@ async def test_patch_bodies(client: httpx.AsyncClient, make_token: TokenFactory)
         assert_problem(r, 422, pointers)
     r = await client.get(url, headers=auth(token))
     assert r.json() == cloud
+
+
+async def test_authentication_is_checked_before_the_media_type(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    r = await client.post("/v1/clouds", content=b"x", headers={"content-type": "text/plain"})
+    assert_problem(r, 401)
+    reader = await make_token("acme", "clouds:read")
+    r = await client.post("/v1/clouds", content=b"x",
+                          headers={**auth(reader), "content-type": "text/plain"})
+    assert_problem(r, 403)
