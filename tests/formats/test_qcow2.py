@@ -250,6 +250,26 @@ async def test_zero_flags_and_subclusters(workdir: Path) -> None:
     assert reader.info.details["extended_l2"] is True
 
 
+async def test_internal_snapshots_read_the_active_state(
+    workdir: Path, small_source: tuple[Path, bytes]
+) -> None:
+    img = workdir / "snap.qcow2"
+    qemu_convert(small_source[0], img)
+    oracle.qemu_img("snapshot", "-c", "before", img)
+    proc = subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x77 64k 192k", "-c", "write -z 1M 64k",
+         str(img)],
+        capture_output=True,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    got, amap = await read_image(img)
+    assert got == qemu_to_raw(img, workdir / "snap.raw")
+    assert amap == qemu_data_ranges(img)
+    reader = await qcow2.open_reader(FileSource(img))
+    assert reader.info.details["snapshots"] == 1
+
+
 BIG_SIZE = 5 * GiB + 1536
 
 
