@@ -551,9 +551,7 @@ def _refuse_features(hdr: L.Header, names: dict[tuple[int, int], str]) -> None:
         raise FormatError("images with an external data file are not supported", fmt=FMT)
     unknown = bits & ~L.INCOMPAT_KNOWN
     if unknown:
-        labels = [
-            names.get((0, bit), f"bit {bit}") for bit in range(64) if unknown >> bit & 1
-        ]
+        labels = [names.get((0, bit), f"bit {bit}") for bit in range(64) if unknown >> bit & 1]
         raise FormatError(
             f"unsupported incompatible features: {', '.join(labels)}", fmt=FMT, offset=72
         )
@@ -583,9 +581,7 @@ async def open_reader(
                 f"header_length {hdr.header_length} exceeds the cluster size", fmt=FMT, offset=100
             )
         if hdr.refcount_order > 6:
-            raise FormatError(
-                f"refcount_order {hdr.refcount_order} exceeds 6", fmt=FMT, offset=96
-            )
+            raise FormatError(f"refcount_order {hdr.refcount_order} exceeds 6", fmt=FMT, offset=96)
     header_area = await source.read_at(0, min(cs, file_size))
     if len(header_area) < hdr.header_length:
         raise FormatError("header cut short by end of file", fmt=FMT, offset=len(header_area))
@@ -625,9 +621,7 @@ async def open_reader(
 
     has_ctype_bit = bool(hdr.incompatible_features & L.INCOMPAT_COMPRESSION)
     if hdr.compression_type not in L.COMPRESSION_NAMES:
-        raise FormatError(
-            f"unknown compression type {hdr.compression_type}", fmt=FMT, offset=104
-        )
+        raise FormatError(f"unknown compression type {hdr.compression_type}", fmt=FMT, offset=104)
     if has_ctype_bit != (hdr.compression_type != L.COMPRESSION_ZLIB):
         raise FormatError(
             "compression type field and incompatible feature bit disagree", fmt=FMT, offset=104
@@ -651,9 +645,7 @@ async def open_reader(
         raise FormatError(f"L1 table of {hdr.l1_size} entries is absurd", fmt=FMT, offset=36)
     if needed:
         if hdr.l1_table_offset & (cs - 1) or hdr.l1_table_offset == 0:
-            raise FormatError(
-                f"bad L1 table offset {hdr.l1_table_offset:#x}", fmt=FMT, offset=40
-            )
+            raise FormatError(f"bad L1 table offset {hdr.l1_table_offset:#x}", fmt=FMT, offset=40)
         l1_bytes = await _read_exact(source, hdr.l1_table_offset, needed * 8, "L1 table")
         l1 = _be64(l1_bytes)
     else:

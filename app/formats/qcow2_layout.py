@@ -208,8 +208,7 @@ def parse_extensions(data: bytes, start: int, end: int) -> list[tuple[int, bytes
         body = pos + _EXT_HEADER.size
         if length > end - body:
             raise FormatError(
-                f"header extension {ext_type:#010x} of {length} bytes runs past the header "
-                "area",
+                f"header extension {ext_type:#010x} of {length} bytes runs past the header area",
                 fmt=FMT,
                 offset=pos,
             )

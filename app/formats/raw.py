@@ -24,7 +24,8 @@ Writing (``streamable``)
       :meth:`RawWriter.durable_offset` says how far the output is durable. A new writer
       created with ``resume_from=<that offset>`` on the same (existing, not truncated)
       file skips extents below the offset, drops anything the interrupted run wrote
-      past it, and produces byte-identical output.
+      past it (by truncating the file there), and produces byte-identical output. On a
+      block device, which cannot be truncated, resume with ``target_zeroed=False``.
 
 Raw is never detected by :func:`probe`: it is the registry's fallback.
 """
@@ -390,9 +391,7 @@ async def open_reader(
         elif isinstance(declared, int):
             size = declared
         else:
-            raise FormatError(
-                "a raw image on a sequential source needs a known size", fmt=FMT
-            )
+            raise FormatError("a raw image on a sequential source needs a known size", fmt=FMT)
     if size < 0:
         raise FormatError(f"negative size {size}", fmt=FMT)
     if size > max_virtual_size:
@@ -479,8 +478,7 @@ class RawWriter(ImageWriter):
             raise FormatError("write after finish", fmt=FMT)
         if extent.end > self.virtual_size:
             raise FormatError(
-                f"extent [{extent.offset}, {extent.end}) past the virtual size "
-                f"{self.virtual_size}",
+                f"extent [{extent.offset}, {extent.end}) past the virtual size {self.virtual_size}",
                 fmt=FMT,
             )
         if extent.offset < self._pos:

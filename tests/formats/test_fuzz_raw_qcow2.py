@@ -159,9 +159,7 @@ async def fuzz_seed(seed: Seed, iterations: int, rng: random.Random) -> tuple[in
         except TimeoutError:  # pragma: no cover - a failure
             pytest.fail(f"{seed.name} mutant {i} took over {TIME_LIMIT}s")
         except Exception as exc:  # pragma: no cover - a failure
-            raise AssertionError(
-                f"{seed.name} mutant {i}: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise AssertionError(f"{seed.name} mutant {i}: {type(exc).__name__}: {exc}") from exc
     return ok, refused
 
 

@@ -635,9 +635,7 @@ async def test_refuses_bad_tables(plain_image: bytes) -> None:
     with pytest.raises(FormatError, match="reserved"):
         await open_bytes(patched(plain_image, l1, ">Q", l2 | 0x10))
     # An L2 entry pointing at the L1 table, past EOF, misaligned, reserved bits.
-    first = next(
-        i for i in range(0, 65536, 8) if struct.unpack_from(">Q", plain_image, l2 + i)[0]
-    )
+    first = next(i for i in range(0, 65536, 8) if struct.unpack_from(">Q", plain_image, l2 + i)[0])
     for entry, msg in (
         (l1 | L.OFLAG_COPIED, "overlaps"),
         ((1 << 45) | L.OFLAG_COPIED, "past the end"),

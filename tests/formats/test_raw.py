@@ -303,9 +303,7 @@ async def test_resume_from_checkpoint_is_byte_identical(tmp_path: Path) -> None:
 )
 @given(
     size=st.integers(min_value=0, max_value=3 * MiB),
-    spans=st.lists(
-        st.tuples(st.floats(0, 1), st.integers(1, 300_000), st.booleans()), max_size=8
-    ),
+    spans=st.lists(st.tuples(st.floats(0, 1), st.integers(1, 300_000), st.booleans()), max_size=8),
     chunk=st.sampled_from([4096, 65536, 1 << 20]),
     sequential=st.booleans(),
     zeroed=st.booleans(),
