@@ -72,21 +72,21 @@ def to_out(box: SecretBox, row: Cloud) -> CloudOut:
     )
 
 
-def _validate(model: type[BaseModel], value: dict[str, Any], pointer: str) -> BaseModel:
-    """Validate a sub-document; errors carry pointers into the request body.
+def _check(
+    model: type[BaseModel], value: dict[str, Any], pointer: str, errors: list[dict[str, str]]
+) -> BaseModel | None:
+    """Validate a sub-document, adding its errors (pointers into the request) to ``errors``.
 
     Only pydantic's message goes out, never the offending input: it may be a secret.
     """
     try:
         return model.model_validate(value)
     except ValidationError as exc:
-        errors = []
         for err in exc.errors(include_input=False, include_url=False):
             parts = [str(p).replace("~", "~0").replace("/", "~1") for p in err["loc"]]
             detail = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
             errors.append({"pointer": "/".join([pointer, *parts]), "detail": detail})
-        summary = "; ".join(f"{e['pointer']}: {e['detail']}" for e in errors[:5])
-        raise InvalidInput(summary, extra={"errors": errors}) from None
+        return None
 
 
 async def create_cloud(
@@ -135,22 +135,21 @@ async def update_cloud(
         raise _not_found(cloud_id)
     kind = CloudKind(current.kind)
     sent = patch.model_fields_set
+    errors: list[dict[str, str]] = []
+    settings = credentials = None
+    if patch.settings is not None:
+        settings = _check(SETTINGS_MODELS[kind], patch.settings, "/settings", errors)
+    if patch.credentials is not None:
+        credentials = _check(CREDENTIALS_MODELS[kind], patch.credentials, "/credentials", errors)
+    if errors:
+        summary = "; ".join(f"{e['pointer']}: {e['detail']}" for e in errors[:5])
+        raise InvalidInput(summary, extra={"errors": errors})
     changes = repo.CloudChanges(
         name=patch.name,
-        settings=(
-            _validate(SETTINGS_MODELS[kind], patch.settings, "/settings").model_dump(mode="json")
-            if patch.settings is not None else None
-        ),
+        settings=settings.model_dump(mode="json") if settings is not None else None,
+        replace_credentials="credentials" in sent,
+        sealed_credentials=box.seal(reveal(credentials)) if credentials is not None else None,
     )
-    if "credentials" in sent:
-        sealed = None
-        if patch.credentials is not None:
-            creds = _validate(CREDENTIALS_MODELS[kind], patch.credentials, "/credentials")
-            sealed = box.seal(reveal(creds))
-        changes = repo.CloudChanges(
-            name=changes.name, settings=changes.settings,
-            replace_credentials=True, sealed_credentials=sealed,
-        )
     if not sent:
         _check_version(current, versions)
         return to_out(box, current)

@@ -203,6 +203,8 @@ async def test_patch_bodies(client: httpx.AsyncClient, make_token: TokenFactory)
         ({"settings": {"port": 1}}, {"/settings/host"}),
         ({"credentials": []}, {"/credentials"}),
         ({"credentials": {"username": "u", "password": "p", "x": 1}}, {"/credentials/x"}),
+        ({"settings": {"port": 1}, "credentials": {"username": "u"}},
+         {"/settings/host", "/credentials/password"}),
         ([], {""}),
     ]
     for body, pointers in cases:
