@@ -374,11 +374,18 @@ class Qcow2Writer(ImageWriter):
             await self._finalize_refcount_blocks()
             await self._write_tail_metadata()
         finally:
-            for _, fut, _ in self._jobs:
-                fut.cancel()
-            self._jobs.clear()
-            await self._wb.cancel()
+            await self.abort()  # nothing is left in flight unless finishing failed
         self._finished = True
+
+    async def abort(self) -> None:
+        """Drop compression jobs and writes still in flight (the output is incomplete)."""
+        jobs = [fut for _, fut, _ in self._jobs]
+        self._jobs.clear()
+        for fut in jobs:
+            fut.cancel()
+        if jobs:
+            await asyncio.gather(*jobs, return_exceptions=True)
+        await self._wb.cancel()
 
     async def _write_tail_metadata(self) -> None:
         cs = self._cs

@@ -532,6 +532,24 @@ class RawWriter(ImageWriter):
             self._unflushed = 0
             self._flush_task = asyncio.ensure_future(self._seekable.flush())
 
+    async def flush(self) -> None:
+        """Make everything written so far durable now (a pipeline checkpoint)."""
+        if self._seekable is None or self._finished:
+            return
+        await self._wb.drain()
+        await self._reap_flush(wait=True)
+        await self._seekable.flush()
+        self._unflushed = 0
+        self._durable = self._pos
+
+    async def abort(self) -> None:
+        """Stop writes and flushes still in flight (the output stays incomplete)."""
+        await self._wb.cancel()
+        task, self._flush_task = self._flush_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     async def finish(self) -> None:
         if self._finished:
             return

@@ -406,6 +406,17 @@ async def test_writer_rejects_bad_input() -> None:
         await writer.write(Extent(MiB - 5, 10, bytes(10)))
 
 
+async def test_writer_abort_drops_work_in_flight() -> None:
+    rng = random.Random(4)
+    sink = BytesSink()
+    writer = qcow2.create_writer(sink, 8 * MiB, WriterOptions(compress=True))
+    assert isinstance(writer, qcow2.Qcow2Writer)
+    for i in range(4):
+        await writer.write(Extent(i * MiB, MiB, compressible(rng, MiB)))
+    await writer.abort()
+    assert not writer._jobs
+
+
 # --------------------------------------------------------------------------- streaming
 
 

@@ -271,6 +271,20 @@ async def test_periodic_flush_advances_durable_offset() -> None:
     assert writer.durable_offset() == len(data)
 
 
+async def test_flush_and_abort() -> None:
+    data = os.urandom(2 * MiB)
+    sink = RecordingSink()
+    writer = raw.create_writer(sink, 4 * MiB, WriterOptions())
+    await writer.write(Extent(0, len(data), data))
+    assert writer.durable_offset() == 0
+    await writer.flush()  # a pipeline checkpoint
+    assert writer.durable_offset() == 2 * MiB
+    assert sink.flushes == 1
+    await writer.write(Extent(3 * MiB, MiB, data[:MiB]))
+    await writer.abort()  # stops in-flight work; the output is left incomplete
+    assert writer.durable_offset() == 2 * MiB
+
+
 async def test_resume_from_checkpoint_is_byte_identical(tmp_path: Path) -> None:
     src = tmp_path / "src.raw"
     size = 12 * MiB + 5
