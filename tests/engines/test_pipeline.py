@@ -644,7 +644,7 @@ async def test_resume_into_a_raw_file(tmp_path: Path) -> None:
         sink = FileSink(out, create=attempt == 0)
         reader = await raw.open_reader(source)
         writer = raw.RawWriter(sink, size, resume_from=resume, flush_interval=MiB)
-        interrupt = Interrupter(rng.randint(1, 12) if attempt < 40 else -1)
+        interrupt = Interrupter(rng.randint(4, 40) if attempt < 40 else -1)
         conv = Converter(
             reader,
             writer,
