@@ -348,9 +348,7 @@ echo "STATE $(state | sha256sum | cut -d' ' -f1)"
         self._state_digest = ""
 
 
-def _qemu_argv(
-    image: GuestImage, workdir: Path, port: int, memory_mib: int, smp: int
-) -> list[str]:
+def _qemu_argv(image: GuestImage, workdir: Path, port: int, memory_mib: int, smp: int) -> list[str]:
     def disk(name: str, file: Path, extra: str = "") -> list[str]:
         return [
             "-drive", f"file={file},format=raw,if=none,id={name},cache=unsafe{extra}",
@@ -402,9 +400,7 @@ def boot_guest(
     workdir.mkdir(parents=True, exist_ok=True)
     host_key = generate_keypair(workdir / "ssh_host_ed25519_key", "vmigrate-guest")
     password = secrets.token_urlsafe(12)
-    (workdir / "seed.img").write_bytes(
-        _seed_archive(host_key, client_key.public_key, password)
-    )
+    (workdir / "seed.img").write_bytes(_seed_archive(host_key, client_key.public_key, password))
     for name, mib in (("pv.img", pv_mib), ("dest.img", dest_mib)):
         with (workdir / name).open("wb") as f:
             f.truncate(mib * 1024 * 1024)
@@ -506,9 +502,7 @@ def _wait_ready(guest: LvmGuest, deadline: float) -> None:
 
 def _map_devices(guest: LvmGuest) -> None:
     """Find the PV and destination disks by serial (vdb/vdc in practice)."""
-    out = guest.check_output(
-        'for d in /sys/block/vd*; do echo "${d##*/} $(cat $d/serial)"; done'
-    )
+    out = guest.check_output('for d in /sys/block/vd*; do echo "${d##*/} $(cat $d/serial)"; done')
     by_serial: dict[str, str] = {}
     for line in out.splitlines():
         parts = line.split()
@@ -532,9 +526,7 @@ def running_guest(
 ) -> Iterator[LvmGuest]:
     """Build (cached) and boot the guest, set up ``vg0`` and ``vg0/data``; always stops it."""
     image = ensure_image(build_timeout)
-    guest = boot_guest(
-        image, client_key, workdir, boot_timeout=boot_timeout, memory_mib=memory_mib
-    )
+    guest = boot_guest(image, client_key, workdir, boot_timeout=boot_timeout, memory_mib=memory_mib)
     try:
         guest.setup_vg()
         guest.reset_lv()
