@@ -41,7 +41,7 @@ from app.formats.base import (
     SequentialSink,
     WriterOptions,
 )
-from app.formats.vdisk_common import is_zero, zeros
+from app.formats.vdisk_common import WriteBehind, is_zero, zeros
 from app.formats.vhd_meta import (
     FMT,
     TYPE_DYNAMIC,
@@ -130,10 +130,12 @@ class VhdFixedWriter(_VhdWriter):
         if not self._seekable and not hasattr(sink, "write"):
             raise FormatError("sink can neither write in order nor at offsets", fmt=FMT)
         self._pos = 0  # bytes of the disk area written (or skipped as holes)
+        self._behind = WriteBehind()
 
     async def _put(self, data: bytes | memoryview) -> None:
         if self._seekable:
-            await self._sink.write_at(self._pos, data)  # type: ignore[union-attr]
+            sink: SeekableSink = self._sink  # type: ignore[assignment]
+            await self._behind.submit(sink.write_at(self._pos, data))
         else:
             await self._sink.write(data)  # type: ignore[union-attr]
         self._pos += len(data)
@@ -159,8 +161,10 @@ class VhdFixedWriter(_VhdWriter):
             return
         await self._zero_to(self.size)
         if self._holes_ok:
+            await self._behind.drain()
             await self._sink.truncate(self.size)  # type: ignore[union-attr]
         await self._put(self._footer.pack())
+        await self._behind.drain()
         await self._flush_sink()
         self._finished = True
 
@@ -200,6 +204,8 @@ class VhdDynamicWriter(_VhdWriter):
         self._plan_pos = 0  # next planned block to write
         self._planned: set[int] = set()
         self._started = False
+        self._holes_ok = options.target_zeroed
+        self._behind = WriteBehind()
 
     @property
     def _header(self) -> DynamicHeader:
@@ -258,37 +264,52 @@ class VhdDynamicWriter(_VhdWriter):
             pb = plan[self._plan_pos]
             self._plan_pos += 1
             if pb == b and data is not None:
-                await self._seq_write(b"\xff" * self._bm_len + bytes(data))
+                await self._seq_write(b"\xff" * self._bm_len)
+                await self._seq_write(memoryview(data))
             else:  # planned but no data: a block of absent sectors
                 await self._seq_write(zeros(self._bm_len + self._bs))
 
     async def _flush_block(self) -> None:
+        """Streaming mode: write the buffered block (and planned blocks before it)."""
         b, buf = self._cur, self._buf
         self._cur, self._buf = -1, None
         if b < 0 or buf is None:
             return
         empty = is_zero(buf)
-        if self._stream_plan is not None:
-            if b not in self._planned:
-                if empty:
-                    return
-                raise FormatError(
-                    f"data in block {b} lies outside the declared allocation map", fmt=FMT
-                )
-            await self._stream_block(b, None if empty else buf)
+        if b not in self._planned:
+            if empty:
+                return
+            raise FormatError(
+                f"data in block {b} lies outside the declared allocation map", fmt=FMT
+            )
+        await self._stream_block(b, None if empty else buf)
+
+    async def _seek_piece(self, b: int, in_off: int, piece: memoryview) -> None:
+        """Seekable mode: allocate the block on its first non-zero data, then write the
+        piece in place (zero pieces stay holes on a fresh file)."""
+        sink: SeekableSink = self._sink  # type: ignore[assignment]
+        zero = is_zero(piece)
+        if self._bat[b] == UNUSED_BAT:
+            if zero:
+                return
+            off = self._file_end
+            self._bat[b] = off // SECTOR
+            self._file_end += self._bm_len + self._bs
+            if self._holes_ok:
+                await self._behind.submit(sink.write_at(off, b"\xff" * self._bm_len))
+            else:  # the target may hold old bytes: lay down the whole block first
+                await sink.write_at(off, b"\xff" * self._bm_len + zeros(self._bs))
+        elif zero and self._holes_ok:
             return
-        if empty:
-            return
-        off = self._file_end
-        self._bat[b] = off // SECTOR
-        self._file_end += self._bm_len + self._bs
-        await self._sink.write_at(off, b"\xff" * self._bm_len + bytes(buf))  # type: ignore[union-attr]
+        base = self._bat[b] * SECTOR + self._bm_len
+        await self._behind.submit(sink.write_at(base + in_off, piece))
 
     async def write(self, extent: Extent) -> None:
         self._check(extent)
         if extent.data is None:
             return
-        if self._stream_plan is None and not hasattr(self._sink, "write_at"):
+        streaming = self._stream_plan is not None
+        if not streaming and not hasattr(self._sink, "write_at"):
             raise FormatError(
                 "a dynamic VHD on a sequential sink needs set_allocation_map() first", fmt=FMT
             )
@@ -299,16 +320,19 @@ class VhdDynamicWriter(_VhdWriter):
         while i < len(view):
             b, in_off = divmod(pos, bs)
             n = min(bs - in_off, len(view) - i)
-            if b != self._cur:
-                await self._flush_block()
-                self._cur = b
-                self._buf = bytearray(bs)
-            assert self._buf is not None
-            self._buf[in_off : in_off + n] = view[i : i + n]
+            if not streaming:
+                await self._seek_piece(b, in_off, view[i : i + n])
+            else:
+                if b != self._cur:
+                    await self._flush_block()
+                    self._cur = b
+                    self._buf = bytearray(bs)
+                assert self._buf is not None
+                self._buf[in_off : in_off + n] = view[i : i + n]
+                if in_off + n == bs:
+                    await self._flush_block()
             pos += n
             i += n
-            if in_off + n == bs:
-                await self._flush_block()
 
     async def finish(self) -> None:
         if self._finished:
@@ -325,6 +349,7 @@ class VhdDynamicWriter(_VhdWriter):
                     fmt=FMT,
                 )
             sink: SeekableSink = self._sink  # type: ignore[assignment]
+            await self._behind.drain()
             await sink.write_at(0, footer + self._header.pack() + self._bat_bytes())
             await sink.write_at(self._file_end, footer)
             await sink.truncate(self._file_end + SECTOR)
