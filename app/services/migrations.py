@@ -20,6 +20,7 @@ from app.crypto import SecretBox
 from app.drivers.capabilities import MATRIX, CapabilityMatrix, Role
 from app.engines import machine
 from app.engines.machine import Action
+from app.engines.plans import flags_from_spec, plan_for
 from app.errors import Conflict, InvalidInput, NotFound
 from app.models.db import Migration, MigrationStep
 from app.models.enums import (
@@ -144,7 +145,7 @@ async def create(
     spec, secrets = split_secrets(body)
     type_ = MigrationType(body.type)
     mode = body.mode if isinstance(body, HypervisorCreate) else None
-    plan = machine.plan_for(type_, mode, machine.flags_from_spec(spec))
+    plan = plan_for(type_, mode, flags_from_spec(spec))
     row = Migration(
         id=uuid.uuid4(),
         tenant=tenant,

@@ -21,6 +21,7 @@ from app.engines.machine import (
     Lease,
     StaleEpoch,
 )
+from app.engines.plans import Flag, plan_for
 from app.errors import NotFound
 from app.models.db import Migration, MigrationEvent, MigrationStep
 from app.models.enums import MigrationStatus, MigrationType, StepStatus
@@ -33,7 +34,7 @@ FAILURE = Failure("Transfer failed", "connection reset by peer", step="transfer"
 
 async def insert(db: Database, status: S = S.pending, tenant: str = "acme") -> uuid.UUID:
     """A live-stream migration row with its plan's steps, in ``status`` (set directly)."""
-    plan = machine.plan_for(MigrationType.live_stream, None, {machine.Flag.verify})
+    plan = plan_for(MigrationType.live_stream, None, {Flag.verify})
     row = Migration(
         id=uuid.uuid4(), tenant=tenant, name="m", type=MigrationType.live_stream.value,
         status=status.value, spec={}, attempt=0, epoch=0, version=1, event_seq=0,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.engines.machine import (
+from app.engines.plans import (
     PLANS,
     UNDOES,
     Flag,
