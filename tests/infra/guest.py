@@ -110,6 +110,16 @@ def check_boot_prerequisites() -> None:
         raise InfraUnavailableError(f"missing tools for the LVM test guest: {missing}")
 
 
+def check_prerequisites() -> None:
+    """Raise :class:`InfraUnavailableError` unless the guest can boot here (and its image
+    can be built, unless already cached)."""
+    check_boot_prerequisites()
+    if cached_image() is None:
+        missing = missing_tools(*BUILD_TOOLS)
+        if missing:
+            raise InfraUnavailableError(f"missing tools to build the LVM test guest: {missing}")
+
+
 @contextmanager
 def _locked(path: Path, timeout: float) -> Iterator[None]:
     """An exclusive flock on ``path``, waited for at most ``timeout`` seconds."""
