@@ -11,8 +11,9 @@ Reader (needs a :class:`~app.formats.base.RandomAccessSource`)
     into large reads with several in flight; compressed clusters are inflated on a
     thread pool.
 
-    Refused with a :class:`~app.formats.base.FormatError`: backing files ("flatten the
-    chain first"), encryption (AES or LUKS), external data files, the dirty and corrupt
+    Refused with a :class:`~app.formats.base.FormatError`: qcow version 1 and unknown
+    versions, backing files ("flatten the chain first"), encryption (AES or LUKS),
+    external data files, the dirty and corrupt
     bits, unknown incompatible features, cluster sizes outside 512 B-2 MiB, L1 tables
     over 32 MiB, and any malformed or inconsistent structure (truncation, tables past
     the end of the file, metadata overlaps, reserved bits, bad compressed data).
@@ -77,8 +78,9 @@ _INFLATE_DEPTH = max(READ_DEPTH, os.cpu_count() or 1)
 
 
 def probe(head: bytes, tail: bytes = b"") -> bool:
-    """A qcow2 image starts with ``QFI\\xfb`` and version 2 or 3."""
-    return len(head) >= 8 and head[:4] == L.MAGIC and head[4:8] in (b"\0\0\0\2", b"\0\0\0\3")
+    """A qcow image starts with ``QFI\\xfb``. Every version is claimed, so that a qcow v1
+    or a future version is refused by :func:`open_reader` instead of passing for raw."""
+    return head[:4] == L.MAGIC
 
 
 def _be64(data: bytes) -> array[int]:

@@ -553,7 +553,10 @@ def l1_offset(image: bytes) -> int:
 
 async def test_probe(plain_image: bytes) -> None:
     assert qcow2.probe(plain_image[:4096], b"")
-    assert not qcow2.probe(b"QFI\xfb\0\0\0\x04", b"")
+    assert qcow2.probe(b"QFI\xfb\0\0\0\x01", b"")  # claimed, then refused by open_reader
+    with pytest.raises(FormatError, match="unsupported qcow2 version 1"):
+        await open_bytes(patched(plain_image, 4, ">I", 1))
+    assert not qcow2.probe(b"QFI\xfa\0\0\0\x03", b"")
     assert not qcow2.probe(b"", b"")
 
 
