@@ -13,10 +13,12 @@ Reader (needs a :class:`~app.formats.base.RandomAccessSource`)
 
     Refused with a :class:`~app.formats.base.FormatError`: qcow version 1 and unknown
     versions, backing files ("flatten the chain first"), encryption (AES or LUKS),
-    external data files, the dirty and corrupt
-    bits, unknown incompatible features, cluster sizes outside 512 B-2 MiB, L1 tables
-    over 32 MiB, and any malformed or inconsistent structure (truncation, tables past
-    the end of the file, metadata overlaps, reserved bits, bad compressed data).
+    external data files, the dirty and corrupt bits, unknown incompatible features,
+    cluster sizes outside 512 B-2 MiB, L1 tables over 32 MiB, virtual sizes over
+    ``max_virtual_size``, and any malformed or inconsistent structure (truncation,
+    tables past the end of the file, metadata overlaps, reserved bits, compressed
+    clusters that do not inflate to exactly one cluster). Standard data clusters must
+    lie wholly inside the file (QEMU always writes them whole).
 
 Writer
     See :mod:`app.formats.qcow2_writer`.
