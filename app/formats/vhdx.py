@@ -45,57 +45,41 @@ from app.formats.base import (
     WriterOptions,
 )
 from app.formats.vdisk_common import ExtentBuilder, crc32c, read_exact_at
-
-FMT = "vhdx"
-KiB = 1024
-
-FILE_SIGNATURE = b"vhdxfile"
-HEADER_SIGNATURE = b"head"
-REGION_SIGNATURE = b"regi"
-METADATA_SIGNATURE = b"metadata"
-
-HEADER_OFFSETS = (64 * KiB, 128 * KiB)
-REGION_OFFSETS = (192 * KiB, 256 * KiB)
-HEADER_SIZE = 4 * KiB
-REGION_TABLE_SIZE = 64 * KiB
-METADATA_TABLE_SIZE = 64 * KiB
-MAX_TABLE_ENTRIES = 2047
-
-BAT_GUID = uuid.UUID("2DC27766-F623-4200-9D64-115E9BFD4A08")
-METADATA_GUID = uuid.UUID("8B7CA206-4790-4B9A-B8FE-575F050F886E")
-
-FILE_PARAMETERS = uuid.UUID("CAA16737-FA36-4D43-B3B6-33F0AA44E76B")
-VIRTUAL_DISK_SIZE = uuid.UUID("2FA54224-CD1B-4876-B211-5DBED83BF4B8")
-VIRTUAL_DISK_ID = uuid.UUID("BECA12AB-B2E6-4523-93EF-C309E000C746")
-LOGICAL_SECTOR_SIZE = uuid.UUID("8141BF1D-A96F-4709-BA47-F233A8FAAB5F")
-PHYSICAL_SECTOR_SIZE = uuid.UUID("CDA348C7-445D-4471-9CC9-E9885251C556")
-PARENT_LOCATOR = uuid.UUID("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C")
-_KNOWN_METADATA = {
+from app.formats.vhdx_meta import (
+    BAT_GUID,
     FILE_PARAMETERS,
-    VIRTUAL_DISK_SIZE,
-    VIRTUAL_DISK_ID,
+    FILE_SIGNATURE,
+    FMT,
+    HEADER_OFFSETS,
+    HEADER_SIGNATURE,
+    HEADER_SIZE,
+    HEADER_STRUCT,
+    KNOWN_METADATA,
     LOGICAL_SECTOR_SIZE,
+    MAX_BLOCK,
+    MAX_TABLE_ENTRIES,
+    MAX_VHDX_SIZE,
+    META_ENTRY,
+    META_HDR,
+    METADATA_GUID,
+    METADATA_SIGNATURE,
+    METADATA_TABLE_SIZE,
+    MIN_BLOCK,
+    PARENT_LOCATOR,
+    PAYLOAD_FULLY_PRESENT,
+    PAYLOAD_PARTIALLY_PRESENT,
     PHYSICAL_SECTOR_SIZE,
-}
+    REGION_ENTRY,
+    REGION_HDR,
+    REGION_OFFSETS,
+    REGION_SIGNATURE,
+    REGION_TABLE_SIZE,
+    VIRTUAL_DISK_SIZE,
+    ZERO_STATES,
+    KiB,
+)
 
-PAYLOAD_NOT_PRESENT = 0
-PAYLOAD_UNDEFINED = 1
-PAYLOAD_ZERO = 2
-PAYLOAD_UNMAPPED = 3
-PAYLOAD_FULLY_PRESENT = 6
-PAYLOAD_PARTIALLY_PRESENT = 7
-_ZERO_STATES = (PAYLOAD_NOT_PRESENT, PAYLOAD_UNDEFINED, PAYLOAD_ZERO, PAYLOAD_UNMAPPED)
-
-MIN_BLOCK = 1 * MiB
-MAX_BLOCK = 256 * MiB
-MAX_VHDX_SIZE = 64 * 1024 * 1024 * MiB  # 64 TiB
 _BAT_WINDOW = 8192  # entries read at once (64 KiB)
-
-_HEADER = struct.Struct("<4sIQ16s16s16sHHIQ")
-_REGION_HDR = struct.Struct("<4sII")
-_REGION_ENTRY = struct.Struct("<16sQII")
-_META_HDR = struct.Struct("<8sHH")
-_META_ENTRY = struct.Struct("<16sIII")
 
 
 def probe(head: bytes, tail: bytes = b"") -> bool:
@@ -124,7 +108,7 @@ def _parse_header(data: bytes, offset: int) -> Header | None:
     if not _checked(data[:HEADER_SIZE]):
         return None
     _sig, _ck, seq, _fw, _dw, log_guid, _log_ver, version, log_len, log_off = (
-        _HEADER.unpack_from(data, 0)
+        HEADER_STRUCT.unpack_from(data, 0)
     )
     return Header(seq, uuid.UUID(bytes_le=log_guid), version, log_len, log_off, offset)
 
@@ -192,7 +176,7 @@ class VhdxReader(ImageReader):
         state = entry & 7
         file_off = (entry >> 20) * MiB
         where = self._bat_offset + 8 * index
-        if state in _ZERO_STATES:
+        if state in ZERO_STATES:
             return state, 0
         if state == PAYLOAD_PARTIALLY_PRESENT:
             raise FormatError(
@@ -306,13 +290,13 @@ async def _read_regions(source: RandomAccessSource) -> dict[uuid.UUID, tuple[int
             continue
         if not _checked(data):
             continue
-        _sig, _ck, count = _REGION_HDR.unpack_from(data, 0)
+        _sig, _ck, count = REGION_HDR.unpack_from(data, 0)
         if count > MAX_TABLE_ENTRIES:
             last_error = f"{count} entries"
             continue
         regions: dict[uuid.UUID, tuple[int, int]] = {}
         for i in range(count):
-            guid_b, file_off, length, required = _REGION_ENTRY.unpack_from(data, 16 + 32 * i)
+            guid_b, file_off, length, required = REGION_ENTRY.unpack_from(data, 16 + 32 * i)
             guid = uuid.UUID(bytes_le=guid_b)
             if guid in (BAT_GUID, METADATA_GUID):
                 if file_off % MiB or file_off < MiB or length % MiB or length == 0:
@@ -345,7 +329,7 @@ async def _read_metadata(
 ) -> Metadata:
     base, length = region
     table = await read_exact_at(source, base, METADATA_TABLE_SIZE, FMT, "metadata table")
-    sig, _res, count = _META_HDR.unpack_from(table, 0)
+    sig, _res, count = META_HDR.unpack_from(table, 0)
     if sig != METADATA_SIGNATURE:
         raise FormatError("bad metadata table signature", fmt=FMT, offset=base)
     if count > MAX_TABLE_ENTRIES:
@@ -353,7 +337,7 @@ async def _read_metadata(
     items: dict[uuid.UUID, bytes] = {}
     for i in range(count):
         where = base + 32 + 32 * i
-        guid_b, item_off, item_len, flags = _META_ENTRY.unpack_from(table, 32 + 32 * i)
+        guid_b, item_off, item_len, flags = META_ENTRY.unpack_from(table, 32 + 32 * i)
         guid = uuid.UUID(bytes_le=guid_b)
         if guid == PARENT_LOCATOR:
             raise FormatError(
@@ -361,7 +345,7 @@ async def _read_metadata(
                 fmt=FMT,
                 offset=where,
             )
-        if guid not in _KNOWN_METADATA:
+        if guid not in KNOWN_METADATA:
             if flags & 4:
                 raise FormatError(f"unknown required metadata item {guid}", fmt=FMT, offset=where)
             continue

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from app.formats import registry, vhdx
+from app.formats import vhdx_meta as vm
 from app.formats.base import FormatError, WriterOptions
 from app.formats.io import BytesSink, BytesSource, FileSource, SequentialFileSource
 from app.formats.vdisk_common import crc32c
@@ -45,7 +46,7 @@ def regions(buf: bytes) -> dict[uuid.UUID, tuple[int, int]]:
 
 def metadata_items(buf: bytes) -> dict[uuid.UUID, tuple[int, int, int]]:
     """item id -> (entry offset in file, data offset in file, flags)"""
-    base = regions(buf)[vhdx.METADATA_GUID][0]
+    base = regions(buf)[vm.METADATA_GUID][0]
     count = struct.unpack_from("<H", buf, base + 10)[0]
     out = {}
     for i in range(count):
@@ -56,7 +57,7 @@ def metadata_items(buf: bytes) -> dict[uuid.UUID, tuple[int, int, int]]:
 
 
 def bat_offset(buf: bytes) -> int:
-    return regions(buf)[vhdx.BAT_GUID][0]
+    return regions(buf)[vm.BAT_GUID][0]
 
 
 CASES = {
@@ -174,10 +175,10 @@ async def test_region_tables(tmp_path: Path) -> None:
 async def test_metadata_refusals(tmp_path: Path) -> None:
     image, data = await _small(tmp_path)
     items = metadata_items(image)
-    _, params_at, _ = items[vhdx.FILE_PARAMETERS]
-    _, size_at, _ = items[vhdx.VIRTUAL_DISK_SIZE]
-    _, logical_at, _ = items[vhdx.LOGICAL_SECTOR_SIZE]
-    entry_at, _, _ = items[vhdx.VIRTUAL_DISK_ID]
+    _, params_at, _ = items[vm.FILE_PARAMETERS]
+    _, size_at, _ = items[vm.VIRTUAL_DISK_SIZE]
+    _, logical_at, _ = items[vm.LOGICAL_SECTOR_SIZE]
+    entry_at, _, _ = items[vm.VIRTUAL_DISK_ID]
 
     def patched(at: int, fmt: str, *values: object) -> bytes:
         buf = bytearray(image)
@@ -191,12 +192,12 @@ async def test_metadata_refusals(tmp_path: Path) -> None:
         "unaligned-size": (patched(size_at, "<Q", 4 * MiB + 100), "multiple"),
         "huge": (patched(size_at, "<Q", 1 << 50), "exceeds"),
         "bat-too-small": (patched(size_at, "<Q", 16 * 1024 * GiB), "cannot hold"),
-        "parent-locator": (patched(entry_at, "<16s", vhdx.PARENT_LOCATOR.bytes_le), "parent"),
+        "parent-locator": (patched(entry_at, "<16s", vm.PARENT_LOCATOR.bytes_le), "parent"),
         "unknown-required": (
             patched(entry_at, "<16sIII", uuid.uuid4().bytes_le, 64 * KiB, 8, 4), "required"),
         "item-outside": (patched(entry_at + 16, "<I", 2 * MiB), "outside"),
         "bad-signature": (
-            patched(regions(image)[vhdx.METADATA_GUID][0], "<8s", b"metadatx"), "signature"),
+            patched(regions(image)[vm.METADATA_GUID][0], "<8s", b"metadatx"), "signature"),
     }  # fmt: skip
     for name, (buf, pattern) in cases.items():
         with pytest.raises(FormatError, match=pattern):
@@ -213,7 +214,7 @@ async def test_block_states(tmp_path: Path) -> None:
     image, data = await _small(tmp_path)
     bat = bat_offset(image)
     entry0 = struct.unpack_from("<Q", image, bat)[0]
-    assert entry0 & 7 == vhdx.PAYLOAD_FULLY_PRESENT
+    assert entry0 & 7 == vm.PAYLOAD_FULLY_PRESENT
 
     def with_entry(value: int) -> bytes:
         buf = bytearray(image)
@@ -221,17 +222,17 @@ async def test_block_states(tmp_path: Path) -> None:
         return bytes(buf)
 
     zeroed_first_block = bytes(MiB) + data[MiB:]
-    for state in (vhdx.PAYLOAD_NOT_PRESENT, vhdx.PAYLOAD_UNDEFINED, vhdx.PAYLOAD_ZERO,
-                  vhdx.PAYLOAD_UNMAPPED):  # fmt: skip
+    for state in (vm.PAYLOAD_NOT_PRESENT, vm.PAYLOAD_UNDEFINED, vm.PAYLOAD_ZERO,
+                  vm.PAYLOAD_UNMAPPED):  # fmt: skip
         assert await _read(with_entry((entry0 & ~7) | state)) == zeroed_first_block
     with pytest.raises(FormatError, match="partially present"):
-        await _read(with_entry((entry0 & ~7) | vhdx.PAYLOAD_PARTIALLY_PRESENT))
+        await _read(with_entry((entry0 & ~7) | vm.PAYLOAD_PARTIALLY_PRESENT))
     with pytest.raises(FormatError, match="invalid state"):
         await _read(with_entry((entry0 & ~7) | 4))
     with pytest.raises(FormatError, match="outside the file"):
-        await _read(with_entry((1 << 40 << 20) | vhdx.PAYLOAD_FULLY_PRESENT))
+        await _read(with_entry((1 << 40 << 20) | vm.PAYLOAD_FULLY_PRESENT))
     with pytest.raises(FormatError, match="outside the file"):
-        await _read(with_entry(vhdx.PAYLOAD_FULLY_PRESENT))  # offset 0: the header area
+        await _read(with_entry(vm.PAYLOAD_FULLY_PRESENT))  # offset 0: the header area
     reader = await vhdx.open_reader(BytesSource(image))
     assert await reader.allocation_map() == [(0, MiB), (2 * MiB, MiB)]
 
