@@ -78,6 +78,14 @@ PATHS = [
     BenchPath("vmdk (stream) -> raw", "vmdk", "raw", ["--to", "raw"], ["-O", "raw"], 1.0),
     BenchPath("vhd dynamic -> raw", "vhd", "raw", ["--to", "raw"], ["-O", "raw"], 1.0),
     BenchPath(
+        "raw -> qcow2 + vmd1 digest",
+        "raw",
+        "qcow2",
+        ["--to", "qcow2", "--digest"],
+        ["-O", "qcow2"],
+        1.0,
+    ),
+    BenchPath(
         "raw -> qcow2 compressed",
         "raw",
         "qcow2",
