@@ -35,7 +35,7 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 REPO = Path(__file__).resolve().parents[1]
 VMIGRATE = [sys.executable, "-m", "app.commands.images", "convert"]
-QEMU_FMT = {"raw": "raw", "qcow2": "qcow2", "vmdk": "vmdk", "vhd": "vpc"}
+QEMU_FMT = {"raw": "raw", "qcow2": "qcow2", "vmdk": "vmdk", "vhd": "vpc", "vhdx": "vhdx"}
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ PATHS = [
         ["-O", "vpc", "-o", "subformat=dynamic,force_size=on"],
         1.0,
     ),
+    BenchPath("raw -> vhdx", "raw", "vhdx", ["--to", "vhdx"], ["-O", "vhdx"], 1.0),
     BenchPath("qcow2 -> raw", "qcow2", "raw", ["--to", "raw"], ["-O", "raw"], 1.0),
     BenchPath("vmdk (stream) -> raw", "vmdk", "raw", ["--to", "raw"], ["-O", "raw"], 1.0),
     BenchPath("vhd dynamic -> raw", "vhd", "raw", ["--to", "raw"], ["-O", "raw"], 1.0),

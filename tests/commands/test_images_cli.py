@@ -69,6 +69,7 @@ def test_commands_are_exported() -> None:
         ("vmdk", ["--subformat", "streamOptimized"]),
         ("vhd", ["--subformat", "fixed"]),
         ("vhd", ["--subformat", "dynamic"]),
+        ("vhdx", []),
     ],
 )
 def test_convert_round_trip(source: Path, tmp_path: Path, fmt: str, extra: list[str]) -> None:
@@ -78,7 +79,7 @@ def test_convert_round_trip(source: Path, tmp_path: Path, fmt: str, extra: list[
     expected = digest_file(source)
     assert result.output.strip() == expected  # no progress output: not a TTY
     assert_same_disk(source, image, fmt)
-    if fmt in ("qcow2", "vmdk"):  # qemu-img cannot check vpc
+    if fmt in ("qcow2", "vmdk", "vhdx"):  # qemu-img cannot check vpc
         qemu_img("check", "-f", QEMU_FMT[fmt], image)
     back = tmp_path / "back.raw"
     result = run("convert", image, back, "--to", "raw", "--digest")
@@ -130,6 +131,26 @@ def test_info_of_a_raw_file_counts_its_data_ranges(source: Path) -> None:
     assert info["allocated_ranges"] >= 1
 
 
+def test_sync_makes_the_output_durable(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "o.raw"
+    assert run("convert", source, out, "--to", "raw").exit_code == 0
+    assert synced == []  # like qemu-img convert: the page cache, no fsync
+    out.unlink()
+    assert run("convert", source, out, "--to", "raw", "--sync").exit_code == 0
+    assert len(synced) == 2  # the file, then its directory after the rename
+    assert_same_disk(source, out, "raw")
+
+
 def test_throttle_and_progress_options(source: Path, tmp_path: Path) -> None:
     out = tmp_path / "o.qcow2"
     result = run("convert", source, out, "--to", "qcow2", "--throttle", "10G", "--progress")
@@ -142,7 +163,7 @@ def test_throttle_and_progress_options(source: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "code"),
     [
-        (["--to", "vhdx"], 2),  # VHDX is read-only here
+        (["--to", "qcow2", "--subformat", "v9"], 2),
         (["--to", "vmdk", "--subformat", "monolithicFlat"], 2),
         (["--to", "qcow2", "--from", "qcow2"], 2),  # declared format disagrees
         (["--to", "qcow2", "--throttle", "fast"], 2),  # usage error
