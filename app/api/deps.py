@@ -35,12 +35,16 @@ Context = Annotated[AppContext, Depends(get_context)]
 
 
 async def get_session(ctx: Context) -> AsyncIterator[AsyncSession]:
-    """One transaction per request: committed when the handler returns, else rolled back."""
+    """One transaction per request: committed when the handler returns, else rolled back.
+
+    Used with ``scope="function"`` so the commit happens before the response is sent:
+    a client never sees a 201 for a change whose commit then failed.
+    """
     async with ctx.db.session() as session:
         yield session
 
 
-Session = Annotated[AsyncSession, Depends(get_session)]
+Session = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
 def _unauthorized(detail: str) -> HTTPException:
