@@ -17,7 +17,8 @@ Refused with :class:`~app.formats.base.FormatError`:
 - damage: bad signatures or checksums, both headers invalid, regions/BAT/blocks past
   the end of the file, sizes above ``max_virtual_size``, invalid block states.
 
-No writer: VHDX output is not implemented (``create_writer`` raises).
+Writing: see :mod:`app.formats.vhdx_writer` (dynamic or fixed; seekable, or streamable
+after :meth:`~app.formats.base.ImageWriter.set_allocation_map`).
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ from app.formats.vhdx_meta import (
     ZERO_STATES,
     KiB,
 )
+from app.formats.vhdx_writer import VhdxWriter, VhdxWriterOptions
+
+__all__ = ["VhdxReader", "VhdxWriter", "VhdxWriterOptions", "create_writer", "open_reader", "probe"]
 
 _BAT_WINDOW = 8192  # entries read at once (64 KiB)
 
@@ -436,4 +440,5 @@ async def open_reader(
 def create_writer(
     sink: SeekableSink | SequentialSink, virtual_size: int, options: WriterOptions
 ) -> ImageWriter:
-    raise FormatError("writing VHDX is not supported; write VHD or qcow2 instead", fmt=FMT)
+    """``options.subformat``: ``dynamic`` (default) or ``fixed``."""
+    return VhdxWriter(sink, virtual_size, options)

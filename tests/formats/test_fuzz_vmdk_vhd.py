@@ -129,6 +129,10 @@ async def _targets(tmp: Path) -> list[Target]:
     vhdx_out = tmp / "x.vhdx"
     oracle.qemu_img("convert", "-f", "raw", "-O", "vhdx", "-o", "block_size=1M", small, vhdx_out)
     vhdx_img = vhdx_out.read_bytes()
+    ours_vhdx = BytesSink()
+    await write_all(vhdx.create_writer(ours_vhdx, MiB + 512, WriterOptions(cluster_size=MiB)),
+                    _extents(data[: MiB + 512]))  # fmt: skip
+    vhdx_ours = bytes(ours_vhdx.buffer)
 
     def tail(image: bytes, n: int) -> tuple[int, int]:
         return (max(len(image) - n, 0), len(image))
@@ -154,6 +158,8 @@ async def _targets(tmp: Path) -> list[Target]:
         Target("vhd-fixed", vhd_fixed, [tail(vhd_fixed, 512)], _fix_vhd, open_vhd),
         Target("vhdx", vhdx_img, [(0, 320 * KiB), (MiB, 64 * KiB), (2 * MiB, 64 * KiB),
                (3 * MiB, 66 * KiB)], _fix_vhdx, open_vhdx),
+        Target("vhdx-ours", vhdx_ours, [(0, 320 * KiB), (2 * MiB, 66 * KiB),
+               (3 * MiB, 4 * KiB)], _fix_vhdx, open_vhdx),
     ]  # fmt: skip
 
 
@@ -222,7 +228,7 @@ async def targets(tmp_path_factory: pytest.TempPathFactory) -> list[Target]:
 
 TARGET_NAMES = ["vmdk-stream-ours", "vmdk-stream-ours-seq", "vmdk-stream-qemu",
                 "vmdk-stream-qemu-seq", "vmdk-sparse-qemu", "vhd-dynamic", "vhd-fixed",
-                "vhdx"]  # fmt: skip
+                "vhdx", "vhdx-ours"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", TARGET_NAMES)
