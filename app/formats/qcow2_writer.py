@@ -25,7 +25,10 @@ header, as QEMU does. Refcounts are exact (``qemu-img check``: no errors, no lea
     outside the map is a :class:`~app.formats.base.FormatError`. Compression is not
     supported when streaming (compressed sizes are not known in advance).
 
-Neither writer can resume (``durable_offset()`` is 0).
+Neither writer can resume (``durable_offset()`` is 0). :class:`Qcow2Writer` keeps a few
+writes (and compression jobs) in flight after ``write`` returns, holding references to
+the extents' data, which must therefore not be mutated afterwards; ``abort()`` drops
+that work when a conversion is abandoned.
 """
 
 from __future__ import annotations

@@ -27,6 +27,10 @@ Writing (``streamable``)
       past it (by truncating the file there), and produces byte-identical output. On a
       block device, which cannot be truncated, resume with ``target_zeroed=False``.
 
+On a seekable sink a couple of writes stay in flight after ``write`` returns (they hold
+references to the extents' data, which must not be mutated afterwards); ``flush()``
+makes everything durable now (a checkpoint), ``abort()`` drops work in flight.
+
 Raw is never detected by :func:`probe`: it is the registry's fallback.
 """
 
