@@ -94,6 +94,14 @@ PATHS = [
         ["-O", "qcow2", "-c"],
         2.0,
     ),
+    BenchPath(
+        "raw -> qcow2 compressed, zlib 6",
+        "raw",
+        "qcow2",
+        ["--to", "qcow2", "--compress", "--compression-level", "6"],
+        ["-O", "qcow2", "-c"],
+        2.0,
+    ),
 ]
 SPARSE_PATH = BenchPath(
     "32 GiB sparse raw -> qcow2", "sparse", "qcow2", ["--to", "qcow2"], ["-O", "qcow2"], 1.0
@@ -114,6 +122,7 @@ class Row:
     target: float
     vmigrate: list[Run] = field(default_factory=list)
     qemu: list[Run] = field(default_factory=list)
+    out_bytes: dict[str, int] = field(default_factory=dict)  # allocated size of the output
 
     @staticmethod
     def _median(runs: list[Run], attr: str) -> float:
@@ -219,10 +228,13 @@ def bench_path(p: BenchPath, inputs: dict[str, Path], work: Path, runs: int) -> 
         row.vmigrate.append(run_child(argv, REPO, child_env(work)))
         if i == 0:
             verify(src, p.src, out, p.out_ext)
+            row.out_bytes["vmigrate"] = out.stat().st_blocks * 512
         out.unlink()
         row.qemu.append(
             run_child(["qemu-img", "convert", "-f", src_fmt, *p.qemu, str(src), str(out)], work)
         )
+        if i == 0:
+            row.out_bytes["qemu"] = out.stat().st_blocks * 512
         out.unlink()
     print(
         f"  {p.name:<30} vmigrate {row.rate('vmigrate'):8.0f} MB/s  "
@@ -236,8 +248,9 @@ def bench_path(p: BenchPath, inputs: dict[str, Path], work: Path, runs: int) -> 
 def table(rows: list[Row]) -> str:
     head = (
         "| path | virtual | vmigrate MB/s | qemu-img MB/s | ratio | target | "
-        "vmigrate CPU s | qemu-img CPU s | vmigrate peak RSS | qemu-img peak RSS | meets |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
+        "vmigrate CPU s | qemu-img CPU s | vmigrate peak RSS | qemu-img peak RSS | "
+        "output MiB vmigrate / qemu-img | meets |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
     )
     lines = []
     for r in rows:
@@ -247,6 +260,7 @@ def table(rows: list[Row]) -> str:
             f"{r.rate('qemu'):.0f} | {r.ratio:.2f} | >= {r.target:.1f} | "
             f"{r.cpu('vmigrate'):.1f} | {r.cpu('qemu'):.1f} | "
             f"{r.rss_mib('vmigrate'):.0f} MiB | {r.rss_mib('qemu'):.0f} MiB | "
+            f"{r.out_bytes['vmigrate'] / MiB:.0f} / {r.out_bytes['qemu'] / MiB:.0f} | "
             f"{'yes' if ok else 'NO'} |"
         )
     return head + "\n".join(lines)

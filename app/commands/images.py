@@ -227,7 +227,13 @@ async def convert_file(
 )
 @click.option("--subformat", help="vhd: fixed|dynamic; vmdk: streamOptimized; qcow2: v2|v3.")
 @click.option("--compress", is_flag=True, help="Compress clusters/grains where the format can.")
-@click.option("--compression-level", type=click.IntRange(1, 9), default=6, show_default=True)
+@click.option(
+    "--compression-level",
+    type=click.IntRange(1, 9),
+    default=3,
+    show_default=True,
+    help="1-3: fast (ISA-L where the writer has it), 4-9: zlib, smaller and much slower.",
+)
 @click.option("--cluster-size", type=SIZE, help="qcow2 cluster / vhd block / vmdk grain size.")
 @click.option("--throttle", type=SIZE, metavar="BYTES/s", help="Limit data bytes per second.")
 @click.option("--digest", is_flag=True, help="Print the vmd1 digest of the disk when done.")
