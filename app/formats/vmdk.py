@@ -9,11 +9,11 @@ Supported for reading:
   the grain directory (from the footer, or from the header in qemu's layout).
 - **monolithicSparse** (hosted sparse extent with an embedded descriptor): random
   access via the grain directory and grain tables; zeroed-grain entries read as zeros.
-- **monolithicFlat** / ESXi **vmfs** (a text descriptor next to a ``-flat.vmdk`` file):
-  the descriptor must be opened from a :class:`~app.formats.io.FileSource`; its single
-  FLAT/VMFS extent is resolved relative to the descriptor's directory and must stay
-  inside it (absolute paths and ``..`` that lead elsewhere, including via symlinks, are
-  refused).
+- **monolithicFlat** / ESXi **vmfs** (a text descriptor next to a ``-flat.vmdk`` file,
+  :mod:`app.formats.vmdk_flat`): the descriptor must be opened from a
+  :class:`~app.formats.io.FileSource`; its single FLAT/VMFS extent is resolved relative
+  to the descriptor's directory and must stay inside it (absolute paths and ``..`` that
+  lead elsewhere, including via symlinks, are refused).
 
 Refused with a :class:`~app.formats.base.FormatError`: delta/child disks (parentCID not
 ffffffff, COWD/vmfsSparse/seSparse), split disks (twoGbMaxExtent*, several extents),
@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import os
 import struct
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import ClassVar
 
 from app.formats.base import (
@@ -54,7 +52,6 @@ from app.formats.base import (
     SequentialSource,
     WriterOptions,
 )
-from app.formats.io import FileSource
 from app.formats.vdisk_common import (
     ExtentBuilder,
     StreamReader,
@@ -62,6 +59,7 @@ from app.formats.vdisk_common import (
     inflate_bounded,
     read_exact_at,
 )
+from app.formats.vmdk_flat import VmdkFlatReader, open_flat
 from app.formats.vmdk_meta import (
     COWD_MAGIC_BYTES,
     FMT,
@@ -70,9 +68,9 @@ from app.formats.vmdk_meta import (
     MAGIC_BYTES,
     MARKER_EOS,
     MARKER_FOOTER,
-    MAX_DESCRIPTOR_BYTES,
     Descriptor,
     SparseHeader,
+    check_create_type,
     looks_like_descriptor,
     parse_descriptor,
     unpack_grain_marker,
@@ -95,15 +93,6 @@ __all__ = [
     "probe",
 ]
 
-_SPLIT_TYPES = {
-    "twogbmaxextentsparse",
-    "twogbmaxextentflat",
-    "monolithicsparse-split",
-}
-_DELTA_TYPES = {"vmfssparse", "sesparse", "vsansparse"}
-_RDM_TYPES = {"vmfsraw", "vmfsrawdevicemap", "vmfspassthroughrawdevicemap", "fulldevice",
-              "partitioneddevice"}  # fmt: skip
-_FLAT_TYPES = {"monolithicflat", "vmfs", "vmfspreallocated", "vmfseagerzeroedthick", "vmfsthin"}
 
 #: Grains whose compressed data is read and inflated together.
 _BATCH_GRAINS = 64
@@ -112,32 +101,6 @@ _BATCH_GRAINS = 64
 def probe(head: bytes, tail: bytes = b"") -> bool:
     """Sparse extent magic (KDMV, or COWD to refuse it clearly) or a text descriptor."""
     return head[:4] in (MAGIC_BYTES, COWD_MAGIC_BYTES) or looks_like_descriptor(head)
-
-
-def _check_create_type(desc: Descriptor, offset: int | None) -> str:
-    ctype = desc.create_type
-    low = ctype.lower()
-    if low in _SPLIT_TYPES or len(desc.extents) > 1:
-        raise FormatError(
-            f"split/multi-extent disk (createType={ctype!r}, {len(desc.extents)} extents) is "
-            "not supported; convert it to a monolithic disk first (vmware-vdiskmanager -r)",
-            fmt=FMT,
-            offset=offset,
-        )
-    if low in _DELTA_TYPES:
-        raise FormatError(
-            f"delta disk (createType={ctype!r}) is not supported; consolidate snapshots first",
-            fmt=FMT,
-            offset=offset,
-        )
-    if low in _RDM_TYPES:
-        raise FormatError(
-            f"raw device mapping (createType={ctype!r}) has no disk data to migrate",
-            fmt=FMT,
-            offset=offset,
-        )
-    desc.refuse_delta(offset)
-    return low
 
 
 # --- sparse extents (monolithicSparse, streamOptimized) ------------------------------
@@ -170,7 +133,7 @@ async def _read_embedded_descriptor(
 
 def _sparse_kind(hdr: SparseHeader, desc: Descriptor) -> str:
     """'streamOptimized' or 'monolithicSparse' from flags and createType (consistently)."""
-    low = _check_create_type(desc, hdr.descriptor_offset * SECTOR)
+    low = check_create_type(desc, hdr.descriptor_offset * SECTOR)
     ext = desc.extents[0]
     if ext.kind != "SPARSE":
         raise FormatError(
@@ -543,139 +506,6 @@ async def _open_stream(source: SequentialSource, max_virtual_size: int) -> Image
     )
 
 
-# --- monolithicFlat -------------------------------------------------------------------
-
-
-def resolve_extent_path(descriptor_path: Path, name: str) -> Path:
-    """The extent file ``name`` names, which must be inside the descriptor's directory."""
-    if not name or "\0" in name:
-        raise FormatError("descriptor has an empty or invalid extent file name", fmt=FMT)
-    base = descriptor_path.parent
-    candidate = Path(name) if os.path.isabs(name) else base / name
-    base_real = os.path.realpath(base)
-    real = os.path.realpath(candidate)
-    if os.path.commonpath([base_real, real]) != base_real or real == base_real:
-        raise FormatError(
-            f"extent file {name!r} resolves outside the descriptor's directory; refusing",
-            fmt=FMT,
-        )
-    return Path(real)
-
-
-class VmdkFlatReader(ImageReader):
-    """A single FLAT/VMFS extent described by a text descriptor."""
-
-    format: ClassVar[str] = "vmdk"
-    needs_random_access: ClassVar[bool] = True
-
-    def __init__(
-        self,
-        descriptor_source: RandomAccessSource,
-        extent: RandomAccessSource,
-        start: int,
-        virtual_size: int,
-        desc: Descriptor,
-        extent_path: Path,
-    ) -> None:
-        self._desc_source = descriptor_source
-        self._extent = extent
-        self._start = start
-        self._used = False
-        self.info = ImageInfo(
-            format=FMT,
-            virtual_size=virtual_size,
-            subformat=desc.create_type or "monolithicFlat",
-            details={"extent_file": str(extent_path), "extent_offset": start},
-        )
-
-    async def close(self) -> None:
-        await self._extent.close()
-        await self._desc_source.close()
-
-    async def _data_ranges(self) -> list[tuple[int, int]]:
-        """Virtual ranges that may hold data, from the extent file's holes if known."""
-        vsize = self.virtual_size
-        ranges = await self._extent.data_ranges()
-        if ranges is None:
-            return [(0, vsize)] if vsize else []
-        out: list[tuple[int, int]] = []
-        for off, length in ranges:
-            lo = max(off - self._start, 0)
-            hi = min(off + length - self._start, vsize)
-            if hi > lo:
-                out.append((lo, hi - lo))
-        return out
-
-    async def allocation_map(self) -> list[tuple[int, int]] | None:
-        return await self._data_ranges()
-
-    def extents(self, chunk_size: int = DEFAULT_CHUNK) -> AsyncIterator[Extent]:
-        if self._used:
-            raise FormatError("extents() can be iterated once per reader", fmt=FMT)
-        self._used = True
-        return self._flat_extents(chunk_size)
-
-    async def _flat_extents(self, chunk_size: int) -> AsyncIterator[Extent]:
-        builder = ExtentBuilder(chunk_size)
-        vsize = self.virtual_size
-        for off, length in await self._data_ranges():
-            for ext in builder.zero(builder.pos, off - builder.pos):
-                yield ext
-            pos = off
-            end = off + length
-            while pos < end:
-                n = min(chunk_size, end - pos)
-                data = await read_exact_at(
-                    self._extent, self._start + pos, n, FMT, "flat extent data"
-                )
-                for ext in builder.data(pos, data):
-                    yield ext
-                pos += n
-        for ext in builder.zero(builder.pos, vsize - builder.pos):
-            yield ext
-        for ext in builder.finish():
-            yield ext
-
-
-async def _open_flat(source: RandomAccessSource, max_virtual_size: int) -> ImageReader:
-    if source.size > MAX_DESCRIPTOR_BYTES:
-        raise FormatError("descriptor file is too large", fmt=FMT, offset=0)
-    desc = parse_descriptor(await read_exact_at(source, 0, source.size, FMT, "descriptor"))
-    low = _check_create_type(desc, 0)
-    ext = desc.extents[0]
-    if low not in _FLAT_TYPES or ext.kind not in ("FLAT", "VMFS"):
-        raise FormatError(
-            f"descriptor-only disk of type {desc.create_type!r} with a {ext.kind} extent is not "
-            "supported (expected monolithicFlat/vmfs with one FLAT/VMFS extent)",
-            fmt=FMT,
-            offset=0,
-        )
-    if ext.access == "NOACCESS":
-        raise FormatError("extent is marked NOACCESS", fmt=FMT, offset=0)
-    vsize = ext.sectors * SECTOR
-    if vsize > max_virtual_size:
-        raise FormatError(
-            f"virtual size {vsize} exceeds the limit of {max_virtual_size} bytes", fmt=FMT
-        )
-    path = getattr(source, "path", None)
-    if not isinstance(source, FileSource) or not isinstance(path, Path):
-        raise FormatError(
-            "a monolithicFlat descriptor refers to an extent file; open it from a local file",
-            fmt=FMT,
-        )
-    extent_path = resolve_extent_path(path, ext.filename or "")
-    extent = FileSource(extent_path)
-    start = ext.offset * SECTOR
-    if extent.size < start + vsize:
-        await extent.close()
-        raise FormatError(
-            f"extent file {extent_path.name} holds {extent.size} bytes, the descriptor needs "
-            f"{start + vsize}",
-            fmt=FMT,
-        )
-    return VmdkFlatReader(source, extent, start, vsize, desc, extent_path)
-
-
 # --- module contract ------------------------------------------------------------------
 
 
@@ -690,7 +520,7 @@ async def open_reader(
         if head[:4] in (MAGIC_BYTES, COWD_MAGIC_BYTES):
             return await _open_sparse_random(source, head, max_virtual_size)
         if looks_like_descriptor(head):
-            return await _open_flat(source, max_virtual_size)
+            return await open_flat(source, max_virtual_size)
         raise FormatError("not a VMDK: no sparse extent magic and no descriptor", fmt=FMT, offset=0)
     return await _open_stream(source, max_virtual_size)
 

@@ -288,6 +288,43 @@ def parse_descriptor(raw: bytes, *, offset: int = 0) -> Descriptor:
     return desc
 
 
+SPLIT_TYPES = {
+    "twogbmaxextentsparse",
+    "twogbmaxextentflat",
+}
+DELTA_TYPES = {"vmfssparse", "sesparse", "vsansparse"}
+RDM_TYPES = {"vmfsraw", "vmfsrawdevicemap", "vmfspassthroughrawdevicemap", "fulldevice",
+              "partitioneddevice"}  # fmt: skip
+FLAT_TYPES = {"monolithicflat", "vmfs", "vmfspreallocated", "vmfseagerzeroedthick", "vmfsthin"}
+
+
+def check_create_type(desc: Descriptor, offset: int | None) -> str:
+    """Refuse split, delta and raw-device disks; return the lower-cased createType."""
+    ctype = desc.create_type
+    low = ctype.lower()
+    if low in SPLIT_TYPES or len(desc.extents) > 1:
+        raise FormatError(
+            f"split/multi-extent disk (createType={ctype!r}, {len(desc.extents)} extents) is "
+            "not supported; convert it to a monolithic disk first (vmware-vdiskmanager -r)",
+            fmt=FMT,
+            offset=offset,
+        )
+    if low in DELTA_TYPES:
+        raise FormatError(
+            f"delta disk (createType={ctype!r}) is not supported; consolidate snapshots first",
+            fmt=FMT,
+            offset=offset,
+        )
+    if low in RDM_TYPES:
+        raise FormatError(
+            f"raw device mapping (createType={ctype!r}) has no disk data to migrate",
+            fmt=FMT,
+            offset=offset,
+        )
+    desc.refuse_delta(offset)
+    return low
+
+
 ADAPTER_TYPES = ("ide", "lsilogic", "buslogic", "legacyESX", "pvscsi", "lsisas1068")
 
 

@@ -12,10 +12,10 @@ qemu-img writes a variant: the grain directory and tables sit in the overhead ar
 the front (header gdOffset set) and the file may end without an EOS marker. The
 sequential reader accepts both: for the VMware layout it requires the footer and the
 EOS marker; for the qemu layout it counts the allocated grains in the tables at the
-front and requires exactly that many grain markers, so a truncated stream is an error
-either way. Grains must appear in increasing LBA order (every known producer does
-that); a random-access source is read through the grain tables instead
-(:mod:`app.formats.vmdk`), which has no ordering requirement.
+front and requires exactly that many grain markers; any other layout must end with the
+EOS marker. A truncated stream is an error either way. Grains must appear in increasing
+LBA order (every known producer does that); a random-access source is read through the
+grain tables instead (:mod:`app.formats.vmdk`), which has no ordering requirement.
 """
 
 from __future__ import annotations
@@ -257,8 +257,8 @@ async def walk_stream(
             with contextlib.suppress(BaseException):
                 await pending
 
-    if tables_in_front:
-        if expected is not None and seen != expected:
+    if expected is not None:  # qemu's layout: the tables at the front say what must follow
+        if seen != expected:
             raise FormatError(
                 f"stream holds {seen} grains but the grain tables list {expected}: "
                 "the file is truncated or damaged",
@@ -270,7 +270,7 @@ async def walk_stream(
             raise FormatError(
                 "stream ended before the end-of-stream marker (truncated)", fmt=FMT, offset=rd.pos
             )
-        if not saw_footer:
+        if not tables_in_front and not saw_footer:
             raise FormatError("stream has no footer (truncated or damaged)", fmt=FMT, offset=rd.pos)
     if builder.pos < vsize:
         for ext in builder.zero(builder.pos, vsize - builder.pos):
