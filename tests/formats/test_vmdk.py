@@ -230,7 +230,7 @@ async def test_reader_matches_qemu(tmp_path: Path, subformat: str, case: str) ->
     assert reader.virtual_size == size
     assert await read_and_close(reader, 64 * KiB) == data
     if subformat == "streamOptimized":
-        seq = await vmdk.open_reader(SequentialFileSource(img))
+        seq = await registry.open_reader(SequentialFileSource(img), "vmdk")
         assert not seq.needs_random_access
         assert await read_and_close(seq) == data
         chunky = await vmdk.open_reader(ChunkySequentialSource(img.read_bytes(), seed=size))
