@@ -58,6 +58,27 @@ class Settings(BaseSettings):
         default=2 * 1024**4, ge=1, description="Largest image upload accepted (bytes)."
     )
     log_level: str = Field(default="INFO", description="Python log level.")
+    worker_concurrency: int = Field(
+        default=4, ge=1, description="Migrations one worker process runs at once."
+    )
+    worker_per_source_limit: int = Field(
+        default=2, ge=1,
+        description="Migrations running at once against one source host (all workers).",
+    )
+    worker_lease_seconds: float = Field(
+        default=30.0, gt=0, description="A worker that stops heartbeating loses its "
+        "migration after this long; another worker resumes it."
+    )
+    worker_heartbeat_seconds: float = Field(
+        default=5.0, gt=0, description="How often a worker renews its leases and looks "
+        "for cancel requests."
+    )
+    worker_poll_seconds: float = Field(
+        default=1.0, gt=0, description="How often an idle worker looks for queued work."
+    )
+    step_max_attempts: int = Field(
+        default=5, ge=1, description="Tries per step for transient errors."
+    )
 
     @field_validator("encryption_keys", mode="before")
     @classmethod

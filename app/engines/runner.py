@@ -5,13 +5,14 @@ type's :class:`Engine`. Everything it records goes through a :class:`RunStore`, 
 writes are fenced by the claim's epoch: a runner whose lease was taken over gets
 :class:`LeaseLost` from its next write and stops without touching anything else.
 
-Order of work:
-1. Steps that are not cleanup steps run in plan order; completed ones (from an earlier
-   attempt) are skipped, so a resumed migration starts at its first unfinished step.
+Order of work (the plan, :class:`~app.engines.plans.Plan`, is the authority):
+1. Work steps run in plan order; completed ones (from an earlier attempt) are skipped,
+   so a resumed migration starts at its first unfinished step.
 2. A step that raises a transient error is retried with backoff (``RetryPolicy``).
-3. On success every cleanup step runs in plan order; on failure or cancel, cleanup
-   steps run in reverse order, each once, errors logged as events but not masking the
-   original failure.
+3. On success the cleanup steps of :meth:`Plan.success_path` run in plan order; on
+   failure or cancel :meth:`Plan.unwind` names the cleanups that undo something that
+   started, newest first. A failing cleanup is recorded (step row and event) but never
+   masks the original outcome.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from app.engines.plans import Plan
 from app.engines.retry import RetryPolicy
 from app.errors import AppError
 
@@ -46,7 +48,9 @@ class Cancelled(Exception):
 
 
 @dataclass(slots=True)
-class StepState:
+class StepRow:
+    """A step row as the runner tracks it (status and result change as it runs)."""
+
     position: int
     name: str
     cleanup: bool
@@ -66,7 +70,13 @@ class MigrationView:
     secrets: JSONDict
     checkpoint: JSONDict | None
     attempt: int
-    steps: list[StepState] = field(default_factory=list)
+    steps: list[StepRow] = field(default_factory=list)
+
+    def row(self, name: str) -> StepRow:
+        for s in self.steps:
+            if s.name == name:
+                return s
+        raise KeyError(f"migration {self.id} has no step {name!r}")
 
     def result_of(self, step: str) -> JSONDict:
         for s in self.steps:
@@ -91,7 +101,7 @@ class RunStore(Protocol):
 class StepContext:
     """Handed to every step: progress, checkpoints, events and cancellation."""
 
-    def __init__(self, migration: MigrationView, step: StepState, store: RunStore,
+    def __init__(self, migration: MigrationView, step: StepRow, store: RunStore,
                  cancel: asyncio.Event, clock: Callable[[], float] = time.monotonic) -> None:
         self.migration = migration
         self.step = step
@@ -172,9 +182,10 @@ class Runner:
         self.cancel = cancel
         self._sleep = sleep
 
-    async def run(self, migration: MigrationView) -> RunOutcome:
+    async def run(self, migration: MigrationView, plan: Plan) -> RunOutcome:
         outcome = RunOutcome("completed")
-        for step in migration.steps:
+        for planned in plan.steps:
+            step = migration.row(planned.name)
             if step.cleanup or step.status in ("completed", "skipped"):
                 continue
             if self.cancel.is_set() or await self.store.cancel_requested():
@@ -192,12 +203,13 @@ class Runner:
                 outcome = RunOutcome("failed", describe_error(exc, step.name,
                                                               self.engine.platform))
                 break
-        await self._cleanup(migration, outcome)
+        await self._cleanup(migration, plan, outcome)
         return outcome
 
-    async def _run_with_retries(self, migration: MigrationView, step: StepState) -> None:
+    async def _run_with_retries(self, migration: MigrationView, step: StepRow) -> None:
         attempt = 1
         while True:
+            step.status = "running"
             await self.store.step_started(step.position)
             ctx = StepContext(migration, step, self.store, self.cancel)
             try:
@@ -216,6 +228,7 @@ class Runner:
                     await self._sleep(delay)
                     attempt += 1
                     continue
+                step.status = "failed"
                 await self.store.step_finished(step.position, "failed", None, message)
                 raise
             step.status, step.result = "completed", result
@@ -242,16 +255,23 @@ class Runner:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
-    async def _finish_quietly(self, step: StepState, status: str, result: JSONDict | None,
+    async def _finish_quietly(self, step: StepRow, status: str, result: JSONDict | None,
                               error: str) -> None:
+        step.status = status
         with contextlib.suppress(LeaseLost):
             await self.store.step_finished(step.position, status, result, error)
 
-    async def _cleanup(self, migration: MigrationView, outcome: RunOutcome) -> None:
-        steps = [s for s in migration.steps if s.cleanup and s.status != "completed"]
-        if outcome.status != "completed":
-            steps.reverse()
-        for step in steps:
+    async def _cleanup(self, migration: MigrationView, plan: Plan, outcome: RunOutcome) -> None:
+        if outcome.status == "completed":
+            planned = [s for s in plan.success_path() if s.cleanup]
+        else:
+            started = {s.name for s in migration.steps
+                       if not s.cleanup and s.status in ("running", "completed", "failed")}
+            planned = list(plan.unwind(started))
+        for cleanup in planned:
+            step = migration.row(cleanup.name)
+            if step.status == "completed":
+                continue
             await self.store.step_started(step.position)
             ctx = StepContext(migration, step, self.store, asyncio.Event())
             try:
