@@ -19,20 +19,52 @@ def main() -> None:
     """vmigrate: migrate virtual machines and their disks between hypervisors and clouds."""
 
 
+def _logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 @main.command()
 @click.option("--host", default=None, help="Bind address (default: VMIGRATE_HOST or 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default: VMIGRATE_PORT or 8080).")
-def serve(host: str | None, port: int | None) -> None:
-    """Run the HTTP API (starts the embedded PostgreSQL when no database URL is set)."""
+@click.option("--no-worker", is_flag=True, help="Serve the API only; run `vmigrate worker` "
+              "processes separately.")
+def serve(host: str | None, port: int | None, no_worker: bool) -> None:
+    """Run the HTTP API and a worker (starts the embedded PostgreSQL when no database URL
+    is set)."""
     import uvicorn
 
     from app.main import create_app
 
     settings = Settings()
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
-                log_level=settings.log_level.lower())
+    _logging(settings)
+    uvicorn.run(create_app(settings, run_worker=not no_worker), host=host or settings.host,
+                port=port or settings.port, log_level=settings.log_level.lower())
+
+
+@main.command()
+def worker() -> None:
+    """Run a worker: claim queued migrations and run them until SIGTERM/SIGINT, then hand
+    running ones back so another worker resumes them at once."""
+    import signal
+
+    from app.main import build_context, build_worker
+
+    settings = Settings()
+    _logging(settings)
+
+    async def run() -> None:
+        ctx = await build_context(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await build_worker(ctx).run(stop)
+        finally:
+            await ctx.db.dispose()
+
+    asyncio.run(run())
 
 
 @main.group()

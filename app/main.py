@@ -7,6 +7,7 @@ configured) -> schema upgrade -> secret box; and hands them to requests through
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +22,8 @@ from app.api.limits import BodyLimit
 from app.config import Settings
 from app.crypto import SecretBox, load_keys
 from app.db import Database, embedded_postgres_url, upgrade
+from app.engines.registry import EngineDeps, default_engines
+from app.engines.worker import Worker, WorkerConfig
 from app.storage import build_store
 
 log = logging.getLogger(__name__)
@@ -54,8 +57,16 @@ async def build_context(settings: Settings, db: Database | None = None) -> AppCo
     return AppContext(settings=settings, db=db, box=SecretBox(keys), store=build_store(settings))
 
 
-def create_app(settings: Settings | None = None, *, db: Database | None = None) -> FastAPI:
-    """Build the ASGI app. ``db`` lets tests share one database across apps."""
+def build_worker(ctx: AppContext) -> Worker:
+    deps = EngineDeps(settings=ctx.settings, db=ctx.db, box=ctx.box, store=ctx.store)
+    return Worker(ctx.db, ctx.box, default_engines(deps), WorkerConfig.from_settings(ctx.settings))
+
+
+def create_app(
+    settings: Settings | None = None, *, db: Database | None = None, run_worker: bool = False
+) -> FastAPI:
+    """Build the ASGI app. ``db`` lets tests share one database across apps;
+    ``run_worker`` runs a worker in the same process (``vmigrate serve`` does)."""
     settings = settings or Settings()
     owns_db = db is None
 
@@ -63,9 +74,14 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ctx = await build_context(settings, db)
         app.state.ctx = ctx
+        stop = asyncio.Event()
+        worker = asyncio.create_task(build_worker(ctx).run(stop)) if run_worker else None
         try:
             yield
         finally:
+            stop.set()  # the worker hands its migrations back before the pool closes
+            if worker is not None:
+                await worker
             if owns_db:
                 await ctx.db.dispose()
 

@@ -1,0 +1,29 @@
+"""Which engine runs which migration type, and what engines get from the process."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from app.config import Settings
+from app.crypto import SecretBox
+from app.db import Database
+from app.engines.worker import EngineFactory
+from app.storage.base import ImageStore
+
+
+@dataclass(frozen=True, slots=True)
+class EngineDeps:
+    """Process-wide things engines use (built once, passed in)."""
+
+    settings: Settings
+    db: Database
+    box: SecretBox
+    store: ImageStore
+
+
+def default_engines(deps: EngineDeps) -> Mapping[str, EngineFactory]:
+    """The engines this build ships. A type without an engine fails at claim time with
+    "this worker cannot run <type> migrations" rather than hanging in ``queued``."""
+    engines: dict[str, EngineFactory] = {}
+    return engines
