@@ -161,7 +161,7 @@ class NfcDownload:
     def __init__(self, client: httpx.AsyncClient, url: str, headers: dict[str, str],
                  errors: Errors, on_bytes: Callable[[int], None], fallback_size: int) -> None:
         self._client = client
-        self._url = url
+        self.url = url  # carries the lease ticket: never log it
         self._headers = headers
         self._errors = errors
         self._on_bytes = on_bytes
@@ -176,7 +176,7 @@ class NfcDownload:
     async def start(self) -> bytes:
         """Open the stream; returns its first bytes (up to :data:`PROBE_BYTES`, not consumed)."""
         with self._errors("start the disk download"):
-            request = self._client.build_request("GET", self._url, headers=self._headers)
+            request = self._client.build_request("GET", self.url, headers=self._headers)
             self._response = await self._client.send(request, stream=True)
             self._response.raise_for_status()
         length = self._response.headers.get("content-length")
