@@ -8,6 +8,8 @@
   position for error messages.
 - :func:`read_exact_at` reads from a random-access source and turns a short read into
   a :class:`~app.formats.base.FormatError`.
+- :class:`WriteBehind` keeps a few positional writes in flight.
+- :func:`is_zero` / :func:`zeros`: zero detection at memcmp speed and shared zero bytes.
 - :func:`crc32c` is a small table-driven CRC-32C (Castagnoli), as VHDX needs it.
 - :func:`compute_pool` is the process-wide thread pool for CPU-bound work
   (compression, decompression) that releases the GIL.
