@@ -49,6 +49,11 @@ def zeros(n: int) -> bytes:
     return bytes(n)
 
 
+def stable_bytes(data: bytes | bytearray | memoryview) -> bytes:
+    """``data`` as immutable bytes (no copy when it already is)."""
+    return data if isinstance(data, bytes) else bytes(data)
+
+
 def is_zero(data: bytes | bytearray | memoryview) -> bool:
     """True when every byte of ``data`` is zero (memcmp speed, no copies)."""
     n = len(data)

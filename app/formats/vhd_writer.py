@@ -41,7 +41,7 @@ from app.formats.base import (
     SequentialSink,
     WriterOptions,
 )
-from app.formats.vdisk_common import WriteBehind, is_zero, zeros
+from app.formats.vdisk_common import WriteBehind, is_zero, stable_bytes, zeros
 from app.formats.vhd_meta import (
     FMT,
     TYPE_DYNAMIC,
@@ -154,7 +154,7 @@ class VhdFixedWriter(_VhdWriter):
         if extent.data is None:
             return
         await self._zero_to(extent.offset)
-        await self._put(extent.data)
+        await self._put(stable_bytes(extent.data))
 
     async def finish(self) -> None:
         if self._finished:
@@ -314,7 +314,9 @@ class VhdDynamicWriter(_VhdWriter):
                 "a dynamic VHD on a sequential sink needs set_allocation_map() first", fmt=FMT
             )
         bs = self._bs
-        view = memoryview(extent.data)
+        # Writes may still be in flight after we return: never keep a view of a buffer
+        # the reader could reuse.
+        view = memoryview(stable_bytes(extent.data))
         pos = extent.offset
         i = 0
         while i < len(view):

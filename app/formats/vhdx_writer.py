@@ -40,7 +40,7 @@ from app.formats.base import (
     SequentialSink,
     WriterOptions,
 )
-from app.formats.vdisk_common import WriteBehind, crc32c, is_zero, zeros
+from app.formats.vdisk_common import WriteBehind, crc32c, is_zero, stable_bytes, zeros
 from app.formats.vhdx_meta import (
     BAT_GUID,
     FILE_PARAMETERS,
@@ -303,7 +303,9 @@ class VhdxWriter(ImageWriter):
                 "a dynamic VHDX on a sequential sink needs set_allocation_map() first", fmt=FMT
             )
         bs = self._bs
-        view = memoryview(extent.data)
+        # Writes may still be in flight after we return: never keep a view of a buffer
+        # the reader could reuse.
+        view = memoryview(stable_bytes(extent.data))
         pos = extent.offset
         i = 0
         while i < len(view):
