@@ -82,9 +82,17 @@ class Endpoint:
 
 
 def fault_text(fault: BaseException) -> str:
-    """The platform's own words for a fault: ``msg``, else the fault's type name."""
-    msg = getattr(fault, "msg", None) or str(fault) or ""
+    """The platform's own words for a fault: its ``msg`` (else its first localized
+    message) after the fault's type name. A vSphere fault's ``str()`` is a multi-line
+    dump of every field, so it is used only for other exceptions."""
     name = type(fault).__name__.rsplit(".", 1)[-1]
+    if isinstance(fault, vmodl.MethodFault):
+        messages = getattr(fault, "faultMessage", None) or []
+        msg = getattr(fault, "msg", None) or next(
+            (m.message for m in messages if getattr(m, "message", None)), ""
+        )
+    else:
+        msg = str(fault)
     msg = str(msg).strip()
     return f"{name}: {msg}" if msg and name not in msg else (msg or name)
 

@@ -7,6 +7,7 @@ them: ``tests/infra/test_vcsim.py`` expects the model VMs powered on.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import socket
@@ -261,17 +262,49 @@ async def test_snapshots_are_idempotent_by_name(driver: VmwareDriver) -> None:
 # --- export ---------------------------------------------------------------------------
 
 
-async def export_digest(driver: VmwareDriver, vm: str) -> tuple[ImageFormat, str, str]:
-    """Shut down, snapshot, export the one disk; (format, vmd1 digest, lease URL)."""
+def count_progress_reports(driver: VmwareDriver, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every pyvmomi call of the driver that succeeded, by action."""
+    done: list[str] = []
+    original = driver.call
+
+    async def call(action: str, fn: Callable[[], Any]) -> Any:
+        result = await original(action, fn)
+        done.append(action)
+        return result
+
+    monkeypatch.setattr(driver, "call", call)
+    return done
+
+
+async def export_digest(
+    driver: VmwareDriver, vm: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[ImageFormat, str, str]:
+    """Export the VM's one disk; (format, vmd1 digest, lease URL).
+
+    Reads the first extent, then stalls for several keep-alive intervals, as a slow
+    pipeline would: the lease's progress must have been reported meanwhile.
+    """
+    calls = count_progress_reports(driver, monkeypatch)
     async with driver.export_disks(vm, await driver.find_snapshot(vm, "vmigrate-x")) as export:
         (disk,) = export.disks
         stream = await export.open(disk)
+        url = cast(NfcDownload, stream.source).url
         reader = await open_reader(stream.source, stream.format.value)
+        extents = reader.extents()
         try:
-            digest = await digest_extents(reader.extents(), reader.virtual_size)
+            first = await anext(extents)
+            await asyncio.sleep(10 * FAST.lease_progress_interval)
+            assert calls.count("report transfer progress") >= 3
+
+            async def all_extents() -> AsyncIterator[Any]:
+                yield first
+                async for extent in extents:
+                    yield extent
+
+            digest = await digest_extents(all_extents(), reader.virtual_size)
         finally:
             await stream.close()
-        return stream.format, digest, cast(NfcDownload, stream.source).url
+        return stream.format, digest, url
 
 
 async def lease_url_gone(vcsim: Vcsim, url: str) -> bool:
@@ -280,7 +313,7 @@ async def lease_url_gone(vcsim: Vcsim, url: str) -> bool:
 
 
 async def test_export_of_a_raw_backed_disk_matches_the_uploaded_bytes(
-    vcsim: Vcsim, driver: VmwareDriver, tmp_path: Path
+    vcsim: Vcsim, driver: VmwareDriver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     raw = disk_with_holes(tmp_path / "disk.raw", 1 * MiB, seed=1)
     vcsim.upload_disk("DC0_H0_VM1", raw)
@@ -288,7 +321,7 @@ async def test_export_of_a_raw_backed_disk_matches_the_uploaded_bytes(
     before = await as_off(driver, vm)
     await driver.create_snapshot(vm, "vmigrate-x")
     try:
-        fmt, digest, url = await export_digest(driver, vm)
+        fmt, digest, url = await export_digest(driver, vm, monkeypatch)
     finally:
         await driver.remove_snapshot(vm, "vmigrate-x")
         await driver.restore_power(vm, before)
@@ -298,7 +331,7 @@ async def test_export_of_a_raw_backed_disk_matches_the_uploaded_bytes(
 
 
 async def test_export_of_a_stream_optimized_disk_is_read_as_vmdk(
-    vcsim: Vcsim, driver: VmwareDriver, tmp_path: Path
+    vcsim: Vcsim, driver: VmwareDriver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What a real vCenter sends: the stream is probed and read sequentially as VMDK."""
     raw = disk_with_holes(tmp_path / "disk.raw", 5 * MiB + 512, seed=2)
@@ -306,7 +339,7 @@ async def test_export_of_a_stream_optimized_disk_is_read_as_vmdk(
     vm = (await driver.validate_source(ServerRef(name="DC0_C0_RP0_VM1"))).id
     before = await as_off(driver, vm)
     try:
-        fmt, digest, _ = await export_digest(driver, vm)
+        fmt, digest, _ = await export_digest(driver, vm, monkeypatch)
     finally:
         await driver.restore_power(vm, before)
     assert fmt is ImageFormat.vmdk

@@ -129,6 +129,9 @@ def test_messages_carry_the_platform_text_but_never_a_secret() -> None:
     assert "no space for ***" in text
     assert "hunter2-secret" not in text
 
+    unset = translate(EP, "read the lease", fault(vmodl.fault.MethodNotFound, method="x"))
+    assert str(unset) == "read the lease failed on vCenter vc.example:443: MethodNotFound"
+
     with pytest.raises(CloudAuthError) as auth, map_exceptions(EP, "log in"):
         raise fault(vim.fault.InvalidLogin, msg="Login failure")
     assert str(auth.value) == (
