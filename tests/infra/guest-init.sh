@@ -54,7 +54,8 @@ install -d -m 0700 /root/.ssh
 install -m 0600 "$s/authorized_keys" /root/.ssh/authorized_keys
 install -d -m 0700 -o tester -g tester /home/tester/.ssh
 install -m 0600 -o tester -g tester "$s/authorized_keys" /home/tester/.ssh/authorized_keys
-printf 'tester:%s\n' "$(cat "$s/password")" | chpasswd || fail "chpasswd failed"
+# sha512crypt with few rounds: Debian's default yescrypt costs seconds per login under TCG.
+printf 'tester:%s\n' "$(cat "$s/password")" | chpasswd -c SHA512 -s 1000 || fail "chpasswd failed"
 
 # --- network: QEMU user networking (slirp) ---
 ip link set lo up

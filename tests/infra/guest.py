@@ -161,8 +161,12 @@ def ensure_image(timeout: float = 900.0) -> GuestImage:
         if image.complete():
             return image
         for stale in root.glob("guest-*"):
-            if stale.is_dir() and stale.name != image.directory.name:
+            if stale.name.startswith(image.directory.name):
+                continue
+            if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
+            elif stale.suffix == ".log":
+                stale.unlink(missing_ok=True)
         log = root / f"guest-{key}.log"
         started = time.monotonic()
         with log.open("wb") as out:
@@ -232,7 +236,7 @@ class LvmGuest(SshHost):
     boot_seconds: float = 0.0
     lv_sha256: str = ""  # sha256 of the whole LV after the last reset_lv() (hex)
     qemu: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-    _state_digest: str = field(default="", repr=False)
+    _clean_state: dict[str, str] = field(default_factory=dict, repr=False)
 
     def console_tail(self, lines: int = 40) -> str:
         return _tail(self.console_log, lines)
@@ -256,43 +260,71 @@ class LvmGuest(SshHost):
             check=True,
         )
 
-    def _state_script(self) -> str:
-        """Shell that prints what a test could have changed: every device-mapper table
-        (LVs, snapshots), write counters of the dm devices and the destination disk, vg0
-        mounts. Reads and snapshot create+remove leave it unchanged."""
+    def _probe_script(self) -> str:
+        """Shell that kills what still holds a vg0 device or the destination (an abandoned
+        stream; udev workers excepted), syncs, and prints what a test could have changed:
+        TABLES (every device-mapper table and vg0 mount), PVW and DESTW (write counters of
+        the PV and destination disks). Reads, and snapshot create+remove, change neither."""
+        pv = self.pv_device.removeprefix("/dev/")
         dest = self.device.removeprefix("/dev/")
         return f"""
-dmsetup table 2>/dev/null | sort
-for f in /sys/block/dm-*/stat /sys/block/{dest}/stat; do
-  [ -e "$f" ] && echo "$f $(awk '{{print $5, $7}}' "$f")"
+for p in $(find /proc/[0-9]*/fd -maxdepth 1 \\( -lname '/dev/dm-*' -o -lname '{self.device}' \\) \\
+    2>/dev/null | cut -d/ -f3 | sort -u); do
+  [ "$p" = $$ ] && continue
+  case "$(cat /proc/$p/comm 2>/dev/null)" in *udev*|"") continue ;; esac
+  kill -9 "$p" 2>/dev/null || true
 done
-awk '$1 ~ "^/dev/mapper/{self.vg}-"' /proc/mounts
+sync
+t=$( (dmsetup table 2>/dev/null | sort; awk '$1 ~ "^/dev/mapper/{self.vg}-"' /proc/mounts) \\
+  | sha256sum | cut -d' ' -f1)
+echo "TABLES $t"
+echo "PVW $(awk '{{print $5, $7}}' /sys/block/{pv}/stat)"
+echo "DESTW $(awk '{{print $5, $7}}' /sys/block/{dest}/stat)"
 """
 
-    def reset_lv(self, *, force: bool = False) -> bool:
+    def _probe(self, prefix: str = "") -> dict[str, str]:
+        out = self.run(prefix + self._probe_script(), check=True, timeout=120)[1]
+        fields = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+        return {
+            k: fields[k].strip()
+            for k in ("TABLES", "PVW", "DESTW", *(("LVTABLE",) if "LVTABLE" in fields else ()))
+        }
+
+    def reset_lv(self, *, force: bool = False) -> str:
         """Back to a known state: ``vg0/data`` only (ext4 with ``hello.txt``,
         ``dir/random.bin`` (4 MiB), ``dir/numbers.txt``, ``SHA256SUMS``), free VG space for
         snapshots, destination disk zeroed, :attr:`lv_sha256` its digest.
 
-        Skipped (one quick SSH command) when nothing changed since the last reset; a test
-        that leaves an *inactive* LV behind should call ``reset_lv(force=True)``. Processes
-        in the guest still holding a vg0 device or the destination (an abandoned stream) are
-        killed first. Returns True if it rebuilt the LV.
+        Returns what it did. "clean": nothing changed since the last reset (one quick SSH
+        command). "restored": only data changed (LV or PV content, LVM metadata with the
+        same active LVs, destination disk): the saved PV head and a zeroed destination are
+        written back on this side into the disk images, and the guest drops its block
+        caches. "rebuilt": LVs were added, removed, left active or mounted: ``vg0/data`` is
+        recreated from scratch. Guest processes still holding a vg0 device or the
+        destination are killed first.
         """
-        expected = "" if force else self._state_digest
+        golden = self.workdir / "golden-pv-head.img"
+        state = self._probe()
+        if not force and self._clean_state and golden.exists():
+            if state == self._clean_state:
+                return "clean"
+            if state["TABLES"] == self._clean_state["TABLES"]:
+                if state["PVW"] != self._clean_state["PVW"]:
+                    _copy_into(golden, self.pv_image)
+                if state["DESTW"] != self._clean_state["DESTW"]:
+                    _zero_file(self.dest_image)
+                devices = f"{self.pv_device} {self.lv_path} {self.device}"
+                self._clean_state = self._probe(f"blockdev --flushbufs {devices}\n")
+                return "restored"
+        self._rebuild(golden)
+        return "rebuilt"
+
+    def _rebuild(self, golden: Path) -> None:
         script = f"""
 set -e
-state() {{ {self._state_script()}
-}}
-if [ -n "{expected}" ] && [ "$(state | sha256sum | cut -d' ' -f1)" = "{expected}" ]; then
-  echo CLEAN; exit 0
-fi
 for m in $(awk '$1 ~ "^/dev/mapper/{self.vg}-" {{print $2}}' /proc/mounts); do
   umount -l "$m"
 done
-pids=$(find /proc/[0-9]*/fd -maxdepth 1 \\( -lname '/dev/dm-*' -o -lname '{self.device}' \\) \\
-  2>/dev/null | cut -d/ -f3 | sort -u | grep -vx "$$" || true)
-[ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
 if lvs --noheadings -o lv_name {self.vg} 2>/dev/null | grep -q .; then
   lvremove -q -f -y {self.vg} >/dev/null
 fi
@@ -307,20 +339,26 @@ seq 1 100000 > /mnt/data/dir/numbers.txt
 (cd /mnt/data && sha256sum hello.txt dir/random.bin dir/numbers.txt > SHA256SUMS)
 umount /mnt/data
 blkdiscard -z {self.device} 2>/dev/null || dd if=/dev/zero of={self.device} bs=1M status=none
-sync
 udevadm settle --timeout=30 || true
-echo "TABLE $(dmsetup table {self.vg}-{LV})"
-echo "STATE $(state | sha256sum | cut -d' ' -f1)"
+echo "LVTABLE $(dmsetup table {self.vg}-{LV})"
 """
-        out = self.run(script, check=True, timeout=180)[1]
-        if out.strip() == "CLEAN":
-            return False
-        fields = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
-        self._state_digest = fields["STATE"].strip()
-        # The guest synced, so the LV's bytes are in pv.img on this side: hash them here
-        # (native speed) instead of in the guest (seconds under TCG).
-        self.lv_sha256 = hashlib.sha256(self.read_lv(fields["TABLE"])).hexdigest()
-        return True
+        self._clean_state = {}
+        state = self._probe(script)
+        # The guest synced, so the PV's bytes are in pv.img on this side: keep its head
+        # (LVM metadata + the LV) for restores, and hash the LV here (native speed)
+        # instead of in the guest (seconds under TCG).
+        start, length = _linear_extent(state.pop("LVTABLE"), self.lv_path)
+        with self.pv_image.open("rb") as f:
+            head = f.read(start + length)
+        if len(head) != start + length:
+            raise RuntimeError(f"short read from {self.pv_image}")
+        golden.write_bytes(head)
+        self.lv_sha256 = hashlib.sha256(memoryview(head)[start:]).hexdigest()
+        self._clean_state = state
+
+    def mark_dirty(self) -> None:
+        """Make the next :meth:`reset_lv` rebuild even if nothing visible changed."""
+        self._clean_state = {}
 
     @property
     def pv_image(self) -> Path:
@@ -333,29 +371,51 @@ echo "STATE $(state | sha256sum | cut -d' ' -f1)"
         test wrote there (with O_DIRECT, fsync or after ``sync``) can be checked here."""
         return self.workdir / "dest.img"
 
-    def read_lv(self, table: str | None = None) -> bytes:
-        """The current bytes of ``vg0/data`` read from :attr:`pv_image` on the host.
+    def read_lv(self) -> bytes:
+        """The current bytes of ``vg0/data``, read from :attr:`pv_image` on this side.
 
-        Valid for data the guest has flushed (``sync``) while the LV is linear (no snapshot
-        of it active); ``table`` is ``dmsetup table vg0-data`` output (queried if None).
+        Valid for data the guest has flushed (``sync``, O_DIRECT) while the LV is linear
+        (no snapshot of it active).
         """
-        if table is None:
-            table = self.check_output(f"dmsetup table {self.vg}-{LV}")
-        parts = table.split()
-        # "<start> <sectors> linear <major:minor> <offset>"
-        if len(parts) != 5 or parts[2] != "linear" or parts[0] != "0":
-            raise RuntimeError(f"{self.lv_path} is not a single linear segment: {table!r}")
-        sectors, offset = int(parts[1]), int(parts[4])
+        table = self.check_output(f"sync; dmsetup table {self.vg}-{LV}")
+        start, length = _linear_extent(table, self.lv_path)
         with self.pv_image.open("rb") as f:
-            f.seek(offset * 512)
-            data = f.read(sectors * 512)
-        if len(data) != sectors * 512:
+            f.seek(start)
+            data = f.read(length)
+        if len(data) != length:
             raise RuntimeError(f"short read of the LV from {self.pv_image}")
         return data
 
-    def mark_dirty(self) -> None:
-        """Make the next :meth:`reset_lv` rebuild even if nothing visible changed."""
-        self._state_digest = ""
+
+def _linear_extent(table: str, what: str) -> tuple[int, int]:
+    """(byte offset on the PV, length) from a one-segment ``linear`` dm table line."""
+    parts = table.split()
+    # "<start> <sectors> linear <major:minor> <offset>"
+    if len(parts) != 5 or parts[2] != "linear" or parts[0] != "0":
+        raise RuntimeError(f"{what} is not a single linear segment: {table!r}")
+    return int(parts[4]) * 512, int(parts[1]) * 512
+
+
+def _copy_into(source: Path, target: Path) -> None:
+    """Write ``source`` over the start of ``target`` (in place, same inode)."""
+    with source.open("rb") as src, target.open("r+b") as dst:
+        while chunk := src.read(4 << 20):
+            dst.write(chunk)
+        dst.flush()
+
+
+def _zero_file(path: Path) -> None:
+    """Make every byte of ``path`` read as zero, keeping its size (punch a hole)."""
+    size = path.stat().st_size
+    proc = subprocess.run(
+        ["fallocate", "--punch-hole", "--offset", "0", "--length", str(size), str(path)],
+        capture_output=True,
+        check=False,
+    )
+    if proc.returncode != 0:  # no hole punching here: write zeros
+        with path.open("r+b") as f:
+            for _ in range(0, size, 4 << 20):
+                f.write(bytes(min(4 << 20, size - f.tell())))
 
 
 def _qemu_argv(image: GuestImage, workdir: Path, port: int, memory_mib: int, smp: int) -> list[str]:
@@ -366,7 +426,7 @@ def _qemu_argv(image: GuestImage, workdir: Path, port: int, memory_mib: int, smp
         ]  # fmt: skip
 
     cmdline = (
-        "console=ttyS0 root=/dev/vda rootfstype=ext4 rw init=/sbin/vmigrate-init "
+        "console=ttyS0 "
         "net.ifnames=0 panic=-1 loglevel=4 printk.time=1 cryptomgr.notests"
     )
     return [

@@ -237,7 +237,15 @@ def _free_uid() -> int:
 
 
 def _hash_password(password: str) -> str:
-    return run_local(["openssl", "passwd", "-6", password]).strip()
+    proc = subprocess.run(
+        ["openssl", "passwd", "-6", "-stdin"],
+        input=password + "\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return proc.stdout.strip()
 
 
 def _account_files(workdir: Path, user: str, uid: int, home: Path, pw_hash: str) -> None:
