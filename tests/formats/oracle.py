@@ -84,6 +84,8 @@ async def read_to_file(reader: ImageReader, path: Path, chunk_size: int = 1 << 2
 
 
 def assert_identical(a: Path, b: Path) -> None:
-    """qemu-img compare in strict mode (same size, same content)."""
-    proc = qemu_img("compare", "-s", "-f", "raw", "-F", "raw", a, b, check=False)
+    """Same size and same content per ``qemu-img compare``. (Not ``-s``: strict mode also
+    compares allocation, and a hole versus written zeros is the same disk.)"""
+    assert a.stat().st_size == b.stat().st_size, f"{a} and {b} differ in size"
+    proc = qemu_img("compare", "-f", "raw", "-F", "raw", a, b, check=False)
     assert proc.returncode == 0, f"{a} and {b} differ: {proc.stdout}{proc.stderr}"
