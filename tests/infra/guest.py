@@ -234,6 +234,7 @@ class LvmGuest(SshHost):
     console_log: Path = Path("/dev/null")
     workdir: Path = Path("/nonexistent")
     boot_seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # "build", "boot", "lvm_setup"
     lv_sha256: str = ""  # sha256 of the whole LV after the last reset_lv() (hex)
     qemu: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _clean_state: dict[str, str] = field(default_factory=dict, repr=False)
@@ -425,10 +426,7 @@ def _qemu_argv(image: GuestImage, workdir: Path, port: int, memory_mib: int, smp
             "-device", f"virtio-blk-pci,drive={name},serial=vmigrate-{name}",
         ]  # fmt: skip
 
-    cmdline = (
-        "console=ttyS0 "
-        "net.ifnames=0 panic=-1 loglevel=4 printk.time=1 cryptomgr.notests"
-    )
+    cmdline = "console=ttyS0 net.ifnames=0 panic=-1 loglevel=4 printk.time=1 cryptomgr.notests"
     return [
         QEMU,
         "-name", "vmigrate-test-guest",
@@ -516,7 +514,7 @@ def boot_guest(
         except BaseException:
             stop_process(proc)
             raise
-        guest.boot_seconds = time.monotonic() - started
+        guest.boot_seconds = guest.timings["boot"] = time.monotonic() - started
         try:
             guest.start_master()
             _map_devices(guest)
@@ -595,11 +593,16 @@ def running_guest(
     memory_mib: int = 512,
 ) -> Iterator[LvmGuest]:
     """Build (cached) and boot the guest, set up ``vg0`` and ``vg0/data``; always stops it."""
+    started = time.monotonic()
     image = ensure_image(build_timeout)
+    build_seconds = time.monotonic() - started
     guest = boot_guest(image, client_key, workdir, boot_timeout=boot_timeout, memory_mib=memory_mib)
+    guest.timings["build"] = build_seconds
     try:
+        started = time.monotonic()
         guest.setup_vg()
         guest.reset_lv()
+        guest.timings["lvm_setup"] = time.monotonic() - started
         yield guest
     finally:
         guest.stop()
