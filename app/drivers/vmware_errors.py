@@ -97,9 +97,22 @@ def fault_text(fault: BaseException) -> str:
     return f"{name}: {msg}" if msg and name not in msg else (msg or name)
 
 
+def _verify_reason(exc: BaseException) -> str:
+    """OpenSSL's reason ("unable to get local issuer certificate"), found through wrappers."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        reason = getattr(current, "verify_message", None)
+        if isinstance(reason, str) and reason:
+            return reason
+        current = current.__cause__ or current.__context__
+    return "certificate verify failed"
+
+
 def tls_error(ep: Endpoint, exc: BaseException, thumbprint: str | None = None) -> CloudTlsError:
     """The error for a failed certificate check, naming the trust used and the cert."""
-    reason = getattr(exc, "verify_message", None) or "certificate verify failed"
+    reason = _verify_reason(exc)
     presented = (
         f"; the server presented a certificate with SHA-256 thumbprint {thumbprint}: check it "
         "out of band, then pin it (tls_fingerprint) or supply its CA (ca_bundle)"

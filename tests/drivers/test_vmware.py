@@ -197,6 +197,8 @@ async def test_untrusted_certificate_is_a_tls_error_with_its_thumbprint(
     assert info.value.thumbprint == vcsim.thumbprint
     assert vcsim.thumbprint in str(info.value)
     assert info.value.extra == {"thumbprint": vcsim.thumbprint}
+    assert "unable to get local issuer certificate" in str(info.value)
+    assert "the cloud's CA bundle" in str(info.value)
 
 
 async def test_pinned_thumbprint_is_trusted_and_a_wrong_pin_is_not(vcsim: Vcsim) -> None:
