@@ -16,6 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from tests.infra import vcsim_fixtures
 from tests.infra.vcsim import Vcsim, colon_hex, find_vm, make_test_pki, wait_for_task
 
 try:
