@@ -26,6 +26,11 @@ mnt tmpfs /dev/shm mode=1777
 mnt tmpfs /run mode=0755
 mount -o remount,rw / || fail "cannot remount / read-write"
 mkdir -p /run/lock /run/lvm /run/sshd
+# What udev/systemd would provide: /dev/fd (process substitution), /dev/std*.
+ln -sfn /proc/self/fd /dev/fd
+ln -sf /proc/self/fd/0 /dev/stdin
+ln -sf /proc/self/fd/1 /dev/stdout
+ln -sf /proc/self/fd/2 /dev/stderr
 hostname vmigrate-guest
 echo 1 >/proc/sys/kernel/sysrq
 
