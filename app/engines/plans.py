@@ -69,6 +69,8 @@ _POWER_OFF = Step("power_off", only_if=Flag.power_off)
 _SNAPSHOT = Step("snapshot")
 _REMOVE_SNAPSHOT = Step("remove_snapshot", cleanup=True, undoes=("snapshot",))
 _VERIFY = Step("verify", only_if=Flag.verify)
+#: Exported disks wait in the staging area until stored or provisioned.
+_REMOVE_EXPORTS = Step("remove_exports", cleanup=True, undoes=("export",))
 
 
 def _restore_power(on_success: bool) -> Step:
@@ -93,6 +95,7 @@ PLANS: Mapping[PlanKey, tuple[Step, ...]] = {
         Step("export"),
         Step("convert"),
         Step("store"),
+        _REMOVE_EXPORTS,
         _REMOVE_SNAPSHOT,
         _restore_power(on_success=True),
     ),
@@ -104,6 +107,7 @@ PLANS: Mapping[PlanKey, tuple[Step, ...]] = {
         Step("convert"),
         Step("provision"),
         _VERIFY,
+        _REMOVE_EXPORTS,
         _REMOVE_SNAPSHOT,
         _restore_power(on_success=False),
     ),

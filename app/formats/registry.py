@@ -57,11 +57,13 @@ async def open_reader(
     fmt: str | None = None,
     *,
     max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE,
+    virtual_size: int | None = None,
 ) -> ImageReader:
     """Open an image reader, detecting the format from the bytes when possible.
 
     A declared ``fmt`` that disagrees with what the bytes say is a :class:`FormatError`.
-    A sequential source needs a declared format (it cannot be probed without consuming it).
+    A sequential source needs a declared format (it cannot be probed without consuming
+    it), and a raw one its ``virtual_size`` (raw bytes carry no header saying it).
     """
     if isinstance(source, RandomAccessSource):
         detected = await probe_source(source)
@@ -70,6 +72,11 @@ async def open_reader(
         fmt = detected
     elif fmt is None:
         raise FormatError("a sequential source needs a declared format")
+    if fmt == "raw" and virtual_size is not None:
+        from app.formats import raw
+
+        return await raw.open_reader(source, max_virtual_size=max_virtual_size,
+                                     virtual_size=virtual_size)
     reader: ImageReader = await format_module(fmt).open_reader(
         source, max_virtual_size=max_virtual_size
     )

@@ -54,12 +54,18 @@ class ImageStore(abc.ABC):
     def __init__(self, staging_dir: Path) -> None:
         self.staging_dir = staging_dir
 
-    def stage(self, key: str | None = None) -> StagedImage:
-        """A new staging file; ``key`` defaults to a fresh unique key."""
+    def stage(self, key: str | None = None, *, stable: bool = False) -> StagedImage:
+        """A staging file; ``key`` defaults to a fresh unique key.
+
+        ``stable``: the staging path depends on the key alone, so a resumed migration on
+        another worker finds the staging file of an earlier attempt (the caller owns
+        uniqueness, e.g. a key derived from the migration id).
+        """
         key = key or uuid.uuid4().hex
         check_key(key)
         self.staging_dir.mkdir(parents=True, exist_ok=True)
-        return StagedImage(self, key, self.staging_dir / f"{key}.{uuid.uuid4().hex[:8]}.part")
+        suffix = "" if stable else f".{uuid.uuid4().hex[:8]}"
+        return StagedImage(self, key, self.staging_dir / f"{key}{suffix}.part")
 
     @abc.abstractmethod
     async def publish(self, staged: StagedImage) -> int:

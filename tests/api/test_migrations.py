@@ -58,9 +58,9 @@ async def test_create_hypervisor_store(client: httpx.AsyncClient, db: Database,
     assert "password" not in m["source"]
     assert m["source"]["server"] == {"id": None, "name": "web-01"}
     assert [s["name"] for s in m["steps"]] == [
-        "validate", "power_off", "snapshot", "export", "convert", "store", "remove_snapshot",
-        "restore_power"]
-    assert [s["cleanup"] for s in m["steps"]][-2:] == [True, True]
+        "validate", "power_off", "snapshot", "export", "convert", "store", "remove_exports",
+        "remove_snapshot", "restore_power"]
+    assert [s["cleanup"] for s in m["steps"]][-3:] == [True, True, True]
     assert all(s["status"] == "pending" for s in m["steps"])
     assert m["progress"] == {"bytes_done": 0, "bytes_total": 0, "rate": 0, "eta_seconds": None}
     assert m["error"] is None

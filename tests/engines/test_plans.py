@@ -23,15 +23,18 @@ ALL = frozenset(Flag)
     ("type_", "mode", "flags", "names"),
     [
         (H, HypervisorMode.store, ALL, ["validate", "power_off", "snapshot", "export", "convert",
-                                        "store", "remove_snapshot", "restore_power"]),
+                                        "store", "remove_exports", "remove_snapshot",
+                                        "restore_power"]),
         (H, HypervisorMode.store, {Flag.verify}, ["validate", "snapshot", "export", "convert",
-                                                  "store", "remove_snapshot"]),
+                                                  "store", "remove_exports",
+                                                  "remove_snapshot"]),
         (H, HypervisorMode.new, ALL, ["validate", "power_off", "snapshot", "export", "convert",
-                                      "provision", "verify", "remove_snapshot",
-                                      "restore_power"]),
+                                      "provision", "verify", "remove_exports",
+                                      "remove_snapshot", "restore_power"]),
         (H, HypervisorMode.new, {Flag.power_off}, ["validate", "power_off", "snapshot",
                                                    "export", "convert", "provision",
-                                                   "remove_snapshot", "restore_power"]),
+                                                   "remove_exports", "remove_snapshot",
+                                                   "restore_power"]),
         (IE, None, {Flag.to_library}, ["validate", "snapshot", "transfer", "store",
                                        "remove_staging"]),
         (IE, None, {Flag.to_cloud}, ["validate", "snapshot", "transfer", "import",
@@ -63,11 +66,14 @@ def test_cleanup_undoes_the_same_steps_in_every_plan() -> None:
 def test_unwind_runs_cleanup_newest_acquisition_first() -> None:
     plan = plan_for(H, HypervisorMode.store, ALL)
     assert [s.name for s in plan.unwind({"validate", "power_off", "snapshot", "export"})] == [
+        "remove_exports", "remove_snapshot", "restore_power"]
+    assert [s.name for s in plan.unwind({"validate", "power_off", "snapshot"})] == [
         "remove_snapshot", "restore_power"]
     assert [s.name for s in plan.unwind({"validate", "power_off"})] == ["restore_power"]
     assert plan.unwind({"validate"}) == ()
     # in plan order, cleanup steps are already newest-first, so success and unwind agree
-    assert [s.name for s in plan.steps if s.cleanup] == ["remove_snapshot", "restore_power"]
+    assert [s.name for s in plan.steps if s.cleanup] == [
+        "remove_exports", "remove_snapshot", "restore_power"]
 
 
 def test_new_vm_leaves_the_source_off_on_success() -> None:
