@@ -134,13 +134,14 @@ def wait_for_ssh_banner(host: str, port: int, timeout: float, alive: object = No
 
 
 _PR_SET_PDEATHSIG = 1
+# Resolved before any fork: the child of a multi-threaded parent must not dlopen/dlsym.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 
 def die_with_parent() -> None:
     """``preexec_fn``: the child gets SIGKILL if the test process dies without cleaning up
     (a crashed or killed pytest must not leave a VM or an sshd behind)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
 def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
@@ -188,6 +189,11 @@ class SshHost:
     @property
     def host_key_fingerprint(self) -> str:
         return host_key_fingerprint(self.host_public_key)
+
+    @property
+    def dest_device(self) -> str:
+        """Alias of ``device``: the destination block device (or file) on this host."""
+        return self.device
 
     @property
     def known_hosts_line(self) -> str:

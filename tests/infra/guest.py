@@ -250,7 +250,7 @@ class LvmGuest(SshHost):
         self.stop_master()
         if self.qemu is not None:
             stop_process(self.qemu, grace=10)
-        for name in ("pv.img", "dest.img", "seed.img"):
+        for name in ("pv.img", "dest.img", "seed.img", "golden-pv-head.img"):
             (self.workdir / name).unlink(missing_ok=True)
 
     def setup_vg(self) -> None:

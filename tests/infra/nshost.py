@@ -319,7 +319,7 @@ def start_ns_host(
 ) -> NsHost:
     """Start an SSH host. ``netns``: in a new network namespace (else on 127.0.0.1).
     ``device``: "loop" (a loop device on a sparse file) or "file" (the sparse file itself).
-    The caller must call :meth:`NsHost.stop` (see :func:`ns_host`)."""
+    The caller must call :meth:`NsHost.stop` (see :func:`running_ns_host`)."""
     global _counter
     check_prerequisites()
     if device not in ("loop", "file"):
@@ -457,7 +457,7 @@ def _start_sshd(host: NsHost, ready_timeout: float) -> None:
 
 
 @contextmanager
-def ns_host(
+def running_ns_host(
     client_key: SshKeyPair,
     *,
     netns: bool = True,
