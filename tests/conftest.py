@@ -26,7 +26,7 @@ from app.main import create_app
 from app.models.db import Base
 from app.services.tokens import create_token
 
-pytest_plugins = ["tests.infra.vcsim_fixtures"]
+pytest_plugins = ["tests.infra.vcsim_fixtures", "tests.infra.fixtures"]
 
 TokenFactory = Callable[..., Awaitable[str]]
 
