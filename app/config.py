@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     worker_poll_seconds: float = Field(
         default=1.0, gt=0, description="How often an idle worker looks for queued work."
     )
+    vm_shutdown_grace_seconds: float = Field(
+        default=300.0, ge=0, description="How long a source VM's guest gets to shut down "
+        "before it is powered off (disruptive migrations)."
+    )
     step_max_attempts: int = Field(
         default=5, ge=1, description="Tries per step for transient errors."
     )

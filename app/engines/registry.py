@@ -25,5 +25,7 @@ class EngineDeps:
 def default_engines(deps: EngineDeps) -> Mapping[str, EngineFactory]:
     """The engines this build ships. A type without an engine fails at claim time with
     "this worker cannot run <type> migrations" rather than hanging in ``queued``."""
-    engines: dict[str, EngineFactory] = {}
+    from app.engines.hypervisor import hypervisor_engine
+
+    engines: dict[str, EngineFactory] = {"hypervisor": hypervisor_engine(deps)}
     return engines

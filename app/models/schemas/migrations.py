@@ -375,6 +375,9 @@ class StepOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     error: str | None
+    result: dict[str, Any] | None = Field(
+        default=None, description="What the step found or made (server id, snapshot, "
+        "digests, image ids); never secrets.")
 
 
 class _MigrationOutBase(BaseModel):
@@ -428,7 +431,7 @@ def _step_out(step: MigrationStep) -> StepOut:
     return StepOut(position=step.position, name=step.name, cleanup=step.cleanup,
                    status=StepStatus(step.status), bytes_done=step.bytes_done,
                    bytes_total=step.bytes_total, started_at=step.started_at,
-                   finished_at=step.finished_at, error=step.error)
+                   finished_at=step.finished_at, error=step.error, result=step.result)
 
 
 def migration_out(row: Migration) -> MigrationView:
