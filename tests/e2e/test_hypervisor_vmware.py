@@ -168,8 +168,8 @@ async def test_cancel_during_export_restores_the_source(
 
     async def exporting() -> bool:
         m = await _migration(client, token, mid)
-        return m["phase"] == "export" and m["progress"]["bytes_done"] > 0 \
-            or m["status"] != "running" and m["status"] != "queued"
+        in_export = m["phase"] == "export" and int(m["progress"]["bytes_done"]) > 0
+        return in_export or m["status"] not in ("running", "queued")
 
     worker = make_worker(settings, db, box, store)
     stop = asyncio.Event()

@@ -41,14 +41,15 @@ def resize_disk(vcsim: Vcsim, vm_name: str, size: int) -> None:
     """Set the VM's first disk capacity (the model VMs start with 1 MiB disks)."""
     from pyVmomi import vim
 
+    api: Any = vim  # pyVmomi's data objects are untyped
     with vcsim.connect() as si:
         vm: Any = find_vm(si, vm_name)
-        disk = next(d for d in vm.config.hardware.device
-                    if isinstance(d, vim.vm.device.VirtualDisk))
+        disk: Any = next(d for d in vm.config.hardware.device
+                         if isinstance(d, vim.vm.device.VirtualDisk))
         disk.capacityInKB = size // 1024
         disk.capacityInBytes = size
-        change = vim.vm.device.VirtualDeviceSpec(operation="edit", device=disk)
-        wait_for_task(si, vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=[change])))
+        change = api.vm.device.VirtualDeviceSpec(operation="edit", device=disk)
+        wait_for_task(si, vm.ReconfigVM_Task(spec=api.vm.ConfigSpec(deviceChange=[change])))
 
 
 def vm_state(vcsim: Vcsim, vm_name: str) -> tuple[str, list[str]]:
