@@ -518,7 +518,7 @@ def boot_guest(
         )
         guest.write_known_hosts()
         try:
-            _wait_ready(guest, started + boot_timeout)
+            _wait_ready(guest, started + boot_timeout, boot_timeout)
         except _QemuExitedEarlyError as e:
             last_error = str(e)
             stop_process(proc)
@@ -543,7 +543,7 @@ class _QemuExitedEarlyError(RuntimeError):
     pass
 
 
-def _wait_ready(guest: LvmGuest, deadline: float) -> None:
+def _wait_ready(guest: LvmGuest, deadline: float, timeout: float) -> None:
     """Wait for the init's READY mark on the console, then for a working SSH login."""
     assert guest.qemu is not None
     proc = guest.qemu
@@ -564,7 +564,7 @@ def _wait_ready(guest: LvmGuest, deadline: float) -> None:
         if READY_MARK in text:
             break
         if time.monotonic() > deadline:
-            raise RuntimeError(failure("did not finish booting in time"))
+            raise RuntimeError(failure(f"did not finish booting within {timeout:.0f} s"))
         time.sleep(0.25)
     last = ""
     while time.monotonic() < deadline:
