@@ -199,6 +199,23 @@ def cleanup_stale() -> None:
             run_local(["losetup", "-d", parts[0]], check=False)
 
 
+_ROUTE_TYPES = frozenset(
+    {
+        "default",
+        "unicast",
+        "broadcast",
+        "local",
+        "unreachable",
+        "blackhole",
+        "prohibit",
+        "throw",
+        "nat",
+        "anycast",
+        "multicast",
+    }
+)
+
+
 def _used_networks() -> list[ipaddress.IPv4Network]:
     nets: list[ipaddress.IPv4Network] = []
     out = run_local(["ip", "-4", "-o", "addr", "show"], check=False)
@@ -206,11 +223,11 @@ def _used_networks() -> list[ipaddress.IPv4Network]:
         nets.append(ipaddress.IPv4Interface(m.group(1)).network)
     out = run_local(["ip", "-4", "route", "show", "table", "all"], check=False)
     for line in out.splitlines():
-        dest = line.split()[0] if line.split() else ""
-        if dest in ("default", "broadcast", "local", "unreachable", "blackhole", "prohibit"):
-            dest = line.split()[1] if dest != "default" and len(line.split()) > 1 else ""
-        with suppress(ValueError):
-            if dest and dest != "default":
+        words = line.split()
+        # "[type] PREFIX ...": the prefix is the first word that is not a route type.
+        dest = next((w for w in words[:2] if w not in _ROUTE_TYPES), "")
+        if dest:
+            with suppress(ValueError):
                 nets.append(ipaddress.IPv4Network(dest, strict=False))
     return nets
 
