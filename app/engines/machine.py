@@ -52,6 +52,10 @@ class Action(StrEnum):
     complete = "complete"  # worker
     fail = "fail"  # worker
     cancel = "cancel"  # API: immediate before a worker has it, requested after
+    #: API: cancel a migration whose steps already changed something (a snapshot, the
+    #: power state) but which no worker holds right now (released, or lease expired):
+    #: a worker must claim it to unwind, so it goes to cancelling, not cancelled.
+    cancel_started = "cancel_started"
     finish_cancel = "finish_cancel"  # worker: cleanup done after a cancel request
     release = "release"  # worker: give the migration back (shutdown) without a verdict
 
@@ -138,6 +142,14 @@ TRANSITIONS: Mapping[Action, Transition] = {
             {
                 S.pending: (S.cancelled, "migration.cancelled"),
                 S.queued: (S.cancelled, "migration.cancelled"),
+                S.running: (S.cancelling, "migration.cancel_requested"),
+            },
+            E.request_cancel,
+        ),
+        _t(
+            Action.cancel_started,
+            {
+                S.queued: (S.cancelling, "migration.cancel_requested"),
                 S.running: (S.cancelling, "migration.cancel_requested"),
             },
             E.request_cancel,

@@ -39,8 +39,9 @@ class Candidate:
 async def candidates(session: AsyncSession, limit: int) -> list[Candidate]:
     """Claimable migrations, oldest first, locked (others skip them) until commit.
 
-    Claimable: ``queued``, or ``running``/``cancelling`` with an expired lease (its
-    worker died or was cut off).
+    Claimable: ``queued``; ``running``/``cancelling`` with an expired lease (its
+    worker died or was cut off); ``cancelling`` with no lease (cancelled while queued
+    after work had started: a worker must unwind it).
     """
     stmt = (
         select(Migration.id, Migration.tenant, SOURCE_KEY)
@@ -48,6 +49,7 @@ async def candidates(session: AsyncSession, limit: int) -> list[Candidate]:
             Migration.status == S.queued.value,
             (Migration.status.in_([S.running.value, S.cancelling.value]))
             & (Migration.lease_expires_at < func.now()),
+            (Migration.status == S.cancelling.value) & Migration.lease_expires_at.is_(None),
         ))
         .order_by(Migration.created_at)
         .limit(limit)

@@ -231,9 +231,13 @@ async def run(session: AsyncSession, tenant: str, migration_id: uuid.UUID) -> Mi
 
 
 async def cancel(session: AsyncSession, tenant: str, migration_id: uuid.UUID) -> MigrationView:
-    """Cancelled at once if no worker has it; else ``cancelling`` until its worker has
-    cleaned up (it sees ``cancel_requested`` within a heartbeat)."""
-    await machine.apply(session, migration_id, tenant, Action.cancel)
+    """Cancelled at once if nothing has been done yet; else ``cancelling`` until a worker
+    has unwound what the started steps did (it sees the request within a heartbeat, or
+    claims the migration to unwind it when no worker holds it)."""
+    row = await _row(session, tenant, migration_id)
+    started = any(s.status != StepStatus.pending for s in row.steps if not s.cleanup)
+    action = Action.cancel_started if started else Action.cancel
+    await machine.apply(session, migration_id, tenant, action)
     return await get(session, tenant, migration_id)
 
 

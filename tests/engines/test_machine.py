@@ -103,8 +103,8 @@ ILLEGAL = [(a, s) for a in Action for s in S if s not in TRANSITIONS[a].moves]
 
 def test_every_status_is_reachable_and_table_is_well_formed() -> None:
     assert set(PATHS) == set(S)
-    assert len(EDGES) == 15
-    assert len(ILLEGAL) == len(Action) * len(S) - 15
+    assert len(EDGES) == 17
+    assert len(ILLEGAL) == len(Action) * len(S) - 17
     for t in TRANSITIONS.values():
         assert all(event.startswith("migration.") for _, event in t.moves.values())
         assert not (t.fenced and t.claims)  # claiming is what makes a new epoch

@@ -324,3 +324,43 @@ async def test_shutdown_releases_and_another_worker_resumes(
     await _drain(_worker(db, box, hang_in_convert), _status_is(client, token, mid, "completed"))
     assert Script.calls[(mid, "export")] == 1  # completed steps are not redone
     assert Script.calls[(mid, "convert")] == 2
+
+
+async def test_cancel_after_release_is_unwound_by_a_worker(
+    client: httpx.AsyncClient, make_token: TokenFactory, db: Database, box: SecretBox
+) -> None:
+    """Work had started (snapshot taken) when the worker handed the migration back: a
+    cancel must not just mark it cancelled, a worker must undo the snapshot first."""
+    token = await make_token()
+    mid = await _create(client, token, db)
+    in_export = asyncio.Event()
+
+    async def hang_in_export(ctx: StepContext) -> None:
+        if ctx.step.name == "export":
+            in_export.set()
+            await asyncio.sleep(60)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(_worker(db, box, hang_in_export).run(stop))
+    async with asyncio.timeout(20):
+        await in_export.wait()
+    stop.set()
+    await task
+    assert (await _get(client, token, mid))["status"] == "queued"
+
+    r = await client.post(f"/v1/migrations/{mid}/cancel", headers=auth(token))
+    assert r.json()["status"] == "cancelling"
+    await _drain(_worker(db, box), _status_is(client, token, mid, "cancelled"))
+    steps = {s["name"]: s["status"] for s in (await _get(client, token, mid))["steps"]}
+    assert steps["remove_snapshot"] == "completed"
+    assert steps["restore_power"] == "completed"
+    assert steps["convert"] == "pending"
+
+
+async def test_cancel_before_any_work_is_immediate(
+    client: httpx.AsyncClient, make_token: TokenFactory, db: Database
+) -> None:
+    token = await make_token()
+    mid = await _create(client, token, db)
+    r = await client.post(f"/v1/migrations/{mid}/cancel", headers=auth(token))
+    assert r.json()["status"] == "cancelled"
