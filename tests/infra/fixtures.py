@@ -10,7 +10,7 @@
   the password user).
 
 Missing prerequisites (root, qemu-system-x86, debootstrap, openssh-server, ...: see
-scripts/test-deps.sh) skip these tests locally and fail them under CI (``CI`` set).
+scripts/bootstrap --dev) skip these tests locally and fail them under CI (``CI`` set).
 ``VMIGRATE_TEST_GUEST=0`` skips the guest on purpose.
 """
 
