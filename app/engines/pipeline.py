@@ -715,6 +715,12 @@ class Converter:
     Keep the object to read :attr:`durable_offset` while it runs or after it was
     cancelled; that is the ``resume_from`` of the next attempt. A resumed attempt
     needs a writer that continues the same output (the raw writer in resume mode).
+
+    ``stream_output`` says the writer was given a :class:`~app.formats.base.SequentialSink`:
+    then a writer that ``needs_allocation_map`` gets the reader's allocation map
+    before any data (the whole disk when the reader has none). On a seekable sink no
+    map is given: writers such as VHD dynamic and VHDX would otherwise switch to their
+    streaming layout (whole blocks written, zeros included).
     """
 
     def __init__(
@@ -734,6 +740,7 @@ class Converter:
         checkpoint_every: int | None = 256 * DEFAULT_CHUNK,
         on_checkpoint: Callable[[int], None] | None = None,
         extra_stages: Sequence[Stage] = (),
+        stream_output: bool = False,
     ) -> None:
         if writer.virtual_size != reader.virtual_size:
             raise FormatError(
@@ -742,6 +749,7 @@ class Converter:
         self.reader = reader
         self.writer = writer
         self.resume_from = resume_from
+        self.stream_output = stream_output
         self.digest_stage = DigestStage(reader.virtual_size) if digest else None
         stages: list[Stage] = []
         if detect_zeroes:
@@ -773,7 +781,7 @@ class Converter:
         return self.pipeline.durable_offset
 
     async def run(self) -> ConvertResult:
-        if self.writer.needs_allocation_map:
+        if self.stream_output and self.writer.needs_allocation_map:
             ranges = await self.reader.allocation_map()
             await self.writer.set_allocation_map(
                 ranges if ranges is not None else [(0, self.reader.virtual_size)]
@@ -802,12 +810,15 @@ async def convert(
     queue_depth: int = 4,
     clock: Clock | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
+    stream_output: bool = False,
 ) -> ConvertResult:
     """Copy the virtual disk of ``reader`` into ``writer`` through a :class:`Pipeline`.
 
     Stages: zero detection, the ``vmd1`` digest, the resume skip (when
-    ``resume_from`` > 0) and the throttle (when ``throttle_bps`` is set). The caller
-    owns ``reader`` and ``writer`` and closes them. Raises :class:`PipelineError`.
+    ``resume_from`` > 0) and the throttle (when ``throttle_bps`` is set). Pass
+    ``stream_output=True`` when the writer writes to a sequential sink (see
+    :class:`Converter`). The caller owns ``reader`` and ``writer`` and closes them.
+    Raises :class:`PipelineError`.
     """
     return await Converter(
         reader,
@@ -822,4 +833,5 @@ async def convert(
         queue_depth=queue_depth,
         clock=clock,
         on_checkpoint=on_checkpoint,
+        stream_output=stream_output,
     ).run()

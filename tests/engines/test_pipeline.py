@@ -32,11 +32,11 @@ from app.engines.pipeline import (
     convert,
 )
 from app.engines.throttle import TokenBucket
-from app.formats import raw
-from app.formats.base import Extent, FormatError, GiB, MiB
+from app.formats import raw, registry
+from app.formats.base import Extent, FormatError, GiB, MiB, WriterOptions
 from app.formats.digest import DiskDigest, digest_bytes, digest_file
 from app.formats.io import FileSink, FileSource
-from tests.formats.oracle import assert_identical, make_sparse_raw, random_layout
+from tests.formats.oracle import assert_identical, make_sparse_raw, qemu_img, random_layout
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -723,6 +723,65 @@ async def test_convert_raw_to_raw(tmp_path: Path) -> None:
     assert result.digest == digest_file(src)
     assert progress
     assert progress[-1].bytes_done == size
+
+
+class StreamOnly:
+    """A :class:`~app.formats.base.SequentialSink` that is nothing else (a pipe)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    async def write(self, data: bytes | memoryview) -> None:
+        self.buffer += data
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_streaming_writer_gets_the_allocation_map(tmp_path: Path) -> None:
+    size = 16 * MiB
+    src = tmp_path / "src.raw"
+    make_sparse_raw(src, size, [(MiB, 3 * MiB), (9 * MiB + 5, 70_000)], seed=21)
+    source = FileSource(src)
+    try:
+        reader = await raw.open_reader(source)
+        stream = StreamOnly()
+        writer = registry.create_writer("qcow2", stream, size)
+        assert writer.needs_allocation_map
+        result = await convert(reader, writer, stream_output=True)
+        out = tmp_path / "out.qcow2"
+        out.write_bytes(stream.buffer)
+        proc = qemu_img("compare", "-f", "raw", "-F", "qcow2", src, out, check=False)
+        assert proc.returncode == 0, proc.stdout
+        assert result.digest == digest_file(src)
+        # Without the map the streaming writer refuses the data, and says so.
+        reader = await raw.open_reader(source)
+        writer = registry.create_writer("qcow2", StreamOnly(), size)
+        with pytest.raises(PipelineError) as info:
+            await convert(reader, writer)
+        assert info.value.stage == "encode (qcow2)"
+    finally:
+        await source.close()
+
+
+async def test_a_seekable_writer_gets_no_map_and_keeps_holes(tmp_path: Path) -> None:
+    """VHD dynamic on a file: only the data is written, like qemu-img (not whole blocks)."""
+    size = 64 * MiB
+    src = tmp_path / "src.raw"
+    make_sparse_raw(src, size, [(i * 4 * MiB, 256 * 1024) for i in range(16)], seed=22)
+    out = tmp_path / "out.vhd"
+    source = FileSource(src)
+    sink = FileSink(out)
+    try:
+        reader = await raw.open_reader(source)
+        writer = registry.create_writer("vhd", sink, size, WriterOptions(subformat="dynamic"))
+        await convert(reader, writer)
+    finally:
+        await source.close()
+        await sink.close()
+    proc = qemu_img("compare", "-f", "raw", "-F", "vpc", src, out, check=False)
+    assert proc.returncode == 0, proc.stdout
+    assert out.stat().st_blocks * 512 < 8 * MiB  # 4 MiB of data, not 16 blocks of 2 MiB
 
 
 async def test_convert_rejects_a_writer_of_another_size(tmp_path: Path) -> None:
