@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.deps import Context, Session, require
 from app.api.pagination import Cursor, Limit, Page, after_uuid, encode_cursor
@@ -20,6 +21,7 @@ from app.api.problems import problem_responses
 from app.errors import AppError
 from app.formats.base import FORMATS, RandomAccessSource
 from app.models.schemas.images import ImageOut
+from app.models.schemas.migrations import MigrationOut, MigrationView
 from app.repositories import images as repo
 from app.services import images as service
 from app.services.tokens import Principal
@@ -156,6 +158,31 @@ async def download_image(
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{source.size}"
     return StreamingResponse(_stream(source, start, end), status_code=206 if wanted else 200,
                              media_type="application/octet-stream", headers=headers)
+
+
+class ConversionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["raw", "qcow2", "vmdk", "vhd", "vhdx"] = Field(
+        description="The format of the new image.")
+    name: str | None = Field(default=None, min_length=1, max_length=128,
+                             description="Name of the job and the new image.")
+
+
+@router.post(
+    "/{image_id}/conversions", status_code=202, operation_id="convert_image",
+    response_model=MigrationOut, responses=problem_responses(401, 403, 404, 409, 422),
+)
+async def convert_image(
+    image_id: uuid.UUID, body: ConversionRequest, response: Response, principal: Writer,
+    session: Session,
+) -> MigrationView:
+    """Convert a library image into another format: a job run by workers like a
+    migration (watch it at the Location); it ends by adding the new image, whose
+    ``parent_id`` is this one."""
+    job = await service.request_conversion(session, principal.tenant, image_id, body.format,
+                                           body.name)
+    response.headers["Location"] = f"/v1/migrations/{job.id}"
+    return job
 
 
 @router.delete(

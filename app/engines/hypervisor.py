@@ -51,8 +51,8 @@ from app.drivers.base import (
 from app.engines.pipeline import Converter, Progress
 from app.engines.registry import EngineDeps
 from app.engines.runner import Engine, JSONDict, MigrationView, StepContext
-from app.errors import AppError
-from app.formats.base import SequentialSink, WriterOptions
+from app.errors import AppError, NotFound
+from app.formats.base import ImageReader, SequentialSink, WriterOptions
 from app.formats.digest import digest_extents
 from app.formats.io import FileSink, FileSource
 from app.formats.registry import create_writer, open_reader
@@ -202,17 +202,24 @@ class HypervisorEngine(Engine):
         try:
             reader = await open_reader(stream.source, stream.format.value,
                                        virtual_size=disk.capacity)
-            sink = FileSink(staged.path)
-            try:
-                writer = create_writer(fmt, sink, reader.virtual_size,
-                                       WriterOptions(subformat=_subformat(fmt)))
-                async with _reporter(ctx, base, total) as report:
-                    result = await Converter(reader, writer, throttle_bps=throttle,
-                                             on_progress=report).run()
-            finally:
-                await sink.close()
+            return await self._convert_into(ctx, reader, disk, staged, fmt, throttle,
+                                            base, total)
         finally:
             await stream.close()
+
+    async def _convert_into(self, ctx: StepContext, reader: ImageReader, disk: DiskInfo,
+                            staged: StagedImage, fmt: str, throttle: int | None,
+                            base: int, total: int) -> JSONDict:
+        """Convert one disk into its staging file in ``fmt``; the digest is the source's."""
+        sink = FileSink(staged.path)
+        try:
+            writer = create_writer(fmt, sink, reader.virtual_size,
+                                   WriterOptions(subformat=_subformat(fmt)))
+            async with _reporter(ctx, base, total) as report:
+                result = await Converter(reader, writer, throttle_bps=throttle,
+                                         on_progress=report).run()
+        finally:
+            await sink.close()
         await ctx.event("migration.disk.exported", {
             "disk": disk.label, "bytes": disk.capacity, "data_bytes": result.data_bytes,
             "seconds": round(result.duration, 3), "digest": result.digest})
@@ -237,6 +244,12 @@ class HypervisorEngine(Engine):
             checked.append({"label": disk["label"], "digest": digest, "size": size})
         return {"disks": checked}
 
+    def _lineage(self) -> JSONDict:
+        """Where stored images came from (the columns of their library rows)."""
+        return {"migration_id": uuid.UUID(self.view.id),
+                "cloud_id": uuid.UUID(self.spec["source"]["cloud_id"]),
+                "server": self._server()["server_name"], "parent_id": None}
+
     async def _store(self, ctx: StepContext) -> JSONDict:
         server = self._server()
         ids = []
@@ -254,10 +267,7 @@ class HypervisorEngine(Engine):
                     id=image_id, tenant=self.view.tenant, status=ImageStatus.ready,
                     name=f"{server['server_name']}-{disk['label']}".replace(" ", "-")[:255],
                     format=disk["format"], virtual_size=disk["virtual_size"], size=size,
-                    digest=disk["digest"], location=staged.key,
-                    migration_id=uuid.UUID(self.view.id),
-                    cloud_id=uuid.UUID(self.spec["source"]["cloud_id"]),
-                    server=server["server_name"]))
+                    digest=disk["digest"], location=staged.key, **self._lineage()))
             ids.append(str(image_id))
             await ctx.event("image.created", {"image_id": str(image_id), "disk": disk["label"]})
         return {"images": ids}
@@ -334,6 +344,47 @@ class HypervisorEngine(Engine):
         return {"restored": before}
 
 
+class ConversionEngine(HypervisorEngine):
+    """A library image into another format: the hypervisor steps without a hypervisor."""
+
+    platform = "library"
+
+    async def _image(self) -> VirtualImage:
+        async with self.deps.db.session() as session:
+            image = await images_repo.get_image(session, self.view.tenant,
+                                                uuid.UUID(self.spec["image_id"]))
+        if image is None or not image.location:
+            raise NotFound(f"library image {self.spec['image_id']} is gone")
+        return image
+
+    async def _validate(self, ctx: StepContext) -> JSONDict:
+        image = await self._image()
+        return {"server_id": None, "server_name": image.name, "target_format":
+                self.spec["format"], "disks": [dataclasses.asdict(DiskInfo(
+                    key=str(image.id), label="disk", capacity=image.virtual_size))]}
+
+    async def _export(self, ctx: StepContext) -> JSONDict:
+        image = await self._image()
+        (disk,) = self._disks()
+        source = await self.deps.store.open(image.location or "")
+        try:
+            reader = await open_reader(source, image.format)
+            done = await self._convert_into(
+                ctx, reader, disk, self._staged(0), self.spec["format"],
+                (self.spec.get("options") or {}).get("throttle_bytes_per_second"),
+                0, disk.capacity)
+        finally:
+            await source.close()
+        if done["digest"] != image.digest:
+            raise IntegrityError(f"image {image.id} reads back as {done['digest']}, its "
+                                 f"record says {image.digest}")
+        return {"disks": [done]}
+
+    def _lineage(self) -> JSONDict:
+        return {"migration_id": uuid.UUID(self.view.id), "cloud_id": None, "server": None,
+                "parent_id": uuid.UUID(self.spec["image_id"])}
+
+
 def _subformat(fmt: str) -> str | None:
     return {"vmdk": "streamOptimized", "vhd": "dynamic"}.get(fmt)
 
@@ -390,4 +441,11 @@ def hypervisor_engine(deps: EngineDeps) -> Callable[[MigrationView], Engine]:
     return build
 
 
-__all__ = ["HypervisorEngine", "hypervisor_engine"]
+def conversion_engine(deps: EngineDeps) -> Callable[[MigrationView], Engine]:
+    def build(view: MigrationView) -> Engine:
+        return ConversionEngine(view, deps)
+
+    return build
+
+
+__all__ = ["ConversionEngine", "HypervisorEngine", "conversion_engine", "hypervisor_engine"]

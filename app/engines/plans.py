@@ -120,6 +120,15 @@ PLANS: Mapping[PlanKey, tuple[Step, ...]] = {
         Step("import", only_if=Flag.to_cloud),
         Step("remove_staging", cleanup=True, undoes=("snapshot",)),
     ),
+    # A library conversion reuses the hypervisor steps' meaning: export = convert into
+    # staging, convert = read it back and check the digest, store = publish.
+    (MigrationType.conversion, None): (
+        _VALIDATE,
+        Step("export"),
+        Step("convert"),
+        Step("store"),
+        _REMOVE_EXPORTS,
+    ),
     # Provision before the LVM snapshot: a snapshot held while a VM boots wastes COW space.
     (MigrationType.live_stream, None): (
         _VALIDATE,

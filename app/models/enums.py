@@ -23,6 +23,8 @@ class MigrationType(StrEnum):
     hypervisor = "hypervisor"
     image_extract = "image_extract"
     live_stream = "live_stream"
+    #: A library image converted into another format (POST /v1/images/{id}/conversions).
+    conversion = "conversion"
 
 
 class HypervisorMode(StrEnum):

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.errors import AppError, InvalidInput, NotFound
+from app.errors import AppError, Conflict, InvalidInput, NotFound
 from app.formats.base import FormatError, RandomAccessSource
 from app.formats.digest import digest_extents
 from app.formats.io import FileSource
 from app.formats.registry import open_reader
 from app.models.db import VirtualImage
-from app.models.enums import ImageStatus
+from app.models.enums import ImageStatus, MigrationType
+from app.models.schemas.migrations import MigrationView
 from app.repositories import images as repo
 from app.storage.base import ImageStore, StagedImage
 
@@ -123,3 +124,23 @@ async def remove(session: AsyncSession, store: ImageStore, tenant: str,
     if location:
         await session.flush()
         await store.delete(location)
+
+
+#: Formats a library image can be converted into (the formats with writers).
+CONVERTIBLE = ("raw", "qcow2", "vmdk", "vhd", "vhdx")
+
+
+async def request_conversion(
+    session: AsyncSession, tenant: str, image_id: uuid.UUID, fmt: str, name: str | None,
+) -> MigrationView:
+    """Queue a conversion job (run by workers like a migration) producing a new image."""
+    from app.services import migrations
+
+    image = await get(session, tenant, image_id)
+    if image.status != ImageStatus.ready:
+        raise Conflict(f"image {image_id} is {image.status}; only ready images convert")
+    spec = {"type": MigrationType.conversion.value, "image_id": str(image.id),
+            "format": fmt, "options": {}}
+    return await migrations.insert(
+        session, tenant, MigrationType.conversion, None,
+        name or f"{image.name} to {fmt}", spec, None, run=True)

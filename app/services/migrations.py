@@ -143,18 +143,27 @@ async def create(
     if isinstance(body, HypervisorCreate) and body.mode is HypervisorMode.store:
         body = body.model_copy(update={"format": body.format or ImageFormat.qcow2})
     spec, secrets = split_secrets(body)
-    type_ = MigrationType(body.type)
     mode = body.mode if isinstance(body, HypervisorCreate) else None
+    return await insert(session, tenant, MigrationType(body.type), mode, body.name, spec,
+                        box.seal(secrets), run=body.run)
+
+
+async def insert(
+    session: AsyncSession, tenant: str, type_: MigrationType, mode: HypervisorMode | None,
+    name: str, spec: dict[str, Any], sealed: bytes | None, *, run: bool,
+) -> MigrationView:
+    """Store a validated migration (or job) with its plan's step rows and the
+    ``migration.created`` event; with ``run``, queue it in the same transaction."""
     plan = plan_for(type_, mode, flags_from_spec(spec))
     row = Migration(
         id=uuid.uuid4(),
         tenant=tenant,
-        name=body.name,
+        name=name,
         type=type_.value,
         mode=mode.value if mode else None,
         status=MigrationStatus.pending.value,
         spec=spec,
-        secrets=box.seal(secrets),
+        secrets=sealed,
         attempt=0,
         epoch=0,
         version=1,
@@ -183,7 +192,7 @@ async def create(
         "steps": list(plan.names),
     }
     await machine.append_event(session, row.id, tenant, "migration.created", created)
-    if body.run:
+    if run:
         await machine.apply(session, row.id, tenant, Action.run)
     return await get(session, tenant, row.id)
 

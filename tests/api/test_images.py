@@ -3,6 +3,7 @@ qemu-img making the images and the vmd1 digest of the raw source as the oracle."
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 
@@ -10,7 +11,12 @@ import httpx
 import pytest
 
 from app.config import Settings
+from app.crypto import SecretBox
+from app.db import Database
+from app.engines.registry import EngineDeps, default_engines
+from app.engines.worker import Worker, WorkerConfig
 from app.formats.digest import digest_file
+from app.storage.local import LocalStore
 from tests.conftest import TokenFactory, auth
 from tests.formats.oracle import make_sparse_raw, qemu_img
 
@@ -150,3 +156,60 @@ async def test_tenants_and_delete(
     reader_only = await make_token("acme", "images:read")
     denied = await client.delete(f"/v1/images/{uuid.uuid4()}", headers=auth(reader_only))
     assert denied.status_code == 403
+
+
+@pytest.mark.parametrize("target", ["vmdk", "vhd", "qcow2"])
+async def test_conversion_job_makes_a_new_image(
+    client: httpx.AsyncClient, make_token: TokenFactory, raw_disk: Path, settings: Settings,
+    db: Database, tmp_path: Path, target: str,
+) -> None:
+    token = await make_token("acme")
+    source = (await _upload(client, token, _convert(raw_disk, "qcow2"))).json()
+    r = await client.post(f"/v1/images/{source['id']}/conversions", headers=auth(token),
+                          json={"format": target})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert (job["type"], job["status"], job["format"]) == ("conversion", "queued", target)
+    assert r.headers["location"] == f"/v1/migrations/{job['id']}"
+
+    box = SecretBox([k.get_secret_value().encode() for k in settings.encryption_keys])
+    deps = EngineDeps(settings=settings, db=db, box=box, store=LocalStore(settings.library_dir))
+    worker = Worker(db, box, default_engines(deps), WorkerConfig(poll_seconds=0.05))
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        async with asyncio.timeout(60):
+            while (await client.get(f"/v1/migrations/{job['id']}",
+                                    headers=auth(token))).json()["status"] != "completed":
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await task
+    images = (await client.get("/v1/images", headers=auth(token))).json()["items"]
+    (new,) = [i for i in images if i["id"] != source["id"]]
+    assert new["format"] == target
+    assert new["parent_id"] == source["id"]
+    assert new["migration_id"] == job["id"]
+    assert new["digest"] == source["digest"] == digest_file(str(raw_disk))
+    data = await client.get(f"/v1/images/{new['id']}/content", headers=auth(token))
+    out = tmp_path / f"out.{target}"
+    out.write_bytes(data.content)
+    cmp = qemu_img("compare", "-f", "vpc" if target == "vhd" else target, "-F", "raw",
+                   out, raw_disk, check=False)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    assert list((settings.library_dir / "staging").glob("*")) == []
+
+
+async def test_conversion_requests_are_checked(
+    client: httpx.AsyncClient, make_token: TokenFactory, raw_disk: Path
+) -> None:
+    acme, other = await make_token("acme"), await make_token("globex")
+    image = (await _upload(client, acme, raw_disk)).json()
+    url = f"/v1/images/{image['id']}/conversions"
+    bad = await client.post(url, headers=auth(acme), json={"format": "iso"})
+    assert bad.status_code == 422
+    assert bad.json()["errors"][0]["pointer"] == "/format"
+    extra = await client.post(url, headers=auth(acme), json={"format": "vmdk", "x": 1})
+    assert extra.status_code == 422
+    assert (await client.post(url, headers=auth(other), json={"format": "vmdk"})).status_code \
+        == 404

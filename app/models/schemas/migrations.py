@@ -418,12 +418,26 @@ class LiveStreamMigration(_LiveStreamCommon, _MigrationOutBase):
         ExistingHostDestinationOut | NewVmDestination, Field(discriminator="kind")]
 
 
+class ConversionMigration(_MigrationOutBase):
+    """A library image being converted into another format (a job run by workers like a
+    migration; created with ``POST /v1/images/{id}/conversions``)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["conversion"]
+    name: str
+    mode: None = None
+    image_id: uuid.UUID = Field(description="The library image converted.")
+    format: ImageFormat = Field(description="The format of the new image.")
+    options: Options = Field(default_factory=Options)
+
+
 MigrationOut = Annotated[
-    HypervisorMigration | ImageExtractMigration | LiveStreamMigration,
+    HypervisorMigration | ImageExtractMigration | LiveStreamMigration | ConversionMigration,
     Field(discriminator="type"),
 ]
 #: A migration as the API shows it (the type behind :data:`MigrationOut`).
-MigrationView = HypervisorMigration | ImageExtractMigration | LiveStreamMigration
+MigrationView = (HypervisorMigration | ImageExtractMigration | LiveStreamMigration
+                 | ConversionMigration)
 _OUT: TypeAdapter[MigrationView] = TypeAdapter(MigrationOut)
 
 
