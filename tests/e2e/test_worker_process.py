@@ -157,7 +157,7 @@ async def test_sigterm_hands_the_migration_back(
     box = SecretBox([k.get_secret_value().encode() for k in settings.encryption_keys])
 
     async def cancelled() -> bool:
-        return (await _get(client, token, mid))["status"] == "cancelled"
+        return bool((await _get(client, token, mid))["status"] == "cancelled")
 
     await run_until(make_worker(settings, db, box, LocalStore(settings.library_dir)),
                     cancelled)
