@@ -32,23 +32,23 @@ def _logging(settings: Settings) -> None:
 def serve(host: str | None, port: int | None, no_worker: bool) -> None:
     """Run the HTTP API and a worker (starts the embedded PostgreSQL when no database URL
     is set)."""
-    import uvicorn
-
     from app.main import create_app
+    from app.server import serve as run_server
 
     settings = Settings()
     _logging(settings)
-    uvicorn.run(create_app(settings, run_worker=not no_worker), host=host or settings.host,
-                port=port or settings.port, log_level=settings.log_level.lower())
+    run_server(create_app(settings, run_worker=not no_worker), host=host or settings.host,
+               port=port or settings.port, log_level=settings.log_level.lower())
 
 
 @main.command()
 def worker() -> None:
     """Run a worker: claim queued migrations and run them until SIGTERM/SIGINT, then hand
-    running ones back so another worker resumes them at once."""
+    running ones back so another worker resumes them at once. Webhook deliveries are
+    dispatched alongside."""
     import signal
 
-    from app.main import build_context, build_worker
+    from app.main import build_context, run_background
 
     settings = Settings()
     _logging(settings)
@@ -60,7 +60,31 @@ def worker() -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
-            await build_worker(ctx).run(stop)
+            await run_background(ctx, stop)
+        finally:
+            await ctx.db.dispose()
+
+    asyncio.run(run())
+
+
+@main.command()
+def dispatch() -> None:
+    """Deliver webhooks only (no migrations) until SIGTERM/SIGINT."""
+    import signal
+
+    from app.main import build_context, build_dispatcher
+
+    settings = Settings()
+    _logging(settings)
+
+    async def run() -> None:
+        ctx = await build_context(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await build_dispatcher(ctx).run(stop)
         finally:
             await ctx.db.dispose()
 

@@ -84,7 +84,63 @@ class Settings(BaseSettings):
         default=5, ge=1, description="Tries per step for transient errors."
     )
 
-    @field_validator("encryption_keys", mode="before")
+    events_keepalive_seconds: float = Field(
+        default=15.0, gt=0, description="Idle Server-Sent Events streams get a comment this "
+        "often, so proxies and clients keep the connection open."
+    )
+    events_stream_max_seconds: float = Field(
+        default=3600.0, gt=0, description="A Server-Sent Events stream ends after this long; "
+        "clients reconnect with Last-Event-ID and lose nothing."
+    )
+    events_stream_buffer: int = Field(
+        default=1000, ge=1, description="Events queued for one slow stream before it is "
+        "closed (the client resumes with Last-Event-ID)."
+    )
+    webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated host names and CIDRs webhooks may target although they "
+        "are (or resolve to) loopback, private, link-local or metadata addresses.",
+    )
+    webhook_allow_http_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated host names and CIDRs webhooks may target over plain "
+        "http; every other target must be https.",
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="Whole time allowed for one delivery attempt."
+    )
+    webhook_retry_window_seconds: float = Field(
+        default=24 * 3600.0, gt=0, description="A delivery is retried for this long after its "
+        "event (or a redeliver), then marked dead."
+    )
+    webhook_retry_base_seconds: float = Field(
+        default=10.0, gt=0, description="First retry delay; doubled per attempt (jittered)."
+    )
+    webhook_retry_max_seconds: float = Field(
+        default=3600.0, gt=0, description="Longest delay between two attempts."
+    )
+    webhook_disable_after_seconds: float = Field(
+        default=5 * 24 * 3600.0, gt=0, description="An endpoint whose deliveries have failed "
+        "continuously for this long is disabled (event `webhook.disabled`)."
+    )
+    webhook_secret_overlap_seconds: float = Field(
+        default=24 * 3600.0, ge=0, description="After a secret rotation, deliveries are also "
+        "signed with the previous secret for this long."
+    )
+    webhook_concurrency: int = Field(
+        default=16, ge=1, description="Deliveries in flight at once per dispatcher."
+    )
+    webhook_per_endpoint_concurrency: int = Field(
+        default=2, ge=1, description="Deliveries in flight at once to one endpoint per "
+        "dispatcher, so a slow receiver never holds up the others."
+    )
+    webhook_poll_seconds: float = Field(
+        default=1.0, gt=0, description="How often an idle dispatcher looks for due deliveries."
+    )
+
+    @field_validator(
+        "encryption_keys", "webhook_allow_hosts", "webhook_allow_http_hosts", mode="before"
+    )
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

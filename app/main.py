@@ -24,7 +24,10 @@ from app.crypto import SecretBox, load_keys
 from app.db import Database, embedded_postgres_url, upgrade
 from app.engines.registry import EngineDeps, default_engines
 from app.engines.worker import Worker, WorkerConfig
+from app.events.bus import EventBus
 from app.storage import build_store
+from app.webhooks.dispatcher import Dispatcher, DispatcherConfig
+from app.webhooks.policy import TargetPolicy
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,17 @@ async def build_context(settings: Settings, db: Database | None = None) -> AppCo
     return AppContext(settings=settings, db=db, box=SecretBox(keys), store=build_store(settings))
 
 
+def build_dispatcher(ctx: AppContext) -> Dispatcher:
+    """The webhook outbox dispatcher (runs beside every worker, or alone)."""
+    return Dispatcher(ctx.db, ctx.box, TargetPolicy.from_settings(ctx.settings),
+                      DispatcherConfig.from_settings(ctx.settings))
+
+
+async def run_background(ctx: AppContext, stop: asyncio.Event) -> None:
+    """A worker and a webhook dispatcher, until ``stop`` is set."""
+    await asyncio.gather(build_worker(ctx).run(stop), build_dispatcher(ctx).run(stop))
+
+
 def build_worker(ctx: AppContext) -> Worker:
     deps = EngineDeps(settings=ctx.settings, db=ctx.db, box=ctx.box, store=ctx.store)
     return Worker(ctx.db, ctx.box, default_engines(deps), WorkerConfig.from_settings(ctx.settings))
@@ -73,13 +87,16 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ctx = await build_context(settings, db)
+        ctx.events = EventBus(ctx.db)
+        ctx.events.start()
         app.state.ctx = ctx
         stop = asyncio.Event()
-        worker = asyncio.create_task(build_worker(ctx).run(stop)) if run_worker else None
+        worker = asyncio.create_task(run_background(ctx, stop)) if run_worker else None
         try:
             yield
         finally:
             stop.set()  # the worker hands its migrations back before the pool closes
+            await ctx.events.close()  # ends every event stream
             if worker is not None:
                 await worker
             if owns_db:

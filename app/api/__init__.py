@@ -7,6 +7,6 @@ from fastapi import APIRouter
 
 def routers() -> list[APIRouter]:
     """Every ``/v1`` router, in the order they appear in the OpenAPI document."""
-    from app.api import clouds, images, migrations
+    from app.api import clouds, events, images, migrations, webhooks
 
-    return [clouds.router, migrations.router, images.router]
+    return [clouds.router, migrations.router, images.router, events.router, webhooks.router]

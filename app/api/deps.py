@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.config import Settings
 from app.crypto import SecretBox
 from app.db import Database
+from app.events.bus import EventBus
 from app.services.tokens import Principal, authenticate
 from app.storage.base import ImageStore
 
@@ -24,6 +25,8 @@ class AppContext:
     db: Database
     box: SecretBox
     store: ImageStore
+    #: Live events (LISTEN/NOTIFY); started by the lifespan, None outside it.
+    events: EventBus | None = None
 
 
 def get_context(request: Request) -> AppContext:
@@ -51,20 +54,38 @@ def _unauthorized(detail: str) -> HTTPException:
     return HTTPException(401, detail, headers={"WWW-Authenticate": 'Bearer realm="vmigrate"'})
 
 
+async def _principal(request: Request, ctx: AppContext) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise _unauthorized("a bearer token is required (Authorization: Bearer <token>)")
+    async with ctx.db.session() as session:
+        principal = await authenticate(session, token.strip())
+    if principal is None:
+        raise _unauthorized("the bearer token is unknown or revoked")
+    return principal
+
+
 def require(scope: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
     """A dependency that authenticates the bearer token and checks one scope."""
 
     async def dependency(request: Request, ctx: Context) -> Principal:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise _unauthorized("a bearer token is required (Authorization: Bearer <token>)")
-        async with ctx.db.session() as session:
-            principal = await authenticate(session, token.strip())
-        if principal is None:
-            raise _unauthorized("the bearer token is unknown or revoked")
+        principal = await _principal(request, ctx)
         if not principal.allows(scope):
             raise HTTPException(403, f"the token lacks the {scope!r} scope")
+        return principal
+
+    return dependency
+
+
+def require_any(*scopes: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
+    """Like :func:`require`, satisfied by any one of ``scopes`` (the route then narrows
+    what it shows to what the token's scopes allow)."""
+
+    async def dependency(request: Request, ctx: Context) -> Principal:
+        principal = await _principal(request, ctx)
+        if not any(principal.allows(s) for s in scopes):
+            raise HTTPException(403, f"the token needs one of the scopes {', '.join(scopes)}")
         return principal
 
     return dependency

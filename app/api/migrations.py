@@ -12,12 +12,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.api import sse
 from app.api.deps import Context, get_session, require
 from app.api.pagination import Cursor, Limit, Page, decode_cursor, encode_cursor
 from app.api.problems import problem_responses
 from app.errors import InvalidInput
 from app.models.enums import MigrationStatus, MigrationType
 from app.models.schemas.migrations import EventPage, MigrationCreate, MigrationOut, MigrationView
+from app.repositories.events import EventFilter
 from app.services import migrations as service
 from app.services.migrations import PageKey
 from app.services.tokens import Principal
@@ -154,11 +156,14 @@ async def delete_migration(migration_id: MigrationId, tx: Tx, who: Writer) -> Re
     "/{migration_id}/events",
     response_model=EventPage,
     operation_id="list_migration_events",
-    summary="Its event log, oldest first",
-    responses=_READ,
+    summary="Its event log, oldest first (or a live stream)",
+    responses={200: {"content": sse.STREAM_CONTENT}, **problem_responses(401, 403, 404, 422,
+                                                                         503)},
 )
 async def list_migration_events(
     migration_id: MigrationId,
+    request: Request,
+    ctx: Context,
     tx: Tx,
     who: Reader,
     after: Annotated[
@@ -170,5 +175,12 @@ async def list_migration_events(
         ),
     ] = 0,
     limit: Limit = 50,
-) -> EventPage:
-    return await service.events(tx, who.tenant, migration_id, after=after, limit=limit)
+    last_event_id: sse.LastEventId = None,
+) -> EventPage | Response:
+    """With `Accept: text/event-stream`, its whole log (or what follows `Last-Event-ID`)
+    as Server-Sent Events, then live events as they happen."""
+    page = await service.events(tx, who.tenant, migration_id, after=after, limit=limit)
+    if sse.wants_stream(request):
+        where = EventFilter(tenant=who.tenant, migration_id=migration_id)
+        return await sse.stream_response(ctx, where, after=last_event_id or 0)
+    return page

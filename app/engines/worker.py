@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -86,9 +87,16 @@ class Claimed:
 class DbRunStore:
     """The :class:`~app.engines.runner.RunStore` of one claimed run, fenced by its epoch."""
 
-    def __init__(self, db: Database, claimed: Claimed) -> None:
+    #: ``migration.progress`` events are written at most this often per migration,
+    #: whatever the engine asks for (``force`` included).
+    PROGRESS_EVENT_SECONDS = 1.0
+
+    def __init__(self, db: Database, claimed: Claimed,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.db = db
         self.claimed = claimed
+        self._clock = clock
+        self._last_progress_event = float("-inf")
 
     async def _fenced(self, session: Any, **values: Any) -> None:
         if not await work.fence(session, self.claimed.id, self.claimed.epoch, **values):
@@ -122,6 +130,12 @@ class DbRunStore:
             await self._fenced(session, bytes_done=done, bytes_total=total, rate=rate)
             await work.update_step(session, self.claimed.id, position, bytes_done=done,
                                    bytes_total=total)
+            now = self._clock()
+            if now - self._last_progress_event >= self.PROGRESS_EVENT_SECONDS:
+                self._last_progress_event = now
+                await self._event(session, "migration.progress", {
+                    "step": await self._step_name(session, position), "bytes_done": done,
+                    "bytes_total": total, "rate": rate})
 
     async def checkpoint(self, data: JSON) -> None:
         async with self.db.session() as session:

@@ -209,3 +209,65 @@ class IdempotencyKey(Base):
     status_code: Mapped[int | None] = mapped_column(Integer)
     response: Mapped[JSON | None]
     created_at: Mapped[datetime] = _now()
+
+
+class Webhook(Base):
+    """An endpoint that receives the tenant's events, signed per Standard Webhooks."""
+
+    __tablename__ = "webhooks"
+    __table_args__ = (Index("ix_webhooks_tenant_created", "tenant", "created_at", "id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant: Mapped[str] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(Text)
+    description: Mapped[str] = mapped_column(String(255), default="")
+    #: Exact types or ``prefix.*`` patterns; empty means every event.
+    event_types: Mapped[list[str]] = mapped_column(ARRAY(String(64)), default=list)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: Fernet token of ``{"current": "whsec_...", "previous": "whsec_..." | null}``.
+    secrets: Mapped[bytes] = mapped_column(LargeBinary)
+    #: Until then deliveries are signed with the previous secret too.
+    previous_secret_expires_at: Mapped[datetime | None]
+    #: Start of the current run of failed attempts; None after any success.
+    failing_since: Mapped[datetime | None]
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+
+
+class WebhookDelivery(Base):
+    """The transactional outbox: one row per (event, matching webhook).
+
+    Written by the ``migration_events`` insert trigger in the event's own transaction,
+    so a committed event always has its deliveries and a rolled-back one has none.
+    The event is copied, because events go with their migration when it is removed.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_webhook_created", "webhook_id", "created_at", "id"),
+        CheckConstraint("status IN ('pending', 'succeeded', 'dead')", name="status"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant: Mapped[str] = mapped_column(String(64))
+    webhook_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"))
+    event_id: Mapped[int] = mapped_column(BigInteger)
+    event_type: Mapped[str] = mapped_column(String(64))
+    migration_id: Mapped[uuid.UUID | None]
+    event_seq: Mapped[int] = mapped_column(Integer)
+    payload: Mapped[JSON]
+    event_created_at: Mapped[datetime]
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: When due (pending); while an attempt is in flight, when its claim lapses.
+    next_attempt_at: Mapped[datetime] = _now()
+    #: Retries stop (status ``dead``) once this plus the retry window has passed.
+    retry_from: Mapped[datetime] = _now()
+    last_attempt_at: Mapped[datetime | None]
+    response_status: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()

@@ -23,6 +23,7 @@ from app.formats.registry import open_reader
 from app.models.db import VirtualImage
 from app.models.enums import ImageStatus, MigrationType
 from app.models.schemas.migrations import MigrationView
+from app.repositories import events as events_repo
 from app.repositories import images as repo
 from app.storage.base import ImageStore, StagedImage
 
@@ -94,13 +95,21 @@ async def upload(
             format=found.format, virtual_size=found.virtual_size, size=size,
             digest=found.digest, location=staged.key,
         )
-        return await repo.insert_image(session, image)
+        stored = await repo.insert_image(session, image)
+        await events_repo.record(session, tenant, "image.created", image_event(stored))
+        return stored
     except BaseException:
         if published:
             await store.delete(staged.key)
         else:
             await staged.discard()
         raise
+
+
+def image_event(image: VirtualImage) -> dict[str, object]:
+    """The payload of ``image.created``: what a consumer needs without another call."""
+    return {"image_id": str(image.id), "name": image.name, "format": image.format,
+            "virtual_size": image.virtual_size, "size": image.size, "digest": image.digest}
 
 
 async def get(session: AsyncSession, tenant: str, image_id: uuid.UUID) -> VirtualImage:
@@ -121,6 +130,7 @@ async def remove(session: AsyncSession, store: ImageStore, tenant: str,
     location = await repo.delete_image(session, tenant, image_id)
     if location is None:
         raise NotFound(f"image {image_id} not found")
+    await events_repo.record(session, tenant, "image.deleted", {"image_id": str(image_id)})
     if location:
         await session.flush()
         await store.delete(location)

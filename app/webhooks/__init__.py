@@ -1,0 +1,2 @@
+"""Webhooks: the outbound target policy, Standard Webhooks signing and the outbox
+dispatcher."""

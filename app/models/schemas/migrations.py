@@ -467,6 +467,11 @@ def migration_out(row: Migration) -> MigrationView:
 
 
 class EventOut(BaseModel):
+    id: int = Field(description="Unique and increasing across the tenant's events: the "
+                    "`after` of /v1/events, and the SSE `id` (`Last-Event-ID`).")
+    migration_id: uuid.UUID | None = Field(
+        description="The migration it belongs to; null for tenant-level events "
+        "(image.created, webhook.disabled, migration.deleted).")
     seq: int = Field(description="1, 2, 3, ... per migration, without gaps.")
     type: str = Field(description="e.g. migration.created, migration.queued.")
     payload: dict[str, JsonValue]
@@ -474,7 +479,8 @@ class EventOut(BaseModel):
 
     @classmethod
     def of(cls, row: MigrationEvent) -> EventOut:
-        return cls(seq=row.seq, type=row.type, payload=row.payload, created_at=row.created_at)
+        return cls(id=row.id, migration_id=row.migration_id, seq=row.seq, type=row.type,
+                   payload=row.payload, created_at=row.created_at)
 
 
 class EventPage(BaseModel):

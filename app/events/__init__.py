@@ -1,0 +1,1 @@
+"""Live event delivery: the Postgres LISTEN/NOTIFY bus behind Server-Sent Events."""
