@@ -80,6 +80,14 @@ class Settings(BaseSettings):
         default=300.0, ge=0, description="How long a source VM's guest gets to shut down "
         "before it is powered off (disruptive migrations)."
     )
+    ssh_known_hosts_file: Path | None = Field(
+        default=None, description="OpenSSH known_hosts file trusted for live-stream hosts. "
+        "A host whose key is neither there nor pinned in the request (host_key_fingerprint) "
+        "is refused; ~/.ssh is never read.",
+    )
+    ssh_connect_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="Bound on connecting and logging in to an SSH host."
+    )
     step_max_attempts: int = Field(
         default=5, ge=1, description="Tries per step for transient errors."
     )

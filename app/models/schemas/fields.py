@@ -40,6 +40,7 @@ __all__ = [
     "PrivateKey",
     "PublicKey",
     "ServerId",
+    "SnapshotSize",
     "Throttle",
     "WinRMPort",
     "WindowsPath",
@@ -164,7 +165,7 @@ _LVM_NAME = r"[A-Za-z0-9][A-Za-z0-9+_.-]{0,127}"
 _LV = rf"/dev/(?:mapper/{_LVM_NAME}|{_LVM_NAME}/{_LVM_NAME})"
 _DISK = (
     r"/dev/(?:(?:sd|vd|xvd)[a-z]{1,2}[0-9]{0,3}|nvme[0-9]{1,3}n[0-9]{1,3}(?:p[0-9]{1,3})?"
-    r"|md[0-9]{1,3}|disk/by-(?:id|uuid|path|partuuid)/[A-Za-z0-9][A-Za-z0-9:_.+-]{0,199})"
+    r"|md[0-9]{1,3}|loop[0-9]{1,4}|disk/by-(?:id|uuid|path|partuuid)/[A-Za-z0-9][A-Za-z0-9:_.+-]{0,199})"
 )
 
 LvDevice = Annotated[
@@ -181,7 +182,7 @@ BlockDevice = Annotated[
     *_grammar(
         rf"{_LV}|{_DISK}",
         "a logical volume (/dev/vg0/root, /dev/mapper/vg0-root) or "
-        "a disk (/dev/sdb, /dev/vda2, /dev/nvme0n1p2, "
+        "a disk (/dev/sdb, /dev/vda2, /dev/nvme0n1p2, /dev/loop0, "
         "/dev/disk/by-id/...)",
         300,
     ),
@@ -316,4 +317,9 @@ Fingerprint = Annotated[
 Throttle = Annotated[
     StrictInt,
     Field(ge=1024, le=10**12, description="Bandwidth cap in bytes per second."),
+]
+SnapshotSize = Annotated[
+    StrictInt,
+    Field(ge=4 * 1024 * 1024, le=2**50,
+          description="Bytes of copy-on-write space for an LVM snapshot (at least 4 MiB)."),
 ]

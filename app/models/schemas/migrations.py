@@ -27,6 +27,7 @@ from pydantic import (
     JsonValue,
     SecretStr,
     StrictBool,
+    StrictInt,
     TypeAdapter,
     model_validator,
 )
@@ -47,6 +48,7 @@ from app.models.schemas.fields import (
     PrivateKey,
     PublicKey,
     ServerId,
+    SnapshotSize,
     Throttle,
     WindowsPath,
     WindowsUser,
@@ -81,6 +83,20 @@ class Options(_Strict):
         default=None, description="Cap on transfer bandwidth; unlimited if null.")
     verify: StrictBool = Field(
         default=True, description="Verify the destination against the source digest.")
+
+
+class LiveStreamOptions(Options):
+    snapshot_size_bytes: SnapshotSize | None = Field(
+        default=None, description="Copy-on-write space of the LVM snapshot; default the "
+        "volume's size (the spec: free space of the capacity to be streamed), which can "
+        "never overflow. Smaller is fine for a volume written little during the copy; an "
+        "overflow fails the migration, never a silent bad copy. Rounded up to whole extents.")
+    freeze: StrictBool = Field(
+        default=False, description="Freeze the volume's mounted filesystem (fsfreeze) "
+        "while the snapshot is taken: application writes pause for a consistent point in "
+        "time. Bounded by freeze_timeout_seconds, always thawed.")
+    freeze_timeout_seconds: Annotated[StrictInt, Field(ge=1, le=30)] = Field(
+        default=5, description="Longest the filesystem stays frozen, whatever happens.")
 
 
 class HypervisorOptions(Options):
@@ -269,6 +285,12 @@ class LiveStreamSourceOut(_LiveStreamSourceBase, _SshOut):
 class _ExistingHostBase(_SshBase):
     kind: Literal["existing"]
     device: BlockDevice = Field(description="Overwritten from the root down.")
+    overwrite_mounted: StrictBool = Field(
+        default=False, description="Overwrite the device even when it (or a partition or "
+        "volume on it) is mounted read-write, e.g. the running root disk; else refused.")
+    reboot_after: StrictBool = Field(
+        default=False, description="Reboot the destination host after a successful copy "
+        "(useful after overwriting its running root).")
 
 
 class ExistingHostDestination(_ExistingHostBase, _SshSecrets):
@@ -292,7 +314,7 @@ class _LiveStreamCommon(_Strict):
     type: Literal["live_stream"]
     name: Name
     platform: Literal["linux"] = "linux"
-    options: Options = Field(default_factory=Options)
+    options: LiveStreamOptions = Field(default_factory=LiveStreamOptions)
 
 
 class LiveStreamCreate(_LiveStreamCommon):

@@ -1,0 +1,439 @@
+"""vmigrate live-stream helper: the program the service runs on the source and the
+destination host of a live stream. Standard library only, Python 3.6 or newer.
+
+It is not installed anywhere: the service sends this file's text over the SSH session
+and runs it with a bootstrap that reads exactly the script from stdin, so the rest of
+stdin stays free for data (see :func:`bootstrap_command`)::
+
+    python3 -c 'import sys;exec(compile(sys.stdin.buffer.read(N),"vmls","exec"))' N MODE ...
+
+Why not ship :mod:`app.formats.digest`: that module needs Python 3.10, and the hosts
+this must run on include Python 3.6 (RHEL 8's platform python, Ubuntu 18.04). The small
+``vmd1`` implementation below is checked against it by the tests.
+
+Modes (``docs/live-stream.md`` has the wire format):
+
+``read DEV SIZE START DIGEST GRANULARITY``
+    Sends ``[START, SIZE)`` of DEV as frames on stdout: data frames for blocks (of
+    GRANULARITY bytes, aligned on the disk) holding any non-zero byte, zero-run frames
+    for the rest, so zero blocks never cross the network. With DIGEST=1 it also computes
+    the ``vmd1`` digest of ``[0, SIZE)`` (reading ``[0, START)`` locally, unsent) and
+    puts it in the end frame. Reads drop their pages from the cache as they go.
+``write DEV SIZE START EXCL SYNC_BYTES``
+    Receives frames on stdin and writes them to DEV from START on. A zero run is
+    written only where DEV does not already read as zeros (read first, compare, then
+    ``BLKZEROOUT`` or explicit zeros), so a fresh or thin device stays unallocated and
+    old data never survives. Every SYNC_BYTES written (and at least every 2 s, and on a
+    sync frame) it runs fdatasync and prints ``DURABLE <offset>``: every byte below is on
+    stable storage. EXCL=1 opens the device with O_EXCL (the kernel refuses a mounted
+    device). Prints ``READY {...}`` first and ``DONE {...}`` after the end frame.
+``digest DEV SIZE``
+    Prints the ``vmd1`` digest of the first SIZE bytes of DEV, read from the device
+    (clean cached pages are dropped first).
+
+Errors go to stderr as one line ``vmls-error {"kind": ..., "message": ...}`` and the
+exit status is 3; a closed stdout/stdin (the service went away) exits 4.
+"""
+
+import contextlib
+import errno
+import hashlib
+import io
+import json
+import os
+import stat
+import struct
+import sys
+import time
+from typing import IO, cast
+
+MAGIC = b"VMLS1\n"
+#: Frame header: type, u64 a, u64 b (big-endian). D: offset, length + data; Z: offset,
+#: length (zeros); S: sync request; E: end offset, length of the JSON that follows.
+HEAD = struct.Struct(">cQQ")
+DATA = b"D"
+ZERO = b"Z"
+SYNC = b"S"
+END = b"E"
+MAX_FRAME = 16 * 1024 * 1024
+READ_SIZE = 4 * 1024 * 1024
+FRAME_DATA = 1024 * 1024
+BLOCK = 1024 * 1024  # vmd1 block size
+ZEROS = bytes(READ_SIZE)
+ZERO_BLOCK_HASH = hashlib.sha256(ZEROS[:BLOCK]).digest()
+BLKZEROOUT = 0x127F  # _IO(0x12, 127)
+SYNC_SECONDS = 2.0
+
+
+class HelperError(Exception):
+    def __init__(self, kind: str, message: str, **extra: object) -> None:
+        Exception.__init__(self, message)
+        self.kind = kind
+        self.extra = extra
+
+
+class Vmd1:
+    """The ``vmd1`` disk digest (see app/formats/digest.py), fed in order."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.outer = hashlib.sha256(size.to_bytes(8, "big"))
+        self.buf = bytearray()
+        self.pos = 0
+
+    def update(self, data: "bytes | memoryview") -> None:
+        view = memoryview(data)
+        self.pos += len(view)
+        if self.buf:
+            take = min(BLOCK - len(self.buf), len(view))
+            self.buf += view[:take]
+            view = view[take:]
+            if len(self.buf) == BLOCK:
+                self.outer.update(_block_hash(self.buf))
+                self.buf = bytearray()
+        while len(view) >= BLOCK:
+            self.outer.update(_block_hash(view[:BLOCK]))
+            view = view[BLOCK:]
+        if len(view):
+            self.buf += view
+
+    def hexdigest(self) -> str:
+        if self.pos != self.size:
+            raise HelperError("internal", f"digest read at {self.pos} of {self.size}")
+        outer = self.outer.copy()
+        if self.buf:
+            outer.update(hashlib.sha256(self.buf).digest())
+        return "vmd1:" + outer.hexdigest()
+
+
+def _block_hash(block: "bytes | bytearray | memoryview") -> bytes:
+    if len(block) == BLOCK and ZEROS.startswith(block):
+        return ZERO_BLOCK_HASH
+    return hashlib.sha256(block).digest()
+
+
+def _device_size(fd: int) -> int:
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    return st.st_size
+
+
+def _drop_cache(fd: int, offset: int, length: int) -> None:
+    with contextlib.suppress(AttributeError, OSError):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def _pread_exact(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        more = os.pread(fd, length - got, offset + got)
+        if not more:
+            raise HelperError("short-read", f"device ended at {offset + got}, expected "
+                              f"{offset + length} bytes", offset=offset + got)
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _open(path: str, flags: int, size: int) -> int:
+    try:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise HelperError("busy", f"{path} is in use (mounted or held by another "
+                              "device); refusing to overwrite it") from None
+        raise HelperError("open", f"cannot open {path}: {exc.strerror}") from None
+    have = _device_size(fd)
+    if have < size:
+        os.close(fd)
+        raise HelperError("too-small", f"{path} holds {have} bytes, fewer than {size}")
+    return fd
+
+
+# --- read ------------------------------------------------------------------------------
+
+
+class Sender:
+    """Turns chunks of the disk into frames, merging zero blocks into runs."""
+
+    def __init__(self, out: IO[bytes], granularity: int) -> None:
+        self.out = out
+        self.g = granularity
+        self.zero_start = -1
+        self.zero_end = 0
+        self.data_bytes = 0
+        self.zero_bytes = 0
+
+    def _flush_zero(self) -> None:
+        if self.zero_start >= 0:
+            length = self.zero_end - self.zero_start
+            self.out.write(HEAD.pack(ZERO, self.zero_start, length))
+            self.zero_bytes += length
+            self.zero_start = -1
+
+    def _zero(self, start: int, end: int) -> None:
+        if self.zero_start < 0:
+            self.zero_start = start
+        self.zero_end = end
+
+    def _data(self, offset: int, view: memoryview) -> None:
+        self._flush_zero()
+        for i in range(0, len(view), FRAME_DATA):
+            part = view[i:i + FRAME_DATA]
+            self.out.write(HEAD.pack(DATA, offset + i, len(part)))
+            self.out.write(part)
+        self.data_bytes += len(view)
+
+    def chunk(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        n = len(view)
+        if ZEROS.startswith(view):
+            self._zero(offset, offset + n)
+            return
+        g = self.g
+        cuts = [0, *range((offset // g + 1) * g - offset, n, g), n]
+        run_start = 0
+        run_zero = None
+        for k in range(len(cuts) - 1):
+            a, b = cuts[k], cuts[k + 1]
+            zero = view[a] == 0 and ZEROS.startswith(view[a:b])
+            if run_zero is None:
+                run_zero = zero
+            elif zero != run_zero:
+                self._emit(offset, view, run_start, a, run_zero)
+                run_start, run_zero = a, zero
+        self._emit(offset, view, run_start, n, bool(run_zero))
+
+    def _emit(self, offset: int, view: memoryview, a: int, b: int, zero: bool) -> None:
+        if zero:
+            self._zero(offset + a, offset + b)
+        else:
+            self._data(offset + a, view[a:b])
+
+    def finish(self) -> None:
+        self._flush_zero()
+
+
+def cmd_read(dev: str, size: int, start: int, want_digest: bool, granularity: int) -> None:
+    fd = _open(dev, os.O_RDONLY, size)
+    with contextlib.suppress(AttributeError, OSError):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    out = sys.stdout.buffer
+    hello = {"size": size, "start": start, "pid": os.getpid(),
+             "python": "{}.{}".format(*sys.version_info[:2])}
+    out.write(MAGIC + json.dumps(hello).encode() + b"\n")
+    out.flush()
+    digest = Vmd1(size) if want_digest else None
+    pos = 0 if digest is not None else start
+    sender = Sender(out, granularity)
+    while pos < size:
+        n = min(READ_SIZE - pos % READ_SIZE, size - pos)
+        if pos < start:
+            n = min(n, start - pos)
+        try:
+            data = _pread_exact(fd, n, pos)
+        except OSError as exc:
+            raise HelperError("read", f"reading {dev} at {pos}: {exc.strerror}", offset=pos,
+                              errno=errno.errorcode.get(exc.errno or 0, "")) from None
+        if digest is not None:
+            digest.update(data)
+        if pos >= start:
+            sender.chunk(pos, data)
+        _drop_cache(fd, pos, n)
+        pos += n
+    sender.finish()
+    info: dict[str, object] = {"data_bytes": sender.data_bytes, "zero_bytes": sender.zero_bytes}
+    if digest is not None:
+        info["digest"] = digest.hexdigest()
+    payload = json.dumps(info).encode()
+    out.write(HEAD.pack(END, size, len(payload)) + payload)
+    out.flush()
+    os.close(fd)
+
+
+# --- write -----------------------------------------------------------------------------
+
+
+def _read_exact(inp: IO[bytes], n: int) -> bytes:
+    data = inp.read(n)
+    if data is None or len(data) != n:
+        raise HelperError("truncated", "the stream ended early")
+    return bytes(data)
+
+
+class Writer:
+    def __init__(self, fd: int, sync_bytes: int) -> None:
+        self.fd = fd
+        self.sync_bytes = sync_bytes
+        self.dirty = 0
+        self.synced_at = time.monotonic()
+        self.written = 0
+        self.zeroed = 0
+        self.zeroout = True  # BLKZEROOUT until the device says no
+        self.durable_from = 0  # start of the range written since the last sync
+
+    def pwrite(self, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+        self.dirty += len(view)
+        self.written += len(view)
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make ``[offset, offset+length)`` read as zeros, writing only where it does not."""
+        pos, end = offset, offset + length
+        bad_start, bad_end = -1, -1
+        while pos < end:
+            n = min(READ_SIZE - pos % READ_SIZE, end - pos)
+            old = _pread_exact(self.fd, n, pos)
+            _drop_cache(self.fd, pos, n)
+            if not ZEROS.startswith(old):
+                if bad_start >= 0 and bad_end == pos:
+                    bad_end = pos + n
+                else:
+                    if bad_start >= 0:
+                        self._zero_out(bad_start, bad_end - bad_start)
+                    bad_start, bad_end = pos, pos + n
+            pos += n
+        if bad_start >= 0:
+            self._zero_out(bad_start, bad_end - bad_start)
+
+    def _zero_out(self, offset: int, length: int) -> None:
+        if self.zeroout and offset % 512 == 0 and length % 512 == 0:
+            import fcntl
+            try:
+                fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", offset, length))
+                self.zeroed += length
+                self.dirty += length
+                return
+            except OSError:
+                self.zeroout = False
+        pos = offset
+        while pos < offset + length:
+            n = min(READ_SIZE, offset + length - pos)
+            self.pwrite(memoryview(ZEROS)[:n], pos)
+            pos += n
+        self.zeroed += length
+
+    def sync(self, out: IO[bytes], pos: int) -> None:
+        os.fdatasync(self.fd)
+        _drop_cache(self.fd, self.durable_from, pos - self.durable_from)
+        self.durable_from = pos
+        self.dirty = 0
+        self.synced_at = time.monotonic()
+        out.write(f"DURABLE {pos}\n".encode())
+        out.flush()
+
+    def due(self) -> bool:
+        return self.dirty >= self.sync_bytes or (
+            self.dirty > 0 and time.monotonic() - self.synced_at >= SYNC_SECONDS)
+
+
+def cmd_write(dev: str, size: int, start: int, excl: bool, sync_bytes: int) -> None:
+    fd = _open(dev, os.O_RDWR | (os.O_EXCL if excl else 0), size)
+    out = sys.stdout.buffer
+    inp = cast("io.BufferedReader", sys.stdin.buffer)
+    ready = {"pid": os.getpid(), "capacity": _device_size(fd),
+             "python": "{}.{}".format(*sys.version_info[:2])}
+    out.write(f"READY {json.dumps(ready)}\n".encode())
+    out.flush()
+    w = Writer(fd, sync_bytes)
+    w.durable_from = start
+    pos = start
+    buf = bytearray(MAX_FRAME)
+    while True:
+        kind, a, b = HEAD.unpack(_read_exact(inp, HEAD.size))
+        if kind in (DATA, ZERO) and (a != pos or a + b > size):
+            raise HelperError("protocol", f"frame at {a}+{b}, expected offset {pos} "
+                              f"of {size}")
+        if kind == DATA:
+            if b > MAX_FRAME:
+                raise HelperError("protocol", f"data frame of {b} bytes")
+            view = memoryview(buf)[:b]
+            got = 0
+            while got < b:
+                n = inp.readinto(view[got:])
+                if not n:
+                    raise HelperError("truncated", "the stream ended inside a frame")
+                got += n
+            w.pwrite(view, a)
+            pos += b
+        elif kind == ZERO:
+            w.zero(a, b)
+            pos += b
+        elif kind == SYNC:
+            w.sync(out, pos)
+        elif kind == END:
+            info = json.loads(_read_exact(inp, b).decode()) if b else {}
+            if a != size or pos != size:
+                raise HelperError("protocol", f"end at {a}, wrote up to {pos} of {size}")
+            w.sync(out, pos)
+            done = {"written": w.written, "zeroed": w.zeroed, "info": info}
+            out.write(f"DONE {json.dumps(done)}\n".encode())
+            out.flush()
+            os.close(fd)
+            return
+        else:
+            raise HelperError("protocol", f"unknown frame type {kind!r}")
+        if w.due():
+            w.sync(out, pos)
+
+
+# --- digest ----------------------------------------------------------------------------
+
+
+def cmd_digest(dev: str, size: int) -> None:
+    fd = _open(dev, os.O_RDONLY, size)
+    _drop_cache(fd, 0, 0)
+    d = Vmd1(size)
+    pos = 0
+    while pos < size:
+        n = min(READ_SIZE, size - pos)
+        d.update(_pread_exact(fd, n, pos))
+        _drop_cache(fd, pos, n)
+        pos += n
+    os.close(fd)
+    sys.stdout.write(d.hexdigest() + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: "list[str]") -> int:
+    try:
+        mode = argv[0]
+        if mode == "read":
+            cmd_read(argv[1], int(argv[2]), int(argv[3]), argv[4] == "1", int(argv[5]))
+        elif mode == "write":
+            cmd_write(argv[1], int(argv[2]), int(argv[3]), argv[4] == "1", int(argv[5]))
+        elif mode == "digest":
+            cmd_digest(argv[1], int(argv[2]))
+        else:
+            raise HelperError("usage", f"unknown mode {mode!r}")
+    except HelperError as exc:
+        report: dict[str, object] = {"kind": exc.kind, "message": str(exc)}
+        report.update(exc.extra)
+        sys.stderr.write(f"vmls-error {json.dumps(report)}\n")
+        return 3
+    except BrokenPipeError:
+        return 4
+    except OSError as exc:
+        report = {"kind": "os", "message": f"{exc.filename or mode}: {exc.strerror}",
+                  "errno": errno.errorcode.get(exc.errno or 0, "")}
+        sys.stderr.write(f"vmls-error {json.dumps(report)}\n")
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    # argv: ["-c", N, MODE, ...] under the bootstrap; [script, MODE, ...] when run as a file.
+    args = sys.argv[2:] if sys.argv[0] == "-c" else sys.argv[1:]
+    code = main(args)
+    try:
+        sys.stdout.flush()
+    except OSError:
+        code = code or 4
+    os._exit(code)  # no flush at interpreter exit: the service may be gone
