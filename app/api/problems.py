@@ -115,7 +115,8 @@ def _document_path(
 
 
 def _is_synthetic(part: str) -> bool:
-    return "[" in part or part.startswith("function-")
+    """Validator names and union tags (``source:vm``); no document key has these shapes."""
+    return "[" in part or ":" in part or part.startswith("function-")
 
 
 def _validation_errors(exc: RequestValidationError) -> list[FieldError]:

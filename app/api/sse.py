@@ -9,7 +9,7 @@ object the list endpoints return. Idle streams get a ``:`` comment line every
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import anyio
@@ -73,9 +73,21 @@ class EventStreamResponse(StreamingResponse):
 
     Starlette only notices a gone client at the next write on ASGI 2.4 servers; an
     idle event stream writes rarely, so this one always listens for the disconnect.
+    ``on_close`` runs however the response ends, even if the body never started.
     """
 
+    def __init__(self, content: AsyncIterator[bytes], *, on_close: Callable[[], None],
+                 headers: dict[str, str]) -> None:
+        super().__init__(content, media_type=MEDIA_TYPE, headers=headers)
+        self.on_close = on_close
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._run(receive, send)
+        finally:
+            self.on_close()
+
+    async def _run(self, receive: Receive, send: Send) -> None:
         async with anyio.create_task_group() as group:
 
             async def stream() -> None:
@@ -106,8 +118,9 @@ async def stream_response(
     s = ctx.settings
     limits = StreamLimits(s.events_keepalive_seconds, s.events_stream_max_seconds,
                           s.events_stream_buffer)
-    events = service.follow(ctx.db, bus, where, after=after, limits=limits)
+    sub = bus.subscribe(where, limits.buffer)
+    events = service.follow(ctx.db, bus, sub, after=after, limits=limits)
     return EventStreamResponse(
-        _frames(events), media_type=MEDIA_TYPE,
+        _frames(events), on_close=lambda: bus.unsubscribe(sub),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -57,7 +57,7 @@ from app.formats.digest import digest_extents
 from app.formats.io import FileSink, FileSource
 from app.formats.registry import create_writer, open_reader
 from app.models.db import VirtualImage
-from app.models.enums import HypervisorMode, ImageFormat, ImageStatus
+from app.models.enums import HypervisorMode, ImageStatus
 from app.models.schemas.clouds import PasswordCredentials, VsphereSettings
 from app.repositories import images as images_repo
 from app.services.clouds import CloudConnection, open_cloud
@@ -132,21 +132,64 @@ class HypervisorEngine(Engine):
 
     # --- forward steps ----------------------------------------------------------------
 
+    async def _target_format(self) -> str:
+        if self.mode is HypervisorMode.new:
+            async with self._destination() as dst:  # also proves the credentials work
+                return type(dst).capabilities.import_formats[0].value
+        return str(self.spec.get("format") or "qcow2")
+
+    # A library image as the source (re-provisioning, and library conversions) -------
+
+    def _image_id(self) -> str | None:
+        return (self.spec.get("source") or {}).get("image_id")
+
+    async def _image(self) -> VirtualImage:
+        async with self.deps.db.session() as session:
+            image = await images_repo.get_image(session, self.view.tenant,
+                                                uuid.UUID(str(self._image_id())))
+        if image is None or not image.location:
+            raise NotFound(f"library image {self._image_id()} is gone")
+        return image
+
+    async def _validate_image(self) -> JSONDict:
+        image = await self._image()
+        return {"server_id": None, "server_name": image.name,
+                "target_format": await self._target_format(),
+                "disks": [dataclasses.asdict(DiskInfo(key=str(image.id), label="disk",
+                                                      capacity=image.virtual_size))]}
+
+    async def _export_image(self, ctx: StepContext) -> JSONDict:
+        image = await self._image()
+        (disk,) = self._disks()
+        source = await self.deps.store.open(image.location or "")
+        try:
+            reader = await open_reader(source, image.format)
+            done = await self._convert_into(
+                ctx, reader, disk, self._staged(0), self._server()["target_format"],
+                (self.spec.get("options") or {}).get("throttle_bytes_per_second"),
+                0, disk.capacity)
+        finally:
+            await source.close()
+        if done["digest"] != image.digest:
+            raise IntegrityError(f"image {image.id} reads back as {done['digest']}, its "
+                                 f"record says {image.digest}")
+        return {"disks": [done]}
+
+    # --- forward steps (continued) ------------------------------------------------------
+
     async def _validate(self, ctx: StepContext) -> JSONDict:
+        if self._image_id() is not None:
+            return await self._validate_image()
         ref = self.spec["source"]["server"]
         async with self._source() as src:
             info = await src.validate_source(ServerRef(id=ref.get("id"), name=ref.get("name")))
         if not info.disks:
             raise AppError(f"server {info.name} has no disks to migrate")
-        if self.mode is HypervisorMode.new:
-            async with self._destination() as dst:
-                formats = type(dst).capabilities.import_formats
-        else:
-            formats = (ImageFormat(self.spec.get("format") or "qcow2"),)
+        target_format = await self._target_format()
         return {
             "server_id": info.id, "server_name": info.name, "power_state": info.power_state,
             "cpus": info.cpus, "memory_mib": info.memory_mib, "guest_id": info.guest_id,
-            "firmware": info.firmware, "target_format": formats[0].value,
+            "firmware": info.firmware, "target_format": target_format,
             "disks": [dataclasses.asdict(d) for d in info.disks],
         }
 
@@ -170,6 +213,8 @@ class HypervisorEngine(Engine):
         return self.deps.store.stage(f"{self.view.id}-disk{index}", stable=True)
 
     async def _export(self, ctx: StepContext) -> JSONDict:
+        if self._image_id() is not None:
+            return await self._export_image(ctx)
         disks = self._disks()
         fmt = self._server()["target_format"]
         done: dict[str, JSONDict] = dict((ctx.migration.checkpoint or {}).get("exported", {}))
@@ -349,40 +394,15 @@ class ConversionEngine(HypervisorEngine):
 
     platform = "library"
 
-    async def _image(self) -> VirtualImage:
-        async with self.deps.db.session() as session:
-            image = await images_repo.get_image(session, self.view.tenant,
-                                                uuid.UUID(self.spec["image_id"]))
-        if image is None or not image.location:
-            raise NotFound(f"library image {self.spec['image_id']} is gone")
-        return image
+    def _image_id(self) -> str | None:
+        return str(self.spec["image_id"])
 
-    async def _validate(self, ctx: StepContext) -> JSONDict:
-        image = await self._image()
-        return {"server_id": None, "server_name": image.name, "target_format":
-                self.spec["format"], "disks": [dataclasses.asdict(DiskInfo(
-                    key=str(image.id), label="disk", capacity=image.virtual_size))]}
-
-    async def _export(self, ctx: StepContext) -> JSONDict:
-        image = await self._image()
-        (disk,) = self._disks()
-        source = await self.deps.store.open(image.location or "")
-        try:
-            reader = await open_reader(source, image.format)
-            done = await self._convert_into(
-                ctx, reader, disk, self._staged(0), self.spec["format"],
-                (self.spec.get("options") or {}).get("throttle_bytes_per_second"),
-                0, disk.capacity)
-        finally:
-            await source.close()
-        if done["digest"] != image.digest:
-            raise IntegrityError(f"image {image.id} reads back as {done['digest']}, its "
-                                 f"record says {image.digest}")
-        return {"disks": [done]}
+    async def _target_format(self) -> str:
+        return str(self.spec["format"])
 
     def _lineage(self) -> JSONDict:
         return {"migration_id": uuid.UUID(self.view.id), "cloud_id": None, "server": None,
-                "parent_id": uuid.UUID(self.spec["image_id"])}
+                "parent_id": uuid.UUID(str(self._image_id()))}
 
 
 def _subformat(fmt: str) -> str | None:

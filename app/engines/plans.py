@@ -21,6 +21,7 @@ from app.models.enums import HypervisorMode, MigrationType, StepStatus
 class Flag(StrEnum):
     """Spec-derived switches that include or drop plan steps."""
 
+    from_vm = "from_vm"  # hypervisor: the source is a VM (not a library image)
     power_off = "power_off"  # hypervisor: power the source off for a consistent image
     verify = "verify"  # compare the destination against the source digest
     provision = "provision"  # live stream onto a new VM
@@ -67,6 +68,8 @@ class Plan:
 _VALIDATE = Step("validate")
 _POWER_OFF = Step("power_off", only_if=Flag.power_off)
 _SNAPSHOT = Step("snapshot")
+#: A library image being re-provisioned has no VM to snapshot.
+_VM_SNAPSHOT = Step("snapshot", only_if=Flag.from_vm)
 _REMOVE_SNAPSHOT = Step("remove_snapshot", cleanup=True, undoes=("snapshot",))
 _VERIFY = Step("verify", only_if=Flag.verify)
 #: Exported disks wait in the staging area until stored or provisioned.
@@ -91,7 +94,7 @@ PLANS: Mapping[PlanKey, tuple[Step, ...]] = {
     (MigrationType.hypervisor, HypervisorMode.store): (
         _VALIDATE,
         _POWER_OFF,
-        _SNAPSHOT,
+        _VM_SNAPSHOT,
         Step("export"),
         Step("convert"),
         Step("store"),
@@ -102,7 +105,7 @@ PLANS: Mapping[PlanKey, tuple[Step, ...]] = {
     (MigrationType.hypervisor, HypervisorMode.new): (
         _VALIDATE,
         _POWER_OFF,
-        _SNAPSHOT,
+        _VM_SNAPSHOT,
         Step("export"),
         Step("convert"),
         Step("provision"),
@@ -159,7 +162,11 @@ def flags_from_spec(spec: Mapping[str, Any]) -> frozenset[Flag]:
     options: Mapping[str, Any] = spec.get("options") or {}
     destination: Mapping[str, Any] = spec.get("destination") or {}
     flags = set()
-    if spec.get("type") == MigrationType.hypervisor and options.get("power_off", True):
+    from_vm = spec.get("type") == MigrationType.hypervisor and \
+        "image_id" not in (spec.get("source") or {})
+    if from_vm:
+        flags.add(Flag.from_vm)
+    if from_vm and options.get("power_off", True):
         flags.add(Flag.power_off)
     if options.get("verify", True):
         flags.add(Flag.verify)

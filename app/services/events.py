@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import Database
 from app.errors import TransientError
-from app.events.bus import EventBus, Signal
+from app.events.bus import EventBus, Signal, Subscription
 from app.models.schemas.migrations import EventOut, EventPage
 from app.repositories import events as repo
 from app.repositories.events import EventFilter
@@ -68,17 +68,19 @@ async def ensure_live(bus: EventBus) -> None:
 
 
 async def follow(
-    db: Database, bus: EventBus, where: EventFilter, *, after: int | None,
+    db: Database, bus: EventBus, sub: Subscription, *, after: int | None,
     limits: StreamLimits,
 ) -> AsyncIterator[EventOut | None]:
     """Past events after ``after`` (none when None), then live ones as they commit.
 
-    Yields None when ``keepalive_seconds`` pass without an event (the caller writes a
-    keep-alive). Ends after ``max_seconds``, when the bus closes the subscription
-    (shutdown, lost listener, a consumer too slow for the buffer), or when the caller
-    stops iterating (client gone).
+    ``sub`` must be taken from ``bus`` before this starts (so no commit falls between
+    history and live events); it is released when this ends. Yields None when
+    ``keepalive_seconds`` pass without an event (the caller writes a keep-alive).
+    Ends after ``max_seconds``, when the bus closes the subscription (shutdown, lost
+    listener, a consumer too slow for the buffer), or when the caller stops iterating
+    (client gone).
     """
-    sub = bus.subscribe(where, limits.buffer)
+    where = sub.where
     deadline = time.monotonic() + limits.max_seconds
     try:
         sent: set[int] = set()

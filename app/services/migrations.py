@@ -26,6 +26,7 @@ from app.models.db import Migration, MigrationStep
 from app.models.enums import (
     HypervisorMode,
     ImageFormat,
+    ImageStatus,
     MigrationStatus,
     MigrationType,
     StepStatus,
@@ -36,7 +37,9 @@ from app.models.schemas.migrations import (
     EventPage,
     FieldProblem,
     HypervisorCreate,
+    HypervisorSource,
     ImageExtractCreate,
+    LibraryImageSource,
     LiveStreamCreate,
     MigrationView,
     NewVmDestination,
@@ -44,6 +47,7 @@ from app.models.schemas.migrations import (
     split_secrets,
 )
 from app.repositories import clouds as clouds_repo
+from app.repositories import images as images_repo
 from app.repositories import migrations as repo
 
 CreateBody = HypervisorCreate | ImageExtractCreate | LiveStreamCreate
@@ -72,7 +76,10 @@ def _cloud_refs(body: CreateBody) -> list[CloudRef]:
     """Every cloud the body names, with the part it must be able to play."""
     match body:
         case HypervisorCreate():
-            refs = [CloudRef("/source/cloud_id", body.source.cloud_id, Role.hypervisor_source)]
+            refs = []
+            if isinstance(body.source, HypervisorSource):
+                refs.append(
+                    CloudRef("/source/cloud_id", body.source.cloud_id, Role.hypervisor_source))
             if body.mode is HypervisorMode.new and body.destination is not None:
                 refs.append(
                     CloudRef(
@@ -109,6 +116,11 @@ async def check(
 ) -> list[FieldProblem]:
     """Everything wrong with ``body`` beyond its schema, each at its JSON pointer."""
     problems = body.field_problems()
+    if isinstance(body, HypervisorCreate) and isinstance(body.source, LibraryImageSource):
+        image = await images_repo.get_image(session, tenant, body.source.image_id)
+        if image is None or image.status != ImageStatus.ready:
+            problems.append(FieldProblem("/source/image_id",
+                                         f"no ready library image {body.source.image_id}"))
     for ref in _cloud_refs(body):
         cloud = await clouds_repo.get_cloud(session, tenant, ref.cloud_id)
         if cloud is None:

@@ -216,3 +216,41 @@ async def test_new_vm_on_another_host(
     # cutover: the source stays off, the snapshot is gone
     assert vm_state(vcsim, vm) == ("poweredOff", [])
     assert vm_state(vcsim, target)[1] == []
+
+
+async def test_library_image_reprovisioned_to_vmware(
+    client: httpx.AsyncClient, make_token: TokenFactory, db: Database, settings: Settings,
+    box: SecretBox, store: LocalStore, vcsim: Vcsim, tmp_path: Path,
+) -> None:
+    """The spec's "re-provisioned": a library image becomes a new VM."""
+    token = await make_token()
+    cloud = await add_vmware_cloud(client, token, vcsim)
+    raw = disk_with_holes(tmp_path / "golden.raw", 6 * MiB, seed=21)
+    qcow = tmp_path / "golden.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, qcow)
+    up = await client.post("/v1/images", params={"name": "golden"}, content=qcow.read_bytes(),
+                           headers={**auth(token), "Content-Type": "application/octet-stream"})
+    assert up.status_code == 201, up.text
+    image = up.json()
+
+    store_mode = await client.post("/v1/migrations", headers=auth(token), json={
+        "type": "hypervisor", "name": "nope", "mode": "store", "platform": "linux",
+        "source": {"image_id": image["id"]}})
+    assert store_mode.status_code == 422
+    assert store_mode.json()["errors"][0]["pointer"] == "/source/image_id"
+
+    target = "from-golden"
+    r = await client.post("/v1/migrations", headers=auth(token), json={
+        "type": "hypervisor", "name": "golden to vcsim", "mode": "new", "platform": "linux",
+        "run": True, "source": {"image_id": image["id"]},
+        "destination": {"cloud_id": cloud, "server_name": target, "cluster": "DC0_C0",
+                        "datastore": "LocalDS_0"}})
+    assert r.status_code == 201, r.text
+    mid = r.json()["id"]
+    assert [s["name"] for s in r.json()["steps"]][:3] == ["validate", "export", "convert"]
+    await run_until(make_worker(settings, db, box, store), _ends(client, token, mid))
+    m = await _migration(client, token, mid)
+    assert m["status"] == "completed", m["error"]
+    steps = {s["name"]: s for s in m["steps"]}
+    assert steps["verify"]["result"]["digests"] == [image["digest"]] == [digest_file(str(raw))]
+    assert vm_state(vcsim, target)[1] == []

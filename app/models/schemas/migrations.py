@@ -23,11 +23,13 @@ from typing import Annotated, Any, ClassVar, Literal, Self
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     JsonValue,
     SecretStr,
     StrictBool,
     StrictInt,
+    Tag,
     TypeAdapter,
     model_validator,
 )
@@ -125,6 +127,22 @@ class HypervisorSourceOut(_HypervisorSourceBase):
     password_set: bool
 
 
+class LibraryImageSource(_Strict):
+    """A library image instead of a VM: the spec's "re-provisioned" (mode ``new`` only)."""
+
+    image_id: uuid.UUID = Field(description="The library image to provision a VM from.")
+
+
+def _source_kind(value: Any) -> str:
+    """Which source a hypervisor body names: a library image if it has ``image_id``.
+
+    (A tag, not a smart union, so a bad VM source gets the VM source's errors only.)
+    """
+    if isinstance(value, dict):
+        return "source:image" if "image_id" in value else "source:vm"
+    return "source:image" if isinstance(value, LibraryImageSource) else "source:vm"
+
+
 class HypervisorDestination(_Strict):
     """Where mode ``new`` provisions the VM; placement names are the target's own."""
 
@@ -157,10 +175,19 @@ class HypervisorCreate(_HypervisorCommon):
     """Snapshot a VM and store it in the library (``store``) or provision it (``new``)."""
 
     run: StrictBool = Field(default=False, description="Queue it at once (else pending).")
-    source: HypervisorSource
+    source: Annotated[
+        Annotated[HypervisorSource, Tag("source:vm")]
+        | Annotated[LibraryImageSource, Tag("source:image")],
+        Discriminator(_source_kind),
+    ] = Field(description="A VM in a cloud, or (mode new) a library image to re-provision "
+                          "(`image_id`).")
 
     def field_problems(self) -> list[FieldProblem]:
         problems = []
+        if isinstance(self.source, LibraryImageSource) and self.mode is HypervisorMode.store:
+            problems.append(FieldProblem(
+                "/source/image_id", "a library image is stored already: convert it with "
+                "POST /v1/images/{id}/conversions, or provision it with mode new"))
         if self.mode is HypervisorMode.new:
             if self.destination is None:
                 problems.append(FieldProblem("/destination", "required when mode is new"))
@@ -423,7 +450,7 @@ class _MigrationOutBase(BaseModel):
 
 class HypervisorMigration(_HypervisorCommon, _MigrationOutBase):
     model_config = ConfigDict(extra="ignore")
-    source: HypervisorSourceOut
+    source: HypervisorSourceOut | LibraryImageSource
 
 
 class ImageExtractMigration(_ImageExtractCommon, _MigrationOutBase):
