@@ -5,7 +5,7 @@ formats, and the library on local disk; qemu-img and the vmd1 digest as oracles.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,10 @@ from tests.conftest import TokenFactory, auth
 from tests.e2e.vmware_support import (
     MiB,
     add_vmware_cloud,
+    borrowed_vm,
     disk_with_holes,
     make_worker,
-    resize_disk,
     run_until,
-    set_power,
     vm_state,
 )
 from tests.formats.oracle import qemu_img
@@ -45,14 +44,12 @@ def store(settings: Settings) -> LocalStore:
 
 
 @pytest.fixture
-def vm_disk(vcsim: Vcsim, tmp_path: Path) -> tuple[str, Path]:
+def vm_disk(vcsim: Vcsim, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """DC0_H0_VM1 with a 12 MiB disk of data and holes, powered on."""
     name = "DC0_H0_VM1"
     raw = disk_with_holes(tmp_path / "source.raw", SIZE, seed=11)
-    resize_disk(vcsim, name, SIZE)
-    vcsim.upload_disk(name, raw)
-    set_power(vcsim, name, on=True)
-    return name, raw
+    with borrowed_vm(vcsim, name, SIZE, raw):
+        yield name, raw
 
 
 async def _migration(client: httpx.AsyncClient, token: str, mid: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ once. Against vcsim and the real pipeline."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -25,11 +26,10 @@ from tests.conftest import TokenFactory, auth
 from tests.e2e.vmware_support import (
     MiB,
     add_vmware_cloud,
+    borrowed_vm,
     disk_with_holes,
     make_worker,
-    resize_disk,
     run_until,
-    set_power,
     vm_state,
 )
 from tests.infra.vcsim import Vcsim
@@ -76,11 +76,10 @@ async def _get(client: httpx.AsyncClient, token: str, mid: str) -> dict[str, Any
 
 
 async def _start_migration(client: httpx.AsyncClient, token: str, vcsim: Vcsim,
-                           tmp_path: Path, vm: str) -> tuple[str, Path]:
+                           tmp_path: Path, vm: str, stack: contextlib.ExitStack
+                           ) -> tuple[str, Path]:
     raw = disk_with_holes(tmp_path / "source.raw", SIZE, seed=5)
-    resize_disk(vcsim, vm, SIZE)
-    vcsim.upload_disk(vm, raw)
-    set_power(vcsim, vm, on=True)
+    stack.enter_context(borrowed_vm(vcsim, vm, SIZE, raw))
     cloud = await add_vmware_cloud(client, token, vcsim)
     r = await client.post("/v1/migrations", headers=auth(token), json={
         "type": "hypervisor", "name": "killed mid-export", "mode": "store",
@@ -102,12 +101,19 @@ async def _wait_exporting(client: httpx.AsyncClient, token: str, mid: str,
             await asyncio.sleep(0.1)
 
 
+@pytest.fixture
+def vm_stack() -> Iterator[contextlib.ExitStack]:
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
 async def test_sigkill_mid_export_resumes_on_another_worker(
     client: httpx.AsyncClient, make_token: TokenFactory, db: Database, settings: Settings,
-    vcsim: Vcsim, tmp_path: Path, spawn: Any,
+    vcsim: Vcsim, tmp_path: Path, spawn: Any, vm_stack: contextlib.ExitStack,
 ) -> None:
     token = await make_token()
-    mid, raw = await _start_migration(client, token, vcsim, tmp_path, "DC0_C0_RP0_VM0")
+    mid, raw = await _start_migration(client, token, vcsim, tmp_path, "DC0_C0_RP0_VM0",
+                                      vm_stack)
     proc = spawn()
     await _wait_exporting(client, token, mid, proc)
     os.kill(proc.pid, signal.SIGKILL)
@@ -135,11 +141,11 @@ async def test_sigkill_mid_export_resumes_on_another_worker(
 
 async def test_sigterm_hands_the_migration_back(
     client: httpx.AsyncClient, make_token: TokenFactory, db: Database, settings: Settings,
-    vcsim: Vcsim, tmp_path: Path, spawn: Any,
+    vcsim: Vcsim, tmp_path: Path, spawn: Any, vm_stack: contextlib.ExitStack,
 ) -> None:
     token = await make_token()
     vm = "DC0_C0_RP0_VM1"
-    mid, _ = await _start_migration(client, token, vcsim, tmp_path, vm)
+    mid, _ = await _start_migration(client, token, vcsim, tmp_path, vm, vm_stack)
     proc = spawn()
     await _wait_exporting(client, token, mid, proc)
     proc.send_signal(signal.SIGTERM)

@@ -4,8 +4,9 @@ data, power and snapshot state as vSphere itself reports it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,31 @@ def disk_with_holes(path: Path, size: int, seed: int) -> Path:
         f.seek(size // 3 + 7)
         f.write(b"unaligned" * 100)
     return path
+
+
+@contextlib.contextmanager
+def borrowed_vm(vcsim: Vcsim, vm_name: str, size: int, data: Path) -> Iterator[None]:
+    """Give a model VM a ``size`` disk holding ``data``, powered on; on exit put it back
+    as the other tests expect it (1 MiB disk, powered on): the simulator is shared."""
+    original = disk_capacity(vcsim, vm_name)
+    resize_disk(vcsim, vm_name, size)
+    vcsim.upload_disk(vm_name, data)
+    set_power(vcsim, vm_name, on=True)
+    try:
+        yield
+    finally:
+        resize_disk(vcsim, vm_name, original)
+        set_power(vcsim, vm_name, on=True)
+
+
+def disk_capacity(vcsim: Vcsim, vm_name: str) -> int:
+    from pyVmomi import vim
+
+    with vcsim.connect() as si:
+        vm: Any = find_vm(si, vm_name)
+        disk: Any = next(d for d in vm.config.hardware.device
+                         if isinstance(d, vim.vm.device.VirtualDisk))
+        return int(disk.capacityInKB) * 1024
 
 
 def resize_disk(vcsim: Vcsim, vm_name: str, size: int) -> None:
