@@ -1,0 +1,212 @@
+"""The live stream's data path between real SSH hosts (namespace sshds with loop
+devices; no LVM needed): helper and dd ends in every combination, sparseness, zeros
+written only where needed, resume, back-pressure bounds, a dropped connection, and the
+helper's digest against the service's."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.engines import live_stream_wire as wire
+from app.engines.live_stream import destination_digest
+from app.engines.live_stream_data import Endpoint, stream
+from app.formats.digest import digest_bytes, digest_file
+from app.transports.ssh import SshConnectionError, ssh_session
+from tests.engines.live_stream_support import SSH, helper_session_pids, target
+from tests.infra.fixtures import NsHostFactory
+from tests.infra.nshost import NsHost
+
+MiB = 1024 * 1024
+SIZE = 40 * MiB + 12 * 1024  # not a multiple of the dd block or the digest block
+
+
+def _fill_source(host: NsHost, size: int = SIZE) -> bytes:
+    """Every other MiB random, the rest zeros, and a few isolated 4 KiB data blocks."""
+    data = bytearray(size)
+    for off in range(0, size, 2 * MiB):
+        data[off:off + MiB] = os.urandom(min(MiB, size - off))
+    for off in (MiB + 128 * 1024, 9 * MiB + 4096, size - 4096):
+        data[off:off + 4096] = os.urandom(4096)
+    with host.backing_file.open("r+b") as f:
+        f.write(data)
+    return bytes(data)
+
+
+def _garbage(host: NsHost, size: int = SIZE) -> None:
+    with host.backing_file.open("r+b") as f:
+        f.write(b"\xa5" * size)
+
+
+def _read_dest(host: NsHost, size: int = SIZE) -> bytes:
+    with host.backing_file.open("rb") as f:
+        return f.read(size)
+
+
+@pytest.fixture
+def pair(ns_host_factory: NsHostFactory) -> tuple[NsHost, NsHost]:
+    return ns_host_factory(device_mib=48), ns_host_factory(device_mib=48)
+
+
+@pytest.mark.parametrize(("src_helper", "dst_helper"),
+                         [(True, True), (False, True), (True, False), (False, False)],
+                         ids=["helper-helper", "dd-helper", "helper-dd", "dd-dd"])
+async def test_copies_exactly_and_digests(pair: tuple[NsHost, NsHost], src_helper: bool,
+                                          dst_helper: bool) -> None:
+    a, b = pair
+    content = _fill_source(a)
+    _garbage(b)
+    durable: list[int] = []
+    async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
+        result = await stream(Endpoint(sa, a.device, src_helper),
+                              Endpoint(sb, b.device, dst_helper), SIZE,
+                              on_durable=durable.append)
+        dest_digest = await destination_digest(sb, b.device, SIZE, helper=dst_helper)
+    assert _read_dest(b) == content
+    assert result.digest == digest_bytes(content) == dest_digest
+    assert durable == sorted(durable)
+    assert durable[-1] == SIZE
+    nonzero = sum(1 for i in range(0, SIZE, 64 * 1024) if any(content[i:i + 64 * 1024]))
+    if src_helper:  # zero blocks never left the source
+        assert result.data_bytes <= nonzero * 64 * 1024
+    if dst_helper:  # the stale 0xa5 bytes were zeroed where the source has zeros
+        assert result.destination["zeroed"] > 0
+
+
+async def test_zeros_written_only_where_needed(pair: tuple[NsHost, NsHost]) -> None:
+    a, b = pair
+    _fill_source(a)
+    async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
+        result = await stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE)
+    assert result.destination["zeroed"] == 0  # the destination read as zeros already
+    # The zero half of the destination was never allocated in its backing file.
+    assert os.stat(b.backing_file).st_blocks * 512 < SIZE * 0.6
+
+
+@pytest.mark.parametrize("src_helper", [True, False], ids=["helper", "dd"])
+async def test_resume_writes_only_the_rest(pair: tuple[NsHost, NsHost],
+                                           src_helper: bool) -> None:
+    a, b = pair
+    content = _fill_source(a)
+    resume = 17 * MiB + 64 * 1024
+    with b.backing_file.open("r+b") as f:
+        f.write(content[:resume])  # what an earlier attempt made durable
+    async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
+        result = await stream(Endpoint(sa, a.device, src_helper), Endpoint(sb, b.device),
+                              SIZE, resume_from=resume)
+    expected_start = resume if src_helper else resume - resume % wire.DD_BLOCK
+    assert result.resumed_from == expected_start
+    assert _read_dest(b) == content
+    assert result.digest == digest_bytes(content)  # the whole disk, not just the rest
+
+
+async def test_throttle_and_backpressure_bound_memory(pair: tuple[NsHost, NsHost]) -> None:
+    """Throttled to 8 MB/s, 40 MiB with half zeros takes about 2.6 s; the durable offset
+    trails what was sent by no more than the pipeline's queues plus the sync interval."""
+    a, b = pair
+    _fill_source(a)
+    sent: list[int] = []
+    lag: list[int] = []
+    durable = [0]
+
+    def on_durable(offset: int) -> None:
+        durable[0] = offset
+
+    def on_progress(done: int, total: int) -> None:
+        sent.append(done)
+        lag.append(done - durable[0])
+
+    async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
+        started = asyncio.get_running_loop().time()
+        await stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE,
+                     throttle_bps=8e6, on_durable=on_durable, on_progress=on_progress)
+        elapsed = asyncio.get_running_loop().time() - started
+    assert elapsed > 2.0
+    assert max(lag) <= 32 * MiB
+
+
+async def test_dropped_connection_is_retryable(pair: tuple[NsHost, NsHost]) -> None:
+    a, b = pair
+    _fill_source(a)
+    assert b.sshd is not None
+    durable = [0]
+    async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
+        task = asyncio.create_task(stream(
+            Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE, throttle_bps=4e6,
+            on_durable=lambda o: durable.__setitem__(0, o)))
+        async with asyncio.timeout(30):
+            while durable[0] < 4 * MiB:
+                await asyncio.sleep(0.05)
+        victims = helper_session_pids(b.sshd.pid)
+        assert len(victims) == 1
+        os.kill(victims[0], signal.SIGKILL)
+        with pytest.raises(SshConnectionError):
+            await asyncio.wait_for(task, 60)
+    # A second attempt resumes from what was durable and completes the copy.
+    async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
+        result = await stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE,
+                              resume_from=durable[0])
+    assert result.resumed_from >= 4 * MiB
+    assert digest_file(b.backing_file, size=SIZE) == result.digest
+
+
+async def test_destination_too_small_is_refused_by_the_helper(
+        ns_host_factory: NsHostFactory) -> None:
+    a, small = ns_host_factory(device_mib=48), ns_host_factory(device_mib=8)
+    _fill_source(a)
+    async with ssh_session(target(a), SSH) as sa, ssh_session(target(small), SSH) as sb:
+        with pytest.raises(Exception, match="fewer than"):
+            await stream(Endpoint(sa, a.device), Endpoint(sb, small.device), SIZE)
+
+
+# --- the helper on its own (run locally, as the remote hosts run it) ------------------
+
+
+def _helper(*args: str | int | Path, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    script = wire.helper_script()
+    boot = f'import sys;exec(compile(sys.stdin.buffer.read({len(script)}),"vmls-helper","exec"))'
+    return subprocess.run([sys.executable, "-c", boot, str(len(script)), *map(str, args)],
+                          input=script + stdin, capture_output=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize("size", [0, 1, MiB - 1, MiB, 3 * MiB + 17])
+def test_helper_digest_matches_the_service(tmp_path: Path, size: int) -> None:
+    data = bytearray(size)
+    if size > 100:
+        data[size // 3:size // 3 + 50] = os.urandom(50)
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(data) + b"\xff" * 4096)  # the device may be larger
+    proc = _helper("digest", disk, size)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().strip() == digest_bytes(bytes(data))
+    lines = [hashlib.sha256(bytes(data[i:i + MiB])).hexdigest()
+             for i in range(0, size, MiB)]
+    assert wire.vmd1_from_block_hashes(size, lines) == digest_bytes(bytes(data))
+
+
+def test_helper_reports_errors_as_one_line(tmp_path: Path) -> None:
+    proc = _helper("digest", tmp_path / "missing", 10)
+    assert proc.returncode == 3
+    failure = wire.parse_failure(proc.stderr.decode())
+    assert failure is not None
+    assert failure.kind == "open"
+    assert "cannot open" in failure.message
+
+
+def test_helper_refuses_a_truncated_stream(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(MiB))
+    frames = wire.data_header(0, 4096) + b"x" * 100  # ends inside the frame
+    proc = _helper("write", disk, MiB, 0, 0, MiB, stdin=frames)
+    assert proc.returncode == 3
+    failure = wire.parse_failure(proc.stderr.decode())
+    assert failure is not None
+    assert failure.kind == "truncated"
+    assert b"DONE" not in proc.stdout
