@@ -132,7 +132,7 @@ async def get_cloud(
 @router.patch(
     "/{cloud_id}", operation_id="update_cloud", response_model=CloudOut,
     responses={200: {"headers": _ETAG_HEADER},
-               **problem_responses(401, 403, 404, 409, 412, 413, 415, 422)},
+               **problem_responses(400, 401, 403, 404, 409, 412, 413, 415, 422)},
 )
 async def update_cloud(
     cloud_id: uuid.UUID, patch: Annotated[CloudUpdate, Body()], response: Response,

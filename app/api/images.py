@@ -170,7 +170,7 @@ class ConversionRequest(BaseModel):
 
 @router.post(
     "/{image_id}/conversions", status_code=202, operation_id="convert_image",
-    response_model=MigrationOut, responses=problem_responses(401, 403, 404, 409, 422),
+    response_model=MigrationOut, responses=problem_responses(400, 401, 403, 404, 409, 422),
 )
 async def convert_image(
     image_id: uuid.UUID, body: ConversionRequest, response: Response, principal: Writer,

@@ -65,7 +65,7 @@ def _page_key(cursor: str | None) -> PageKey | None:
     response_model=MigrationOut,
     operation_id="create_migration",
     summary="Create a migration (and queue it with `run: true`)",
-    responses=problem_responses(401, 403, 413, 422),
+    responses=problem_responses(400, 401, 403, 413, 422),
 )
 async def create_migration(
     body: MigrationCreate,

@@ -102,7 +102,7 @@ async def get_webhook(
     "/{webhook_id}", operation_id="update_webhook", response_model=WebhookOut,
     summary="Change the URL, event types, description or active flag",
     responses={200: {"headers": _ETAG_HEADER},
-               **problem_responses(401, 403, 404, 412, 413, 415, 422)},
+               **problem_responses(400, 401, 403, 404, 412, 413, 415, 422)},
 )
 async def update_webhook(
     webhook_id: WebhookId, patch: Annotated[WebhookUpdate, Body()], response: Response,
