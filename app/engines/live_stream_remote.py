@@ -39,7 +39,6 @@ import contextlib
 import errno
 import hashlib
 import io
-import json
 import os
 import stat
 import struct
@@ -104,6 +103,19 @@ class Vmd1:
         if self.buf:
             outer.update(hashlib.sha256(self.buf).digest())
         return "vmd1:" + outer.hexdigest()
+
+
+def _json(value: object) -> str:
+    """JSON for flat dicts of str/int/float/bool/None (Debian's python3-minimal, a
+    common python3 on servers, ships without the json module)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(_json(str(k)) + ": " + _json(v) for k, v in value.items()) + "}"
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, (int, float)):  # a tuple, not int | float: Python 3.6
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + "".join(c if c >= " " else f"\\u{ord(c):04x}" for c in text) + '"'
 
 
 def _block_hash(block: "bytes | bytearray | memoryview") -> bytes:
@@ -226,7 +238,7 @@ def cmd_read(dev: str, size: int, start: int, want_digest: bool, granularity: in
     out = sys.stdout.buffer
     hello = {"size": size, "start": start, "pid": os.getpid(),
              "python": "{}.{}".format(*sys.version_info[:2])}
-    out.write(MAGIC + json.dumps(hello).encode() + b"\n")
+    out.write(MAGIC + _json(hello).encode() + b"\n")
     out.flush()
     digest = Vmd1(size) if want_digest else None
     pos = 0 if digest is not None else start
@@ -250,7 +262,7 @@ def cmd_read(dev: str, size: int, start: int, want_digest: bool, granularity: in
     info: dict[str, object] = {"data_bytes": sender.data_bytes, "zero_bytes": sender.zero_bytes}
     if digest is not None:
         info["digest"] = digest.hexdigest()
-    payload = json.dumps(info).encode()
+    payload = _json(info).encode()
     out.write(HEAD.pack(END, size, len(payload)) + payload)
     out.flush()
     os.close(fd)
@@ -340,7 +352,7 @@ def cmd_write(dev: str, size: int, start: int, excl: bool, sync_bytes: int) -> N
     inp = cast("io.BufferedReader", sys.stdin.buffer)
     ready = {"pid": os.getpid(), "capacity": _device_size(fd),
              "python": "{}.{}".format(*sys.version_info[:2])}
-    out.write(f"READY {json.dumps(ready)}\n".encode())
+    out.write(f"READY {_json(ready)}\n".encode())
     out.flush()
     w = Writer(fd, sync_bytes)
     w.durable_from = start
@@ -369,12 +381,12 @@ def cmd_write(dev: str, size: int, start: int, excl: bool, sync_bytes: int) -> N
         elif kind == SYNC:
             w.sync(out, pos)
         elif kind == END:
-            info = json.loads(_read_exact(inp, b).decode()) if b else {}
+            _read_exact(inp, b)  # the end frame's JSON: nothing in it for the writer
             if a != size or pos != size:
                 raise HelperError("protocol", f"end at {a}, wrote up to {pos} of {size}")
             w.sync(out, pos)
-            done = {"written": w.written, "zeroed": w.zeroed, "info": info}
-            out.write(f"DONE {json.dumps(done)}\n".encode())
+            done = {"written": w.written, "zeroed": w.zeroed}
+            out.write(f"DONE {_json(done)}\n".encode())
             out.flush()
             os.close(fd)
             return
@@ -416,14 +428,14 @@ def main(argv: "list[str]") -> int:
     except HelperError as exc:
         report: dict[str, object] = {"kind": exc.kind, "message": str(exc)}
         report.update(exc.extra)
-        sys.stderr.write(f"vmls-error {json.dumps(report)}\n")
+        sys.stderr.write(f"vmls-error {_json(report)}\n")
         return 3
     except BrokenPipeError:
         return 4
     except OSError as exc:
         report = {"kind": "os", "message": f"{exc.filename or mode}: {exc.strerror}",
                   "errno": errno.errorcode.get(exc.errno or 0, "")}
-        sys.stderr.write(f"vmls-error {json.dumps(report)}\n")
+        sys.stderr.write(f"vmls-error {_json(report)}\n")
         return 3
     return 0
 

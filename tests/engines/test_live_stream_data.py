@@ -210,3 +210,18 @@ def test_helper_refuses_a_truncated_stream(tmp_path: Path) -> None:
     assert failure is not None
     assert failure.kind == "truncated"
     assert b"DONE" not in proc.stdout
+
+
+def test_helper_needs_only_python3_minimal() -> None:
+    """Debian's python3-minimal (what many servers have) lacks json, among others; the
+    helper imports nothing outside this list."""
+    import ast
+
+    tree = ast.parse(wire.helper_script())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    minimal = {"contextlib", "errno", "fcntl", "hashlib", "io", "os", "stat", "struct", "sys",
+               "time", "typing"}
+    assert imported <= minimal, imported - minimal
