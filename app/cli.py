@@ -228,5 +228,14 @@ def render_openapi_yaml(spec: dict[str, object]) -> str:
     return yaml.safe_dump(spec, sort_keys=False, allow_unicode=True, width=100)
 
 
+def _add_image_commands() -> None:
+    from app.commands.images import images_commands
+
+    for command in images_commands:
+        main.add_command(command)
+
+
+_add_image_commands()
+
 if __name__ == "__main__":
     main()

@@ -6,6 +6,9 @@ The CLI runs its own event loop (``asyncio.run``), so it is invoked in a thread.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -129,3 +132,26 @@ async def test_keys_rotate_reports_rows_no_key_opens(
         row = await session.get(Cloud, row_id)
     assert row is not None
     assert row.credentials == stray  # left as it was
+
+
+def test_main_cli_converts_without_a_database(tmp_path: Path) -> None:
+    """`vmigrate convert` and `vmigrate info` are part of the one CLI and need no service."""
+    raw = tmp_path / "disk.raw"
+    with raw.open("wb") as f:
+        f.truncate(3 * 1024 * 1024)
+        f.seek(1024 * 1024)
+        f.write(b"data" * 1000)
+    out = tmp_path / "disk.vmdk"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMIGRATE_")}
+    env["VMIGRATE_DATABASE_URL"] = "postgresql+asyncpg://nobody@127.0.0.1:1/none"
+    done = subprocess.run([sys.executable, "-m", "app.cli", "convert", str(raw), str(out),
+                           "--to", "vmdk"], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    cmp = subprocess.run(["qemu-img", "compare", "-f", "vmdk", "-F", "raw", str(out), str(raw)],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert cmp.returncode == 0, cmp.stdout
+    info = subprocess.run([sys.executable, "-m", "app.cli", "info", str(out)], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert info.returncode == 0, info.stderr
+    assert "vmdk" in info.stdout
