@@ -89,7 +89,8 @@ async def test_generated_client_end_to_end(
                 images.upload_image.sync, client=api, name="e2e disk",
                 body=types.File(payload=io.BytesIO(disk), mime_type="application/octet-stream"))
             assert isinstance(image, models.ImageOut), image
-            assert image.format_ == "raw" and image.virtual_size == len(disk)
+            assert image.format_ == "raw"
+            assert image.virtual_size == len(disk)
 
             job = await images.convert_image.asyncio(
                 image.id, client=api,
