@@ -21,6 +21,7 @@ class SealedColumn(StrEnum):
 
     cloud_credentials = "clouds.credentials"
     migration_secrets = "migrations.secrets"
+    webhook_secrets = "webhooks.secrets"
 
     def columns(self) -> tuple[Column[uuid.UUID], Column[bytes | None]]:
         table_name, column = self.value.split(".")
