@@ -1,8 +1,8 @@
 """/v1/events: the tenant's event log, as pages or as a live Server-Sent Events stream.
 
-A token sees the event types its scopes can read (``migration.*`` with
-``migrations:read``, ``image.*`` with ``images:read``, ``webhook.*`` with
-``webhooks:read``).
+A token sees the event types its scopes can read (``image.*`` with ``images:read``,
+``webhook.*`` with ``webhooks:read``, ...) and, with ``migrations:read``, every event
+that belongs to a migration.
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ def event_filter(
         raise InvalidInput("since is after until", extra={"errors": [
             {"pointer": "/since", "detail": "must not be after until"}]})
     return EventFilter(tenant=principal.tenant, types=tuple(types or ()),
-                       areas=service.readable_areas(principal), since=since, until=until)
+                       areas=service.readable_areas(principal),
+                       migration_events=principal.allows("migrations:read"),
+                       since=since, until=until)
 
 
 @router.get(

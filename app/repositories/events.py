@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, or_, select
+from sqlalchemy import ColumnElement, false, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models.db import MigrationEvent
@@ -44,14 +44,17 @@ class EventFilter:
     """Which events a reader sees: one tenant, optionally one migration, some types.
 
     ``areas`` are the type prefixes the caller's scopes allow (``migration.``,
-    ``image.``, ...); None allows every type. The same filter drives the SQL of a page
-    and the in-memory matching of live events (:meth:`matches`).
+    ``image.``, ...); None allows every type. With ``migration_events``, every event
+    that belongs to a migration is allowed too, whatever its type (engines emit
+    ``live_stream.*``, ``image.created``, ... inside a migration). The same filter
+    drives the SQL of a page and the in-memory matching of live events (:meth:`matches`).
     """
 
     tenant: str
     migration_id: uuid.UUID | None = None
     types: tuple[str, ...] = ()
     areas: tuple[str, ...] | None = None
+    migration_events: bool = False
     since: datetime | None = None
     until: datetime | None = None
 
@@ -61,7 +64,8 @@ class EventFilter:
             return False
         if self.migration_id is not None and migration_id != self.migration_id:
             return False
-        if self.areas is not None and not any(type_.startswith(a) for a in self.areas):
+        if self.areas is not None and not any(type_.startswith(a) for a in self.areas) \
+                and not (self.migration_events and migration_id is not None):
             return False
         return not self.types or type_matches(type_, self.types)
 
@@ -78,7 +82,10 @@ class EventFilter:
         if self.migration_id is not None:
             clauses.append(e.migration_id == self.migration_id)
         if self.areas is not None:
-            clauses.append(or_(*[e.type.startswith(a, autoescape=True) for a in self.areas]))
+            allowed = [e.type.startswith(a, autoescape=True) for a in self.areas]
+            if self.migration_events:
+                allowed.append(e.migration_id.is_not(None))
+            clauses.append(or_(false(), *allowed))
         if self.types:
             alternatives: list[ColumnElement[bool]] = []
             for value in self.types:

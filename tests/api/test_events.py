@@ -4,6 +4,7 @@ event types narrowed to what the token's scopes can read."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,6 +12,7 @@ import httpx
 
 from app.db import Database
 from app.repositories import events as events_repo
+from app.repositories import migrations as migrations_repo
 from tests.api.migrations_support import add_cloud, hypervisor
 from tests.conftest import TokenFactory, auth
 
@@ -97,10 +99,17 @@ async def test_scopes_narrow_the_types_a_token_sees(
 ) -> None:
     for t in ("migration.created", "image.created", "webhook.disabled"):
         await emit(db, t)
+    r = await client.post("/v1/migrations", headers=auth(await make_token()),
+                          json=hypervisor(await add_cloud(db, "vmware")))
+    async with db.session() as session:  # an engine's own event type, inside a migration
+        await migrations_repo.insert_event(session, "acme", uuid.UUID(r.json()["id"]), 2,
+                                           "live_stream.snapshot.created", {})
     images = await make_token("acme", "images:read")
     assert kinds(await listing(client, images)) == ["image.created"]
     ops = await make_token("acme", "migrations:write", "webhooks:read")
-    assert kinds(await listing(client, ops)) == ["migration.created", "webhook.disabled"]
+    assert kinds(await listing(client, ops)) == [
+        "migration.created", "webhook.disabled", "migration.created",
+        "live_stream.snapshot.created"]
     clouds = await make_token("acme", "clouds:read")
     assert kinds(await listing(client, clouds)) == []
     r = await client.get("/v1/events")
