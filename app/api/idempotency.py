@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import AppContext
 from app.api.problems import problem_response
+from app.crypto import SecretBox
 from app.repositories import idempotency as repo
 from app.services.tokens import hash_token
 
@@ -131,7 +132,8 @@ class Idempotency:
                 in_flight_timeout=self.in_flight_timeout,
             )
         if isinstance(outcome, repo.StoredKey):
-            await _answer_repeat(outcome, method, path, request_hash, scope, receive, send)
+            await _answer_repeat(outcome, method, path, request_hash, ctx.box, scope, receive,
+                                 send)
             return
         captured = _Capture(send)
         try:
@@ -147,7 +149,7 @@ class Idempotency:
             async with ctx.db.session() as session:
                 await repo.complete(
                     session, tenant=tenant, key=key, held=outcome,
-                    status_code=status, response=captured.stored(),
+                    status_code=status, response=captured.stored(ctx.box),
                 )
         except Exception:
             # The response is already on its way; a retry will find the claim in flight
@@ -229,18 +231,18 @@ class _Capture:
                 self.chunks.append(chunk)
         await self._send(message)
 
-    def stored(self) -> dict[str, Any]:
+    def stored(self, box: SecretBox) -> dict[str, Any]:
+        """Headers as they are; the body sealed, since some responses show a secret
+        once (a webhook's signing secret) and it must not rest in clear text."""
         body = b"".join(self.chunks)
         kept = [[k.decode("latin-1"), v.decode("latin-1")]
                 for k, v in self.headers if k in _KEPT_HEADERS]
-        try:
-            return {"headers": kept, "body": body.decode("utf-8")}
-        except UnicodeDecodeError:
-            return {"headers": kept, "body_b64": base64.b64encode(body).decode()}
+        sealed = box.seal({"body_b64": base64.b64encode(body).decode()})
+        return {"headers": kept, "sealed": sealed.decode() if sealed else ""}
 
 
 async def _answer_repeat(
-    stored: repo.StoredKey, method: str, path: str, request_hash: str,
+    stored: repo.StoredKey, method: str, path: str, request_hash: str, box: SecretBox,
     scope: Scope, receive: Receive, send: Send,
 ) -> None:
     if (stored.method, stored.path, stored.request_hash) != (method, path, request_hash):
@@ -256,7 +258,9 @@ async def _answer_repeat(
                        "retry shortly", headers={"Retry-After": "1"})
         return
     response = stored.response
-    if "body_b64" in response:
+    if "sealed" in response:
+        body = base64.b64decode(box.open(str(response["sealed"]).encode())["body_b64"])
+    elif "body_b64" in response:
         body = base64.b64decode(response["body_b64"])
     else:
         body = str(response.get("body", "")).encode("utf-8")

@@ -90,7 +90,8 @@ async def test_missing_scope_is_403(
 ) -> None:
     token = await make_token("acme", "images:read")
     for method, path in operations():
-        if path.startswith("/v1/images"):
+        # /v1/events takes any read scope and shows the types that scope can read.
+        if path.startswith(("/v1/images", "/v1/events")):
             continue
         r = await app_client.request(method, path, headers=auth(token))
         assert r.status_code == 403, (method, path, r.text)

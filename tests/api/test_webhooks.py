@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from app.config import Settings
 from app.db import Database
@@ -180,3 +181,23 @@ async def test_tenants_never_see_each_others_webhooks(
     still = (await api.get(f"/v1/webhooks/{hid}", headers=auth(acme))).json()
     assert still["active"] is True
     assert still["version"] == 1
+
+
+async def test_idempotent_create_replays_the_secret_but_never_stores_it_in_clear(
+    api: httpx.AsyncClient, make_token: TokenFactory, db: Database
+) -> None:
+    token = await make_token()
+    headers = {**auth(token), "Idempotency-Key": "hook-1"}
+    first = await api.post("/v1/webhooks", headers=headers, json={"url": URL})
+    again = await api.post("/v1/webhooks", headers=headers, json={"url": URL})
+    assert first.status_code == again.status_code == 201
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json()
+    rotated = await api.post(f"/v1/webhooks/{first.json()['id']}/rotate-secret",
+                             headers={**auth(token), "Idempotency-Key": "rotate-1"})
+    async with db.session() as session:
+        stored = " ".join(str(r) for r in (await session.execute(
+            text("SELECT row_to_json(k)::text FROM idempotency_keys k"))).all())
+    assert "hook-1" in stored
+    for secret in (first.json()["secret"], rotated.json()["secret"]):
+        assert secret.removeprefix("whsec_") not in stored
