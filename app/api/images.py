@@ -32,6 +32,8 @@ Reader = Annotated[Principal, Depends(require("images:read"))]
 Writer = Annotated[Principal, Depends(require("images:write"))]
 
 _CHUNK = 1024 * 1024
+#: Names are text without control characters (PostgreSQL text cannot even hold NUL).
+_PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
@@ -53,7 +55,8 @@ def _etag(image_id: uuid.UUID) -> str:
 )
 async def upload_image(
     request: Request, response: Response, principal: Writer, session: Session, ctx: Context,
-    name: Annotated[str, Query(min_length=1, max_length=255, description="Image name.")],
+    name: Annotated[str, Query(min_length=1, max_length=255, pattern=_PRINTABLE,
+                               description="Image name.")],
     format: Annotated[
         Literal["raw", "qcow2", "vmdk", "vhd", "vhdx"] | None,
         Query(description=f"Declared format ({', '.join(FORMATS)}); checked against the "
@@ -164,7 +167,7 @@ class ConversionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: Literal["raw", "qcow2", "vmdk", "vhd", "vhdx"] = Field(
         description="The format of the new image.")
-    name: str | None = Field(default=None, min_length=1, max_length=128,
+    name: str | None = Field(default=None, min_length=1, max_length=128, pattern=_PRINTABLE,
                              description="Name of the job and the new image.")
 
 

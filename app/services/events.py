@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -107,14 +107,13 @@ async def follow(
 
 
 async def _history(db: Database, where: EventFilter, after: int) -> AsyncIterator[EventOut]:
+    """Events after ``after``, a page per short transaction (no connection is held
+    while the client reads)."""
     cursor = after
     while True:
         async with db.session() as session:
-            rows: Iterable[EventOut] = [
-                EventOut.of(r) for r in await repo.page(session, where, after=cursor,
-                                                        limit=_REPLAY_PAGE)
-            ]
-        batch = list(rows)
+            batch = [EventOut.of(r) for r in await repo.page(session, where, after=cursor,
+                                                             limit=_REPLAY_PAGE)]
         for event in batch:
             yield event
         if len(batch) < _REPLAY_PAGE:

@@ -5,9 +5,11 @@ minutes on two cores."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import httpx
 import pytest
 import schemathesis
 from cryptography.fernet import Fernet
@@ -29,7 +31,7 @@ from app.db import Database
 from app.main import create_app
 from app.models.db import Base
 from app.services.tokens import SCOPES, create_token
-from tests.conftest import auth
+from tests.conftest import TokenFactory, auth
 from tests.webhooks.support import webhook_settings
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
@@ -73,3 +75,20 @@ schema.config.phases.coverage.enabled = False
           suppress_health_check=list(HealthCheck))
 def test_every_operation(case: schemathesis.Case[Any], fuzz_app: FastAPI, fuzz_token: str) -> None:
     case.call_and_validate(app=fuzz_app, headers=auth(fuzz_token), checks=CHECKS)
+
+
+async def test_what_fuzzing_found_stays_fixed(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    """Regressions: PostgreSQL text cannot hold NUL (was a 500), and undecodable JSON
+    bodies get a documented 400."""
+    token = await make_token()
+    r = await client.post("/v1/images", params={"name": "\x00"}, content=b"\0" * 512,
+                          headers={**auth(token), "Content-Type": "application/octet-stream"})
+    assert r.status_code == 422
+    r = await client.post("/v1/webhooks", headers=auth(token),
+                          json={"url": "https://example.com/", "description": "a\x00b"})
+    assert r.status_code == 422
+    r = await client.patch(f"/v1/webhooks/{uuid.uuid4()}", content=b'{"description": "\xff\xfe"}',
+                           headers={**auth(token), "Content-Type": "application/json"})
+    assert r.status_code == 400

@@ -26,7 +26,8 @@ Url = Annotated[
           "service allows), not resolving to loopback, private, link-local or metadata "
           "addresses unless the service allows them."),
 ]
-Description = Annotated[str, Field(max_length=255)]
+#: Text without control characters (PostgreSQL text cannot even hold NUL).
+Description = Annotated[str, Field(max_length=255, pattern=r"^[^\x00-\x1f\x7f]*$")]
 EventTypes = Annotated[
     list[EventTypePattern],
     Field(max_length=50, description="Which events to deliver; empty: all of them."),
