@@ -326,3 +326,23 @@ async def test_secrets_stay_out_of_logs_events_and_the_outbox(
         assert key not in caplog.text
         assert key not in dump
         assert key not in responses
+
+
+async def test_two_dispatchers_deliver_each_event_once(h: Harness, receiver: Receiver) -> None:
+    hook = await h.hook(receiver.url())
+    for _ in range(20):
+        await emit(h.ctx.db)
+    stop = asyncio.Event()
+    one, two = h.dispatcher(per_endpoint=4), h.dispatcher(per_endpoint=4)
+    tasks = [asyncio.create_task(d.run(stop)) for d in (one, two)]
+    try:
+        await receiver.wait_for(20, timeout=10)
+        await asyncio.sleep(0.3)  # time for a duplicate to show up, if there were one
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    ids = [d.headers["webhook-id"] for d in receiver.at("/hook")]
+    assert len(ids) == len(set(ids)) == 20
+    rows = await h.deliveries(hook["id"])
+    assert {r["status"] for r in rows} == {"succeeded"}
+    assert {r["attempts"] for r in rows} == {1}
