@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from app.engines import live_stream_lvm as lvm
-from app.engines import live_stream_wire as wire
-from app.engines.live_stream_data import Endpoint, SourceReadError, stream
+from app.engines.live_stream_data import Endpoint, SourceReadError, StreamResult, stream
+from app.engines.live_stream_delta import DeltaResult, delta_stream, destination_digest
 from app.engines.registry import EngineDeps
 from app.engines.runner import Engine, JSONDict, MigrationView, StepContext
 from app.errors import AppError
@@ -65,6 +65,8 @@ class Tuning:
     force_dd: bool = False
     checkpoint_seconds: float = 1.0
     cleanup_attempts: int = 3
+    #: Pause between warm passes (lets a test change blocks between them).
+    warm_pause_seconds: float = 0.0
 
 
 def live_stream_engine(deps: EngineDeps) -> Callable[[MigrationView], Engine]:
@@ -116,7 +118,8 @@ class LiveStreamEngine(Engine):
     async def run_step(self, ctx: StepContext) -> JSONDict | None:
         steps: dict[str, Callable[[StepContext], Awaitable[JSONDict | None]]] = {
             "validate": self._validate, "provision": self._provision,
-            "snapshot": self._snapshot, "transfer": self._transfer, "verify": self._verify,
+            "precopy": self._precopy, "snapshot": self._snapshot,
+            "transfer": self._transfer, "verify": self._verify,
         }
         return await steps[ctx.step.name](ctx)
 
@@ -145,7 +148,7 @@ class LiveStreamEngine(Engine):
                                       "can provision one; none is available")
         async with self._session("source") as src:
             lv = await lvm.lv_info(src, self.source_device)
-            _check_lv(lv, self.source_device, src.label)
+            lvm.check_source_lv(lv, self.source_device, src.label)
             snap_size = _round_up(int(self.options.get("snapshot_size_bytes") or lv.size),
                                   lv.extent_size)
             leftover = await lvm.snapshot_status(src, lv.vg, self.snapshot)
@@ -160,13 +163,17 @@ class LiveStreamEngine(Engine):
             src_boot = await lvm.boot_id(src)
         async with self._session("destination") as dst:
             info = await lvm.device_info(dst, str(dest["device"]))
-            _check_destination(info, lv.size, bool(dest.get("overwrite_mounted")), dst.label)
+            lvm.check_destination(info, lv.size, bool(dest.get("overwrite_mounted")),
+                                  dst.label)
             if await lvm.boot_id(dst) == src_boot and lv.majmin in info.tree:
                 raise lvm.HostCheckFailed(
                     f"destination {info.path} holds the source volume {self.source_device}")
             dst_python = await lvm.python_version(dst)
         helpers = {"source": src_python is not None and not self.tuning.force_dd,
                    "destination": dst_python is not None and not self.tuning.force_dd}
+        if self.warm and not all(helpers.values()):
+            raise lvm.HostCheckFailed("sync: warm compares block hashes on both hosts and "
+                                      "needs python3 (3.6 or newer) on both")
         for side, ok in helpers.items():
             if not ok:
                 await ctx.event("live_stream.dd_fallback", {"host": side, "reason": (
@@ -181,6 +188,49 @@ class LiveStreamEngine(Engine):
 
     async def _provision(self, ctx: StepContext) -> JSONDict:
         raise lvm.HostCheckFailed("no cloud driver can provision a live-stream destination")
+
+    # -- precopy (warm mode) ------------------------------------------------------
+
+    @property
+    def warm(self) -> bool:
+        return self.options.get("sync") == "warm"
+
+    async def _precopy(self, ctx: StepContext) -> JSONDict:
+        """Delta passes from the running volume until one sends little enough."""
+        v = self._validated()
+        size = int(v["size"])
+        limit = int(self.options.get("warm_delta_bytes") or max(size // 100, 4 * 2**20))
+        passes: list[JSONDict] = []
+        async with self._session("source") as src, self._session("destination") as dst:
+            for number in range(1, int(self.options.get("warm_max_passes", 5)) + 1):
+                if passes and self.tuning.warm_pause_seconds:
+                    await asyncio.sleep(self.tuning.warm_pause_seconds)
+                ctx.raise_if_cancelled()
+                result = await self._delta(ctx, src, dst, self.source_device, size, 0)
+                summary = {"pass": number, "bytes": result.data_bytes,
+                           "changed_blocks": result.changed_blocks,
+                           "seconds": round(result.seconds, 3)}
+                passes.append(summary)
+                await ctx.event("live_stream.warm.pass", summary)
+                if result.data_bytes <= limit:
+                    break
+        return {"passes": passes}
+
+    async def _delta(self, ctx: StepContext, src: SshSession, dst: SshSession, device: str,
+                     size: int, start: int, reporter: _Reporter | None = None) -> DeltaResult:
+        v = self._validated()
+        throttle = self.options.get("throttle_bytes_per_second")
+        result = await delta_stream(
+            Endpoint(src, device), Endpoint(dst, str(self.dest["device"])), size, start=start,
+            throttle_bps=float(throttle) if throttle else None,
+            exclusive=self._exclusive(v),
+            on_durable=reporter.durable if reporter else None,
+            on_progress=reporter.progress if reporter else None)
+        await ctx.progress(size, size, force=True)
+        return result
+
+    def _exclusive(self, v: JSONDict) -> bool:
+        return bool(v["destination"]["exclusive"]) and not self.dest.get("overwrite_mounted")
 
     # -- snapshot ------------------------------------------------------------------
 
@@ -229,14 +279,18 @@ class LiveStreamEngine(Engine):
             throttle = self.options.get("throttle_bytes_per_second")
             try:
                 async with reporter.running():
-                    result = await stream(
-                        Endpoint(src, str(snap["path"]), bool(helpers["source"])),
-                        Endpoint(dst, str(self.dest["device"]), bool(helpers["destination"])),
-                        size, resume_from=resume,
-                        throttle_bps=float(throttle) if throttle else None,
-                        exclusive=bool(v["destination"]["exclusive"])
-                        and not self.dest.get("overwrite_mounted"),
-                        on_durable=reporter.durable, on_progress=reporter.progress)
+                    if self.warm:  # the last delta pass, from the snapshot
+                        result: StreamResult | DeltaResult = await self._delta(
+                            ctx, src, dst, str(snap["path"]), size, resume, reporter)
+                    else:
+                        result = await stream(
+                            Endpoint(src, str(snap["path"]), bool(helpers["source"])),
+                            Endpoint(dst, str(self.dest["device"]),
+                                     bool(helpers["destination"])),
+                            size, resume_from=resume,
+                            throttle_bps=float(throttle) if throttle else None,
+                            exclusive=self._exclusive(v), on_durable=reporter.durable,
+                            on_progress=reporter.progress)
             except SourceReadError:
                 await lvm.check_snapshot(src, vg, name)  # an overflow explains the I/O error
                 raise
@@ -287,26 +341,6 @@ class LiveStreamEngine(Engine):
         return result
 
 
-async def destination_digest(session: SshSession, device: str, size: int, *,
-                             helper: bool) -> str:
-    """``vmd1`` digest of ``device``'s first ``size`` bytes, computed on its host."""
-    if helper:
-        process = await session.start(wire.helper_command("digest", device, size))
-        with session.errors():
-            process.stdin.write(wire.helper_script())
-            process.stdin.write_eof()
-            out = await process.stdout.read()
-            await process.wait_closed()
-        if process.exit_status != 0:
-            err = (await process.stderr.read()).decode(errors="replace")
-            raise lvm.HostCheckFailed(f"digest of {device} on {session.label} failed: "
-                                      f"{wire.failure_text(err)}")
-        return out.decode().strip()
-    result = await session.run(wire.dd_digest_command(device, size), what="dd digest",
-                               seconds=3600 + size / 2**20)
-    return wire.vmd1_from_block_hashes(size, result.stdout.splitlines())
-
-
 class _Reporter:
     """Persists checkpoints and progress from the pipeline's synchronous callbacks,
     at most once per ``interval``, from a task of its own."""
@@ -354,33 +388,3 @@ class _Reporter:
 
 def _round_up(value: int, unit: int) -> int:
     return -(-value // unit) * unit if unit > 0 else value
-
-
-def _check_lv(lv: lvm.LvInfo, device: str, where: str) -> None:
-    if lv.is_snapshot:
-        raise lvm.HostCheckFailed(f"{device} on {where} is itself a snapshot")
-    if lv.is_thin:
-        raise lvm.HostCheckFailed(f"{device} on {where} is a thin volume; thin volumes "
-                                  "are not supported yet")
-    if not lv.active:
-        raise lvm.HostCheckFailed(f"{device} on {where} is not active")
-
-
-def _check_destination(info: lvm.DeviceInfo, size: int, overwrite_mounted: bool,
-                       where: str) -> None:
-    if not info.exists:
-        raise lvm.HostCheckFailed(f"destination device {info.path} does not exist on {where}")
-    if not info.is_block:
-        raise lvm.HostCheckFailed(f"destination {info.path} on {where} is not a block device")
-    if info.size < size:
-        raise lvm.HostCheckFailed(f"destination device {info.path} on {where} holds "
-                                  f"{info.size} bytes, less than the source's {size}")
-    if overwrite_mounted:
-        return
-    busy = [f"{m.source} on {m.mountpoint}" for m in info.rw_mounts]
-    busy += [f"{s} (swap)" for s in info.swap]
-    if busy:
-        raise lvm.HostCheckFailed(
-            f"destination device {info.path} on {where} is in use read-write: "
-            f"{', '.join(busy)}; set destination.overwrite_mounted to overwrite it anyway")
-

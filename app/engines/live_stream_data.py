@@ -72,7 +72,7 @@ class Endpoint:
     helper: bool = True
 
 
-async def _ended_badly(session: SshSession, process: Process, what: str) -> AppError:
+async def ended_badly(session: SshSession, process: Process, what: str) -> AppError:
     """The error to raise after ``process`` stopped early: the connection's loss
     (retryable) or the process's own failure (its ``vmls-error`` or stderr)."""
     if session.conn.is_closed():
@@ -91,7 +91,7 @@ async def _ended_badly(session: SshSession, process: Process, what: str) -> AppE
                               if failure is None else failure.message)
 
 
-def _stop(process: Process | None) -> None:
+def stop_process(process: Process | None) -> None:
     if process is not None and process.exit_status is None:
         with contextlib.suppress(Exception):
             process.close()
@@ -141,12 +141,12 @@ class HelperSource:
                             raise RemoteCommandError(session.label, what, None,
                                                      f"unknown frame {kind!r}")
                 except asyncio.IncompleteReadError:
-                    raise await _ended_badly(session, process, what) from None
+                    raise await ended_badly(session, process, what) from None
                 await asyncio.wait_for(process.wait_closed(), 60)
             if process.exit_status != 0:
-                raise await _ended_badly(session, process, what)
+                raise await ended_badly(session, process, what)
         finally:
-            _stop(process)
+            stop_process(process)
 
 
 class DdSource:
@@ -177,9 +177,9 @@ class DdSource:
                         yield Extent(pos, n, await process.stdout.readexactly(n))
                         pos += n
                 except asyncio.IncompleteReadError:
-                    raise await _ended_badly(session, process, "dd on the source") from None
+                    raise await ended_badly(session, process, "dd on the source") from None
         finally:
-            _stop(process)
+            stop_process(process)
 
 
 class HelperSink(ExtentSink):
@@ -189,8 +189,9 @@ class HelperSink(ExtentSink):
     name = "destination"
 
     def __init__(self, end: Endpoint, size: int, start: int, *, exclusive: bool,
-                 sync_bytes: int = SYNC_BYTES) -> None:
+                 sync_bytes: int = SYNC_BYTES, sparse: bool = False) -> None:
         self.end = end
+        self.sparse = sparse
         self.size = size
         self.start_at = start
         self.exclusive = exclusive
@@ -201,17 +202,17 @@ class HelperSink(ExtentSink):
         self._acks: asyncio.Task[None] | None = None
         self._finished = False
 
-    async def start(self, ctx: PipelineContext) -> None:
+    async def start(self, ctx: PipelineContext | None) -> None:
         session = self.end.session
         cmd = wire.helper_command("write", self.end.device, self.size, self.start_at,
-                                  int(self.exclusive), self.sync_bytes)
+                                  int(self.exclusive), self.sync_bytes, int(self.sparse))
         self._process = process = await session.start(cmd)
         with session.errors():
             process.stdin.write(wire.helper_script())
             await process.stdin.drain()
             line = await process.stdout.readline()
         if not line.startswith(b"READY "):
-            raise await _ended_badly(session, process, "the destination helper")
+            raise await ended_badly(session, process, "the destination helper")
         self._acks = asyncio.create_task(self._read_acks(process), name="destination-acks")
 
     async def _read_acks(self, process: Process) -> None:
@@ -243,7 +244,7 @@ class HelperSink(ExtentSink):
 
     async def _fail(self) -> None:
         assert self._process is not None
-        raise await _ended_badly(self.end.session, self._process, "the destination helper")
+        raise await ended_badly(self.end.session, self._process, "the destination helper")
 
     async def write(self, extent: Extent) -> None:
         if extent.data is None:
@@ -269,7 +270,7 @@ class HelperSink(ExtentSink):
         return self._durable
 
     async def close(self) -> None:
-        _stop(self._process)
+        stop_process(self._process)
         if self._acks is not None:
             self._acks.cancel()
             with contextlib.suppress(BaseException):
@@ -308,7 +309,7 @@ class DdSink(ExtentSink):
             process.stdin.write_eof()
             await asyncio.wait_for(process.wait_closed(), 600)
         if process.exit_status != 0:
-            raise await _ended_badly(self.end.session, process, "dd on the destination")
+            raise await ended_badly(self.end.session, process, "dd on the destination")
         self._durable = self._pos
 
     async def write(self, extent: Extent) -> None:
@@ -339,7 +340,7 @@ class DdSink(ExtentSink):
         return self._durable
 
     async def close(self) -> None:
-        _stop(self._process)
+        stop_process(self._process)
 
 
 @dataclass(slots=True)

@@ -273,3 +273,32 @@ async def boot_id(session: SshSession) -> str:
     result = await session.run("cat /proc/sys/kernel/random/boot_id", what="boot id",
                                check=False)
     return result.stdout.strip()
+
+
+def check_source_lv(lv: LvInfo, device: str, where: str) -> None:
+    if lv.is_snapshot:
+        raise HostCheckFailed(f"{device} on {where} is itself a snapshot")
+    if lv.is_thin:
+        raise HostCheckFailed(f"{device} on {where} is a thin volume; thin volumes "
+                                  "are not supported yet")
+    if not lv.active:
+        raise HostCheckFailed(f"{device} on {where} is not active")
+
+
+def check_destination(info: DeviceInfo, size: int, overwrite_mounted: bool,
+                       where: str) -> None:
+    if not info.exists:
+        raise HostCheckFailed(f"destination device {info.path} does not exist on {where}")
+    if not info.is_block:
+        raise HostCheckFailed(f"destination {info.path} on {where} is not a block device")
+    if info.size < size:
+        raise HostCheckFailed(f"destination device {info.path} on {where} holds "
+                                  f"{info.size} bytes, less than the source's {size}")
+    if overwrite_mounted:
+        return
+    busy = [f"{m.source} on {m.mountpoint}" for m in info.rw_mounts]
+    busy += [f"{s} (swap)" for s in info.swap]
+    if busy:
+        raise HostCheckFailed(
+            f"destination device {info.path} on {where} is in use read-write: "
+            f"{', '.join(busy)}; set destination.overwrite_mounted to overwrite it anyway")

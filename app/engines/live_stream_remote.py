@@ -19,14 +19,21 @@ Modes (``docs/live-stream.md`` has the wire format):
     for the rest, so zero blocks never cross the network. With DIGEST=1 it also computes
     the ``vmd1`` digest of ``[0, SIZE)`` (reading ``[0, START)`` locally, unsent) and
     puts it in the end frame. Reads drop their pages from the cache as they go.
-``write DEV SIZE START EXCL SYNC_BYTES``
+``read ... COMPARE``
+    With COMPARE=1 (warm mode), stdin carries the destination's block hashes (see
+    ``hashes``) and only blocks whose SHA-256 differs are sent; the digest is always
+    computed (the hashes are needed anyway) and START must be block-aligned.
+``write DEV SIZE START EXCL SYNC_BYTES [SPARSE]``
     Receives frames on stdin and writes them to DEV from START on. A zero run is
     written only where DEV does not already read as zeros (read first, compare, then
     ``BLKZEROOUT`` or explicit zeros), so a fresh or thin device stays unallocated and
     old data never survives. Every SYNC_BYTES written (and at least every 2 s, and on a
     sync frame) it runs fdatasync and prints ``DURABLE <offset>``: every byte below is on
     stable storage. EXCL=1 opens the device with O_EXCL (the kernel refuses a mounted
-    device). Prints ``READY {...}`` first and ``DONE {...}`` after the end frame.
+    device). Prints ``READY {...}`` first and ``DONE {...}`` after the end frame. With
+    SPARSE=1 frames may skip ahead over blocks that need no writing.
+``hashes DEV SIZE START``
+    SHA-256 of each 1 MiB block from START (block-aligned), 32 raw bytes each.
 ``digest DEV SIZE``
     Prints the ``vmd1`` digest of the first SIZE bytes of DEV, read from the device
     (clean cached pages are dropped first).
@@ -95,6 +102,13 @@ class Vmd1:
             view = view[BLOCK:]
         if len(view):
             self.buf += view
+
+    def add(self, block_hash: bytes, length: int) -> None:
+        """Feed the hash of the next whole block (or the short last one)."""
+        if self.buf:
+            raise HelperError("internal", "block hash fed mid-block")
+        self.outer.update(block_hash)
+        self.pos += length
 
     def hexdigest(self) -> str:
         if self.pos != self.size:
@@ -201,7 +215,7 @@ class Sender:
             self.out.write(part)
         self.data_bytes += len(view)
 
-    def chunk(self, offset: int, data: bytes) -> None:
+    def chunk(self, offset: int, data: "bytes | memoryview") -> None:
         view = memoryview(data)
         n = len(view)
         if ZEROS.startswith(view):
@@ -227,22 +241,33 @@ class Sender:
         else:
             self._data(offset + a, view[a:b])
 
+    def gap(self) -> None:
+        """A block that is not sent: a zero run must not reach across it."""
+        self._flush_zero()
+
     def finish(self) -> None:
         self._flush_zero()
 
 
-def cmd_read(dev: str, size: int, start: int, want_digest: bool, granularity: int) -> None:
+def cmd_read(dev: str, size: int, start: int, want_digest: bool, granularity: int,
+             compare: bool) -> None:
+    """Send ``[start, size)``; with ``compare``, only the blocks whose SHA-256 differs
+    from the destination's, read from stdin (32 bytes per block from ``start``)."""
+    if compare and start % BLOCK:
+        raise HelperError("usage", "a compared read starts on a block boundary")
     fd = _open(dev, os.O_RDONLY, size)
     with contextlib.suppress(AttributeError, OSError):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
     out = sys.stdout.buffer
+    theirs = cast("io.BufferedReader", sys.stdin.buffer)
     hello = {"size": size, "start": start, "pid": os.getpid(),
              "python": "{}.{}".format(*sys.version_info[:2])}
     out.write(MAGIC + _json(hello).encode() + b"\n")
     out.flush()
-    digest = Vmd1(size) if want_digest else None
+    digest = Vmd1(size) if want_digest or compare else None
     pos = 0 if digest is not None else start
     sender = Sender(out, granularity)
+    changed = 0
     while pos < size:
         n = min(READ_SIZE - pos % READ_SIZE, size - pos)
         if pos < start:
@@ -252,18 +277,51 @@ def cmd_read(dev: str, size: int, start: int, want_digest: bool, granularity: in
         except OSError as exc:
             raise HelperError("read", f"reading {dev} at {pos}: {exc.strerror}", offset=pos,
                               errno=errno.errorcode.get(exc.errno or 0, "")) from None
-        if digest is not None:
-            digest.update(data)
-        if pos >= start:
-            sender.chunk(pos, data)
+        if compare and pos >= start:
+            assert digest is not None
+            view = memoryview(data)
+            for b in range(0, n, BLOCK):
+                block = view[b:b + BLOCK]
+                mine = _block_hash(block)
+                digest.add(mine, len(block))
+                if mine != _read_exact(theirs, 32):
+                    sender.chunk(pos + b, block)
+                    changed += 1
+                else:
+                    sender.gap()
+        else:
+            if digest is not None:
+                digest.update(data)
+            if pos >= start:
+                sender.chunk(pos, data)
         _drop_cache(fd, pos, n)
         pos += n
     sender.finish()
     info: dict[str, object] = {"data_bytes": sender.data_bytes, "zero_bytes": sender.zero_bytes}
+    if compare:
+        info["changed_blocks"] = changed
     if digest is not None:
         info["digest"] = digest.hexdigest()
     payload = _json(info).encode()
     out.write(HEAD.pack(END, size, len(payload)) + payload)
+    out.flush()
+    os.close(fd)
+
+
+def cmd_hashes(dev: str, size: int, start: int) -> None:
+    """SHA-256 of every block of ``[start, size)`` (``start`` block-aligned), 32 raw
+    bytes each, read from the device (clean cached pages dropped first)."""
+    fd = _open(dev, os.O_RDONLY, size)
+    _drop_cache(fd, 0, 0)
+    out = sys.stdout.buffer
+    pos = start - start % BLOCK
+    while pos < size:
+        n = min(READ_SIZE - pos % READ_SIZE, size - pos)
+        view = memoryview(_pread_exact(fd, n, pos))
+        for b in range(0, n, BLOCK):
+            out.write(_block_hash(view[b:b + BLOCK]))
+        _drop_cache(fd, pos, n)
+        pos += n
     out.flush()
     os.close(fd)
 
@@ -346,7 +404,10 @@ class Writer:
             self.dirty > 0 and time.monotonic() - self.synced_at >= SYNC_SECONDS)
 
 
-def cmd_write(dev: str, size: int, start: int, excl: bool, sync_bytes: int) -> None:
+def cmd_write(dev: str, size: int, start: int, excl: bool, sync_bytes: int,
+              sparse: bool) -> None:
+    """Write frames from ``start`` on; with ``sparse``, frames may skip ahead (blocks a
+    compared read found equal) but never go back."""
     fd = _open(dev, os.O_RDWR | (os.O_EXCL if excl else 0), size)
     out = sys.stdout.buffer
     inp = cast("io.BufferedReader", sys.stdin.buffer)
@@ -360,9 +421,11 @@ def cmd_write(dev: str, size: int, start: int, excl: bool, sync_bytes: int) -> N
     buf = bytearray(MAX_FRAME)
     while True:
         kind, a, b = HEAD.unpack(_read_exact(inp, HEAD.size))
-        if kind in (DATA, ZERO) and (a != pos or a + b > size):
+        if kind in (DATA, ZERO) and ((a < pos if sparse else a != pos) or a + b > size):
             raise HelperError("protocol", f"frame at {a}+{b}, expected offset {pos} "
                               f"of {size}")
+        if kind in (DATA, ZERO):
+            pos = a
         if kind == DATA:
             if b > MAX_FRAME:
                 raise HelperError("protocol", f"data frame of {b} bytes")
@@ -382,8 +445,9 @@ def cmd_write(dev: str, size: int, start: int, excl: bool, sync_bytes: int) -> N
             w.sync(out, pos)
         elif kind == END:
             _read_exact(inp, b)  # the end frame's JSON: nothing in it for the writer
-            if a != size or pos != size:
+            if a != size or (pos != size and not sparse):
                 raise HelperError("protocol", f"end at {a}, wrote up to {pos} of {size}")
+            pos = size
             w.sync(out, pos)
             done = {"written": w.written, "zeroed": w.zeroed}
             out.write(f"DONE {_json(done)}\n".encode())
@@ -418,9 +482,13 @@ def main(argv: "list[str]") -> int:
     try:
         mode = argv[0]
         if mode == "read":
-            cmd_read(argv[1], int(argv[2]), int(argv[3]), argv[4] == "1", int(argv[5]))
+            cmd_read(argv[1], int(argv[2]), int(argv[3]), argv[4] == "1", int(argv[5]),
+                     argv[6:7] == ["1"])
         elif mode == "write":
-            cmd_write(argv[1], int(argv[2]), int(argv[3]), argv[4] == "1", int(argv[5]))
+            cmd_write(argv[1], int(argv[2]), int(argv[3]), argv[4] == "1", int(argv[5]),
+                      argv[6:7] == ["1"])
+        elif mode == "hashes":
+            cmd_hashes(argv[1], int(argv[2]), int(argv[3]))
         elif mode == "digest":
             cmd_digest(argv[1], int(argv[2]))
         else:

@@ -25,6 +25,7 @@ class Flag(StrEnum):
     power_off = "power_off"  # hypervisor: power the source off for a consistent image
     verify = "verify"  # compare the destination against the source digest
     provision = "provision"  # live stream onto a new VM
+    warm = "warm"  # live stream: delta passes from the running volume before the snapshot
     to_library = "to_library"  # image extract into the virtual image library
     to_cloud = "to_cloud"  # image extract imported into a cloud (SoftLayer)
 
@@ -133,9 +134,12 @@ PLANS: Mapping[PlanKey, tuple[Step, ...]] = {
         _REMOVE_EXPORTS,
     ),
     # Provision before the LVM snapshot: a snapshot held while a VM boots wastes COW space.
+    # Warm mode copies the running volume first (precopy), so the snapshot lives only for
+    # the final delta pass.
     (MigrationType.live_stream, None): (
         _VALIDATE,
         Step("provision", only_if=Flag.provision),
+        Step("precopy", only_if=Flag.warm),
         _SNAPSHOT,
         Step("transfer"),
         _VERIFY,
@@ -173,6 +177,8 @@ def flags_from_spec(spec: Mapping[str, Any]) -> frozenset[Flag]:
     kind = destination.get("kind")
     if spec.get("type") == MigrationType.live_stream and kind == "new":
         flags.add(Flag.provision)
+    if spec.get("type") == MigrationType.live_stream and options.get("sync") == "warm":
+        flags.add(Flag.warm)
     if spec.get("type") == MigrationType.image_extract:
         flags.add(Flag.to_cloud if kind == "cloud" else Flag.to_library)
     return frozenset(flags)

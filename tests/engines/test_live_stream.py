@@ -230,6 +230,47 @@ async def test_dd_fallback_end_to_end(
     assert types.count("live_stream.dd_fallback") == 2
 
 
+async def test_warm_mode_later_passes_send_only_changes(
+        client: httpx.AsyncClient, make_token: TokenFactory, db: Database, box: SecretBox,
+        lvm_guest: LvmGuest) -> None:
+    g = lvm_guest
+    size = g.lv_size_mib * MiB
+    dd = "dd if=/dev/urandom of=/dev/vg0/data bs=1M oflag=direct conv=fsync status=none"
+    # More data than the pass limit below, so a second pass must follow the first.
+    await g.arun(f"{dd} count=8 seek=32", check=True)
+    token = await make_token()
+    mid = await create(client, token, db, ssh_part(g, g.lv_path), ssh_part(g, g.device),
+                       sync="warm", warm_delta_bytes=4 * MiB)
+    changed = False
+
+    async def until() -> bool:
+        nonlocal changed
+        m = await get(client, token, mid)
+        if not changed and any(e["type"] == "live_stream.warm.pass"
+                               for e in await events(client, token, mid)):
+            await g.arun(f"{dd} count=2 seek=20", check=True)  # between pass 1 and 2
+            changed = True
+        return m["status"] in TERMINAL
+
+    await run_until(worker(db, box, Tuning(warm_pause_seconds=5)), until)
+    m = await get(client, token, mid)
+    assert m["status"] == "completed", m["error"]
+    assert [s["name"] for s in m["steps"]][:3] == ["validate", "precopy", "snapshot"]
+    all_events = await events(client, token, mid)
+    passes = [e["payload"] for e in all_events if e["type"] == "live_stream.warm.pass"]
+    assert len(passes) == 2, passes
+    assert passes[0]["bytes"] > 8 * MiB
+    assert passes[1]["bytes"] == 2 * MiB
+    assert passes[1]["changed_blocks"] == 2
+    assert all(p["seconds"] > 0 for p in passes)
+    final = next(e["payload"] for e in all_events
+                 if e["type"] == "live_stream.transfer.completed")
+    assert final["data_bytes"] == 0  # nothing changed between pass 2 and the snapshot
+    await g.arun("sync", check=True)
+    assert _sha256_head(g.dest_image, size) == hashlib.sha256(g.read_lv()).hexdigest()
+    assert await _snapshots(g) == []
+
+
 # --- validation: each failure before anything is written, with a clear reason ---------
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from app.engines import live_stream_wire as wire
-from app.engines.live_stream import destination_digest
 from app.engines.live_stream_data import Endpoint, stream
+from app.engines.live_stream_delta import delta_stream, destination_digest
 from app.formats.digest import digest_bytes, digest_file
 from app.transports.ssh import SshConnectionError, ssh_session
 from tests.engines.live_stream_support import SSH, helper_session_pids, target
@@ -164,6 +164,28 @@ async def test_destination_too_small_is_refused_by_the_helper(
     async with ssh_session(target(a), SSH) as sa, ssh_session(target(small), SSH) as sb:
         with pytest.raises(Exception, match="fewer than"):
             await stream(Endpoint(sa, a.device), Endpoint(sb, small.device), SIZE)
+
+
+async def test_delta_pass_sends_only_changed_blocks(pair: tuple[NsHost, NsHost]) -> None:
+    a, b = pair
+    content = bytearray(_fill_source(a))
+    stale = bytearray(content)
+    for off in (0, 5 * MiB + 100, 20 * MiB, SIZE - 10):  # three blocks and the short tail
+        stale[off:off + 10] = b"stale data"
+    stale[11 * MiB:12 * MiB] = b"\x5a" * MiB  # a block the source has as zeros
+    with b.backing_file.open("r+b") as f:
+        f.write(stale)
+    async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
+        result = await delta_stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE)
+        again = await delta_stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE)
+        resumed = await delta_stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE,
+                                     start=7 * MiB + 5)
+    assert _read_dest(b) == bytes(content)
+    assert result.changed_blocks == 5
+    assert result.data_bytes <= 4 * MiB + 12 * 1024  # the changed blocks' data, no more
+    assert result.digest == again.digest == resumed.digest == digest_bytes(bytes(content))
+    assert again.changed_blocks == again.data_bytes == 0
+    assert resumed.resumed_from == 7 * MiB
 
 
 # --- the helper on its own (run locally, as the remote hosts run it) ------------------

@@ -99,6 +99,8 @@ def test_new_vm_leaves_the_source_off_on_success() -> None:
         ({"type": "live_stream", "destination": {"kind": "new"}, "options": {"verify": False}},
          {Flag.provision}),
         ({"type": "live_stream", "destination": {"kind": "existing"}}, {Flag.verify}),
+        ({"type": "live_stream", "destination": {"kind": "existing"},
+          "options": {"sync": "warm"}}, {Flag.verify, Flag.warm}),
         ({"type": "image_extract", "destination": {"kind": "cloud"},
           "options": {"verify": True}}, {Flag.verify, Flag.to_cloud}),
         ({"type": "image_extract", "destination": {"kind": "library"},

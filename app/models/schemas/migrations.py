@@ -99,6 +99,17 @@ class LiveStreamOptions(Options):
         "time. Bounded by freeze_timeout_seconds, always thawed.")
     freeze_timeout_seconds: Annotated[StrictInt, Field(ge=1, le=30)] = Field(
         default=5, description="Longest the filesystem stays frozen, whatever happens.")
+    sync: Literal["full", "warm"] = Field(
+        default="full", description="full: stream the snapshot. warm: first copy the "
+        "running volume, then repeat passes that send only blocks whose hashes differ on "
+        "the two sides until a pass sends at most warm_delta_bytes (or warm_max_passes "
+        "ran); then snapshot and send the last difference. The snapshot lives only for "
+        "that last pass.")
+    warm_max_passes: Annotated[StrictInt, Field(ge=1, le=20)] = Field(
+        default=5, description="Warm mode: most passes before the snapshot.")
+    warm_delta_bytes: SnapshotSize | None = Field(
+        default=None, description="Warm mode: a pass that sends at most this many bytes "
+        "is the last before the snapshot; default 1 % of the volume, at least 4 MiB.")
 
 
 class HypervisorOptions(Options):
