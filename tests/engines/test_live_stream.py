@@ -9,11 +9,14 @@ read on this side from the disk images, at native speed.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import signal
 import subprocess
+import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -268,6 +271,56 @@ async def test_warm_mode_later_passes_send_only_changes(
     assert final["data_bytes"] == 0  # nothing changed between pass 2 and the snapshot
     await g.arun("sync", check=True)
     assert _sha256_head(g.dest_image, size) == hashlib.sha256(g.read_lv()).hexdigest()
+    assert await _snapshots(g) == []
+
+
+async def test_killed_worker_is_resumed_by_another(
+        client: httpx.AsyncClient, make_token: TokenFactory, db: Database, box: SecretBox,
+        settings: Any, database_url: str, tmp_path: Path, lvm_guest: LvmGuest,
+        ns_host_factory: NsHostFactory) -> None:
+    """A ``vmigrate worker`` process is SIGKILLed mid-transfer; once its lease expires an
+    in-process worker claims the migration and resumes from the checkpoint."""
+    g = lvm_guest
+    dest = ns_host_factory(device_mib=64)
+    size = g.lv_size_mib * MiB
+    token = await make_token()
+    mid = await create(client, token, db, ssh_part(g, g.lv_path), ssh_part(dest, dest.device),
+                       throttle_bytes_per_second=1_000_000)
+    env = {**os.environ, "VMIGRATE_DATABASE_URL": database_url,
+           "VMIGRATE_ENCRYPTION_KEYS": ",".join(k.get_secret_value()
+                                                 for k in settings.encryption_keys),
+           "VMIGRATE_DATA_DIR": str(tmp_path / "worker"), "VMIGRATE_WORKER_LEASE_SECONDS": "3",
+           "VMIGRATE_WORKER_HEARTBEAT_SECONDS": "0.5", "VMIGRATE_WORKER_POLL_SECONDS": "0.2"}
+    log = (tmp_path / "worker.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        async with asyncio.timeout(180):
+            while (await _checkpoint(db, mid)).get("offset", 0) < 4 * MiB:
+                assert proc.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+                await asyncio.sleep(0.2)
+        sent = (await get(client, token, mid))["progress"]["bytes_done"]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        log.close()
+    await run_until(worker(db, box), status_in(client, token, mid, *TERMINAL))
+    m = await get(client, token, mid)
+    assert m["status"] == "completed", m["error"]
+    all_events = await events(client, token, mid)
+    claims = [e for e in all_events
+              if e["type"] in ("migration.started", "migration.reclaimed")]
+    assert len({e["payload"]["worker"] for e in claims}) == 2
+    resumed = [e["payload"]["offset"] for e in all_events
+               if e["type"] == "live_stream.transfer.resumed"]
+    assert resumed
+    assert resumed[0] >= 4 * MiB
+    # Re-sent at most twice the pipeline's queue bound (3 queues x 4 x 1 MiB).
+    assert sent - resumed[0] <= 2 * 12 * MiB
+    assert _sha256_head(dest.backing_file, size) == g.lv_sha256
     assert await _snapshots(g) == []
 
 
