@@ -56,7 +56,8 @@ class Delivery:
 @dataclass
 class Receiver:
     """A webhook receiver on 127.0.0.1. ``respond(path, 500, 200)`` makes the first
-    request to ``path`` get 500 and the later ones 200; ``"hang"`` never answers."""
+    request to ``path`` get 500 and the later ones 200; ``"hang"`` never answers,
+    ``"redirect"`` sends a 307 to ``/elsewhere``."""
 
     received: list[Delivery] = field(default_factory=list)
     plans: dict[str, list[int | str]] = field(default_factory=dict)
@@ -81,6 +82,8 @@ class Receiver:
         if answer == "hang":
             await self._release.wait()
             return web.Response(status=504)
+        if answer == "redirect":
+            return web.Response(status=307, headers={"Location": self.url("/elsewhere")})
         return web.Response(status=int(answer), text="x" * 100_000)
 
     async def __aenter__(self) -> Receiver:

@@ -346,3 +346,19 @@ async def test_two_dispatchers_deliver_each_event_once(h: Harness, receiver: Rec
     rows = await h.deliveries(hook["id"])
     assert {r["status"] for r in rows} == {"succeeded"}
     assert {r["attempts"] for r in rows} == {1}
+
+
+async def test_redirects_are_not_followed(h: Harness, receiver: Receiver) -> None:
+    receiver.respond("/hook", "redirect")
+    hook = await h.hook(receiver.url())
+    await emit(h.ctx.db)
+    async with h.dispatcher() as d:
+        async def attempted() -> bool:
+            return bool((await h.deliveries(hook["id"]))[0]["attempts"] >= 1)
+
+        await pump(d, attempted)
+    [row] = await h.deliveries(hook["id"])
+    assert row["status"] == "pending"
+    assert row["response_status"] == 307
+    assert row["last_error"] == "HTTP 307 (redirects are not followed)"
+    assert receiver.at("/elsewhere") == []
