@@ -228,6 +228,49 @@ class StreamReader:
             n -= step
 
 
+class BlockedWriter:
+    """The block bookkeeping VHD dynamic and VHDX writers share: extents are split at
+    block boundaries and either written in place (seekable sink) or gathered into the
+    current block's buffer, which is flushed whole when complete (layout-first stream).
+    Subclasses provide ``_seek_piece`` and ``_flush_block`` and set ``_bs``.
+    """
+
+    _bs: int
+    _cur: int = -1
+    _buf: bytearray | None = None
+
+    async def _seek_piece(self, block: int, in_off: int, piece: memoryview) -> None:
+        raise NotImplementedError
+
+    async def _flush_block(self) -> None:
+        raise NotImplementedError
+
+    async def _write_blocks(self, offset: int, data: bytes | bytearray | memoryview,
+                            streaming: bool) -> None:
+        bs = self._bs
+        # Writes may still be in flight after we return: never keep a view of a buffer
+        # the reader could reuse.
+        view = memoryview(stable_bytes(data))
+        pos = offset
+        i = 0
+        while i < len(view):
+            b, in_off = divmod(pos, bs)
+            n = min(bs - in_off, len(view) - i)
+            if not streaming:
+                await self._seek_piece(b, in_off, view[i : i + n])
+            else:
+                if b != self._cur:
+                    await self._flush_block()
+                    self._cur = b
+                    self._buf = bytearray(bs)
+                assert self._buf is not None
+                self._buf[in_off : in_off + n] = view[i : i + n]
+                if in_off + n == bs:
+                    await self._flush_block()
+            pos += n
+            i += n
+
+
 class WriteBehind:
     """Keeps up to ``depth`` positional writes in flight (they touch disjoint ranges), so
     disk writes overlap with reading and computing. Errors surface on a later

@@ -41,7 +41,7 @@ from app.formats.base import (
     SequentialSink,
     WriterOptions,
 )
-from app.formats.vdisk_common import WriteBehind, is_zero, stable_bytes, zeros
+from app.formats.vdisk_common import BlockedWriter, WriteBehind, is_zero, stable_bytes, zeros
 from app.formats.vhd_meta import (
     FMT,
     TYPE_DYNAMIC,
@@ -169,7 +169,7 @@ class VhdFixedWriter(_VhdWriter):
         self._finished = True
 
 
-class VhdDynamicWriter(_VhdWriter):
+class VhdDynamicWriter(BlockedWriter, _VhdWriter):
     """Dynamic VHD; see the module docstring for seekable vs streaming operation."""
 
     streamable: ClassVar[bool] = True
@@ -313,28 +313,7 @@ class VhdDynamicWriter(_VhdWriter):
             raise FormatError(
                 "a dynamic VHD on a sequential sink needs set_allocation_map() first", fmt=FMT
             )
-        bs = self._bs
-        # Writes may still be in flight after we return: never keep a view of a buffer
-        # the reader could reuse.
-        view = memoryview(stable_bytes(extent.data))
-        pos = extent.offset
-        i = 0
-        while i < len(view):
-            b, in_off = divmod(pos, bs)
-            n = min(bs - in_off, len(view) - i)
-            if not streaming:
-                await self._seek_piece(b, in_off, view[i : i + n])
-            else:
-                if b != self._cur:
-                    await self._flush_block()
-                    self._cur = b
-                    self._buf = bytearray(bs)
-                assert self._buf is not None
-                self._buf[in_off : in_off + n] = view[i : i + n]
-                if in_off + n == bs:
-                    await self._flush_block()
-            pos += n
-            i += n
+        await self._write_blocks(extent.offset, extent.data, streaming)
 
     async def finish(self) -> None:
         if self._finished:

@@ -40,7 +40,13 @@ from app.formats.base import (
     SequentialSink,
     WriterOptions,
 )
-from app.formats.vdisk_common import WriteBehind, crc32c, is_zero, stable_bytes, zeros
+from app.formats.vdisk_common import (
+    BlockedWriter,
+    WriteBehind,
+    crc32c,
+    is_zero,
+    zeros,
+)
 from app.formats.vhdx_meta import (
     BAT_GUID,
     FILE_PARAMETERS,
@@ -96,7 +102,7 @@ def _with_crc(buf: bytearray) -> bytes:
     return bytes(buf)
 
 
-class VhdxWriter(ImageWriter):
+class VhdxWriter(BlockedWriter, ImageWriter):
     format: ClassVar[str] = "vhdx"
     streamable: ClassVar[bool] = True
     needs_allocation_map: ClassVar[bool] = True
@@ -302,28 +308,7 @@ class VhdxWriter(ImageWriter):
             raise FormatError(
                 "a dynamic VHDX on a sequential sink needs set_allocation_map() first", fmt=FMT
             )
-        bs = self._bs
-        # Writes may still be in flight after we return: never keep a view of a buffer
-        # the reader could reuse.
-        view = memoryview(stable_bytes(extent.data))
-        pos = extent.offset
-        i = 0
-        while i < len(view):
-            b, in_off = divmod(pos, bs)
-            n = min(bs - in_off, len(view) - i)
-            if not streaming:
-                await self._seek_piece(b, in_off, view[i : i + n])
-            else:
-                if b != self._cur:
-                    await self._flush_block()
-                    self._cur = b
-                    self._buf = bytearray(bs)
-                assert self._buf is not None
-                self._buf[in_off : in_off + n] = view[i : i + n]
-                if in_off + n == bs:
-                    await self._flush_block()
-            pos += n
-            i += n
+        await self._write_blocks(extent.offset, extent.data, streaming)
 
     async def finish(self) -> None:
         if self._finished:
