@@ -26,8 +26,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncssh
-
 from app.engines import live_stream_wire as wire
 from app.engines.pipeline import (
     DigestStage,
@@ -41,9 +39,16 @@ from app.engines.pipeline import (
 )
 from app.errors import AppError
 from app.formats.base import Extent
-from app.transports.ssh import RemoteCommandError, SshConnectionError, SshError, SshSession
+from app.transports.ssh import (
+    RemoteCommandError,
+    RemoteProcess,
+    SshConnectionError,
+    SshError,
+    SshSession,
+)
+from app.transports.ssh_native import NativeProcess
 
-Process = asyncssh.SSHClientProcess[bytes]
+Process = RemoteProcess
 #: Zero detection granularity at the source (aligned blocks of this size).
 GRANULARITY = 64 * 1024
 #: The destination helper syncs after this many bytes written (also every 2 s).
@@ -82,6 +87,9 @@ async def ended_badly(session: SshSession, process: Process, what: str) -> AppEr
     stderr = ""
     with contextlib.suppress(Exception):
         stderr = (await asyncio.wait_for(process.stderr.read(), 5)).decode(errors="replace")
+    if isinstance(process, NativeProcess) and process.connection_lost:
+        return SshConnectionError(f"SSH connection to {session.label} lost during {what}: "
+                                  f"{wire.failure_text(stderr)}")
     if process.exit_status is None and process.exit_signal is None:
         return SshConnectionError(f"{what} on {session.label} stopped without an exit status")
     failure = wire.parse_failure(stderr)
@@ -370,9 +378,11 @@ async def stream(source: Endpoint, dest: Endpoint, size: int, *, resume_from: in
     """Copy ``[resume_from, size)`` of the source device onto the destination device and
     return the ``vmd1`` digest of the source's ``[0, size)``.
 
-    A fresh run digests the stream in the service; a resumed one has lost that state, so
-    the source helper digests the whole device itself (reading the part already copied
-    locally, without sending it). ``on_durable(offset)`` is called as the destination
+    The source helper computes the digest as it reads, at the source (a resumed run reads
+    the part already copied locally, without sending it): the service's CPU, shared by
+    every migration it runs, is left to the transport, and a byte corrupted anywhere
+    after the source's read shows up in verify. A dd source is digested in the service,
+    from the start (it cannot skip). ``on_durable(offset)`` is called as the destination
     reports durable offsets; ``on_progress(done, size)`` about twice a second.
     """
     start = resume_point(source, dest, resume_from)
@@ -380,9 +390,7 @@ async def stream(source: Endpoint, dest: Endpoint, size: int, *, resume_from: in
     stages: list[Stage] = []
     digest_stage: DigestStage | None = None
     if source.helper:
-        src = HelperSource(source, size, start, digest=start > 0)
-        if start == 0:
-            digest_stage = DigestStage(size)
+        src = HelperSource(source, size, start, digest=True)
     else:
         src = DdSource(source, size, 0)  # from 0: the digest needs every byte
         stages.append(ZeroDetect())

@@ -34,6 +34,8 @@ from typing import Any
 import asyncssh
 
 from app.errors import AppError
+from app.transports import ssh_native
+from app.transports.ssh_native import NativeChannels, NativeProcess
 
 #: Ciphers in preference order: AES-GCM is hardware-accelerated on the hosts this runs
 #: on and is what ``ssh -c aes128-gcm@openssh.com`` (the benchmark's reference) uses.
@@ -124,6 +126,9 @@ class SshOptions:
     connect_timeout: float = 30.0
     keepalive_interval: float = 15.0
     keepalive_count_max: int = 4
+    #: Run the processes that stream data through the OpenSSH client (``ssh_native``)
+    #: when it is installed; else over asyncssh channels.
+    native_data: bool = True
 
 
 def quote_argv(*argv: str | int) -> str:
@@ -203,6 +208,10 @@ def map_exceptions(target: SshTarget, client: _Client | None = None) -> Iterator
         raise SshConnectionError(f"SSH connection to {where} failed: {reason}") from None
 
 
+#: A started remote process: an asyncssh channel or an ``ssh`` child process.
+RemoteProcess = asyncssh.SSHClientProcess[bytes] | NativeProcess
+
+
 @dataclass(frozen=True, slots=True)
 class CommandResult:
     exit_status: int | None
@@ -214,10 +223,12 @@ class SshSession:
     """One authenticated connection; commands run as root (directly or via sudo)."""
 
     def __init__(self, conn: asyncssh.SSHClientConnection, target: SshTarget,
-                 client: _Client) -> None:
+                 client: _Client, native: NativeChannels | None = None) -> None:
         self.conn = conn
         self.target = target
         self._client = client
+        #: ``ssh`` processes for :meth:`start`, when the OpenSSH client is used for data.
+        self.native = native
         #: "" when logged in as root, else "sudo -n " (set by :func:`open_session`).
         self.sudo = ""
 
@@ -250,8 +261,11 @@ class SshSession:
             raise RemoteCommandError(self.label, what, status, err)
         return CommandResult(status, out, err)
 
-    async def start(self, script: str) -> asyncssh.SSHClientProcess[bytes]:
-        """Start shell ``script`` as root with binary stdin/stdout/stderr."""
+    async def start(self, script: str) -> RemoteProcess:
+        """Start shell ``script`` as root with binary stdin/stdout/stderr: through the
+        OpenSSH client when the session has one (bulk data), else an asyncssh channel."""
+        if self.native is not None:
+            return await self.native.start(self.wrap(script))
         with self.errors():
             process: asyncssh.SSHClientProcess[bytes] = await self.conn.create_process(
                 self.wrap(script), encoding=None, window=STREAM_WINDOW,
@@ -259,12 +273,16 @@ class SshSession:
         return process
 
     async def close(self) -> None:
+        if self.native is not None:
+            self.native.close()
         self.conn.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.conn.wait_closed(), 5)
 
     def abort(self) -> None:
         """Drop the connection at once (remote processes get EOF/SIGPIPE)."""
+        if self.native is not None:
+            self.native.close()
         self.conn.abort()
 
 
@@ -318,6 +336,11 @@ async def open_session(target: SshTarget, options: SshOptions) -> SshSession:
     session = SshSession(conn, target, client)
     try:
         await _detect_sudo(session)
+        host_key = conn.get_server_host_key()
+        if options.native_data and ssh_native.available() and host_key is not None:
+            session.native = NativeChannels(
+                target.host, target.port, target.username, host_key, target.private_key,
+                target.password, options.connect_timeout)
     except BaseException:
         session.abort()
         raise

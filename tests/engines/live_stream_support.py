@@ -4,6 +4,7 @@ an in-process worker running the real engine, and process lookup on namespace ho
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,6 +24,8 @@ from tests.conftest import auth
 from tests.infra import SshHost
 
 SSH = SshOptions(connect_timeout=60.0, keepalive_interval=5.0, keepalive_count_max=3)
+#: Data over asyncssh channels instead of the OpenSSH client.
+SSH_ASYNCSSH = dataclasses.replace(SSH, native_data=False)
 FAST = dict(lease_seconds=5.0, heartbeat_seconds=0.2, poll_seconds=0.05,
             retry=RetryPolicy(max_attempts=4, initial_delay=0.2, jitter=0.0))
 TERMINAL = ("completed", "failed", "cancelled")

@@ -20,7 +20,7 @@ from app.engines.live_stream_data import Endpoint, stream
 from app.engines.live_stream_delta import delta_stream, destination_digest
 from app.formats.digest import digest_bytes, digest_file
 from app.transports.ssh import SshConnectionError, ssh_session
-from tests.engines.live_stream_support import SSH, helper_session_pids, target
+from tests.engines.live_stream_support import SSH, SSH_ASYNCSSH, helper_session_pids, target
 from tests.infra.fixtures import NsHostFactory
 from tests.infra.nshost import NsHost
 
@@ -78,6 +78,35 @@ async def test_copies_exactly_and_digests(pair: tuple[NsHost, NsHost], src_helpe
         assert result.data_bytes <= nonzero * 64 * 1024
     if dst_helper:  # the stale 0xa5 bytes were zeroed where the source has zeros
         assert result.destination["zeroed"] > 0
+
+
+async def test_asyncssh_channels_without_the_openssh_client(
+        pair: tuple[NsHost, NsHost]) -> None:
+    """The same stream over asyncssh channels (what runs where no ``ssh`` is installed),
+    including a dropped connection."""
+    a, b = pair
+    content = _fill_source(a)
+    _garbage(b)
+    assert b.sshd is not None
+    durable = [0]
+    async with ssh_session(target(a), SSH_ASYNCSSH) as sa, \
+            ssh_session(target(b), SSH_ASYNCSSH) as sb:
+        assert sa.native is None
+        task = asyncio.create_task(stream(
+            Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE, throttle_bps=8e6,
+            on_durable=lambda o: durable.__setitem__(0, o)))
+        async with asyncio.timeout(30):
+            while durable[0] < 4 * MiB:
+                await asyncio.sleep(0.05)
+        os.kill(helper_session_pids(b.sshd.pid)[0], signal.SIGKILL)
+        with pytest.raises(SshConnectionError):
+            await asyncio.wait_for(task, 60)
+    async with ssh_session(target(a), SSH_ASYNCSSH) as sa, \
+            ssh_session(target(b), SSH_ASYNCSSH) as sb:
+        result = await stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE,
+                              resume_from=durable[0])
+    assert _read_dest(b) == content
+    assert result.digest == digest_bytes(content)
 
 
 async def test_zeros_written_only_where_needed(pair: tuple[NsHost, NsHost]) -> None:

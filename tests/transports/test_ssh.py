@@ -4,7 +4,9 @@ root/sudo detection, quoting, and how failures are classified."""
 from __future__ import annotations
 
 import dataclasses
+import stat
 
+import asyncssh
 import pytest
 
 from app.engines.retry import RetryPolicy
@@ -85,3 +87,33 @@ async def test_arguments_reach_the_shell_quoted(loopback_sshd: NsHost) -> None:
     async with ssh_session(target(loopback_sshd), SSH) as session:
         result = await session.run(quote_argv("printf", "%s", nasty), what="printf")
     assert result.stdout == nasty
+
+
+async def test_openssh_client_channels_keep_secrets_private(loopback_sshd: NsHost) -> None:
+    async with ssh_session(target(loopback_sshd), SSH) as session:
+        assert session.native is not None
+        directory = session.native.directory
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+        assert stat.S_IMODE((directory / "id").stat().st_mode) == 0o600
+        process = await session.start("id -u; cat")
+        process.stdin.write(b"through ssh\n")
+        process.stdin.write_eof()
+        assert await process.stdout.read() == b"0\nthrough ssh\n"
+        await process.wait_closed()
+        assert process.exit_status == 0
+        argv = " ".join(session.native.argv("true"))
+        assert "BEGIN" not in argv
+    assert not directory.exists()
+
+
+async def test_openssh_client_refuses_another_host_key(loopback_sshd: NsHost) -> None:
+    """The ``ssh`` processes trust exactly the key the session verified."""
+    async with ssh_session(target(loopback_sshd), SSH) as session:
+        assert session.native is not None
+        other = asyncssh.generate_private_key("ssh-ed25519")
+        (session.native.directory / "known_hosts").write_text(
+            "vmigrate-target " + other.export_public_key().decode())
+        process = await session.start("true")
+        await process.wait_closed()
+        assert process.exit_status == 255
+        assert b"Host key verification failed" in await process.stderr.read()
