@@ -276,24 +276,30 @@ async def boot_id(session: SshSession) -> str:
 
 
 def check_source_lv(lv: LvInfo, device: str, where: str) -> None:
+    """A thick, active, ordinary LV: a snapshot of a snapshot, or of a thin volume (which
+    needs no VG space but an activation of its own), is not what the steps handle."""
     if lv.is_snapshot:
         raise HostCheckFailed(f"{device} on {where} is itself a snapshot")
     if lv.is_thin:
         raise HostCheckFailed(f"{device} on {where} is a thin volume; thin volumes "
-                                  "are not supported yet")
+                              "are not supported yet")
     if not lv.active:
         raise HostCheckFailed(f"{device} on {where} is not active")
 
 
 def check_destination(info: DeviceInfo, size: int, overwrite_mounted: bool,
                        where: str) -> None:
+    """Exists, is a block device, holds ``size`` bytes, and nothing on it is mounted
+    read-write or used as swap (unless ``overwrite_mounted``): overwriting a mounted
+    filesystem corrupts it under its users, so that must be asked for explicitly. Read-
+    only mounts are allowed (the destination's rescue system may have one)."""
     if not info.exists:
         raise HostCheckFailed(f"destination device {info.path} does not exist on {where}")
     if not info.is_block:
         raise HostCheckFailed(f"destination {info.path} on {where} is not a block device")
     if info.size < size:
         raise HostCheckFailed(f"destination device {info.path} on {where} holds "
-                                  f"{info.size} bytes, less than the source's {size}")
+                              f"{info.size} bytes, less than the source's {size}")
     if overwrite_mounted:
         return
     busy = [f"{m.source} on {m.mountpoint}" for m in info.rw_mounts]
