@@ -3,21 +3,45 @@
 File I/O runs in worker threads (``asyncio.to_thread``) with positional reads and
 writes (``os.pread``/``os.pwrite``), so concurrent readers never share a file offset
 and the event loop never blocks on a disk.
+
+Bulk data of a regular file can also be read without copying it:
+:meth:`FileSource.read_view_at` maps the range (``mmap`` with ``MAP_POPULATE``, in a
+worker thread, so the disk reads happen there) and returns a read-only
+``memoryview`` of the page cache. A writer then copies the bytes once, straight from
+the page cache of the input into that of the output, where ``pread`` + ``pwrite``
+copy them twice; for a file-to-file conversion that is most of the work (measured:
+0.55 s instead of 0.75-1.2 s of system time for 2 GiB). Each view owns its own
+mapping, unmapped when the last reference to it goes, so mapped memory is bounded by
+the data in flight. Block devices are always read with ``pread``: a device that
+fails a read (an invalidated LVM snapshot, a disk error) would turn a mapped access
+into ``SIGBUS`` instead of an ``OSError``. For the same reason a regular file must
+not be truncated while it is being converted: the size is re-checked before each
+mapping, but a file cut short after that kills the process on access (``cp
+--reflink`` and ``qemu-img`` assume a stable input as well).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import mmap
 import os
 import stat
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from app.formats.base import FormatError
 
+#: Reads shorter than this are copied (``pread``): mapping costs more than it saves.
+VIEW_MIN = 256 * 1024
+
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
 
 class FileSource:
-    """A :class:`~app.formats.base.RandomAccessSource` over a regular file or block device."""
+    """A :class:`~app.formats.base.RandomAccessSource` over a regular file or block device
+    (and a :class:`~app.formats.base.ViewSource`: zero-copy reads of regular files)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -27,9 +51,7 @@ class FileSource:
             raise FormatError(f"cannot open {self.path}: {exc.strerror}") from exc
         st = os.fstat(self._fd)
         self._is_block = stat.S_ISBLK(st.st_mode)
-        self._size = (
-            os.lseek(self._fd, 0, os.SEEK_END) if self._is_block else st.st_size
-        )
+        self._size = os.lseek(self._fd, 0, os.SEEK_END) if self._is_block else st.st_size
 
     @property
     def size(self) -> int:
@@ -42,6 +64,31 @@ class FileSource:
 
     async def read_at(self, offset: int, length: int) -> bytes:
         return await asyncio.to_thread(self.read_at_sync, offset, length)
+
+    def read_view_at_sync(self, offset: int, length: int) -> bytes | memoryview:
+        """Like :meth:`read_at_sync`, as a read-only view of the mapped page cache when
+        the range is large and in a regular file (see the module docstring)."""
+        length = min(length, self._size - offset)
+        if length < VIEW_MIN or self._is_block:
+            return self.read_at_sync(offset, length)
+        if offset + length > os.fstat(self._fd).st_size:  # cut short since we opened it
+            return self.read_at_sync(offset, length)
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            mapping = mmap.mmap(
+                self._fd,
+                offset + length - start,
+                flags=mmap.MAP_SHARED | _POPULATE,
+                prot=mmap.PROT_READ,
+                offset=start,
+            )
+        except OSError:  # a file system that cannot map: copy instead
+            return self.read_at_sync(offset, length)
+        # The view keeps the mapping alive; it is unmapped when the last view goes.
+        return memoryview(mapping)[offset - start :]
+
+    async def read_view_at(self, offset: int, length: int) -> bytes | memoryview:
+        return await asyncio.to_thread(self.read_view_at_sync, offset, length)
 
     def data_ranges_sync(self) -> list[tuple[int, int]] | None:
         if self._is_block:
@@ -128,6 +175,14 @@ class FileSink:
 
     ``write`` appends at an internal position, so the same object serves writers that
     stream and writers that seek.
+
+    Every operation on the file runs in one thread of the sink's own, in the order it
+    was called. Writers keep several writes in flight (write-behind); running them in
+    parallel would only make them queue for the file's inode lock, which Linux holds
+    for each buffered write (measured on ext4: two threads writing one file spent 12 %
+    of the CPU spinning on it, for no gain). In one thread they cost one core at most
+    and overlap with the reads and the computing in other threads, and a ``flush``
+    or ``truncate`` always comes after the writes submitted before it.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
@@ -141,6 +196,10 @@ class FileSink:
             raise FormatError(f"cannot open {self.path} for writing: {exc.strerror}") from exc
         self._pos = 0
         self.is_block_device = stat.S_ISBLK(os.fstat(self._fd).st_mode)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="file-sink")
+
+    async def _call(self, fn: Callable[..., object], *args: object) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     def _pwrite_all(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -150,20 +209,24 @@ class FileSink:
             offset += n
 
     async def write_at(self, offset: int, data: bytes | memoryview) -> None:
-        await asyncio.to_thread(self._pwrite_all, offset, data)
+        await self._call(self._pwrite_all, offset, data)
 
     async def write(self, data: bytes | memoryview) -> None:
-        await self.write_at(self._pos, data)
+        pos = self._pos
         self._pos += len(data)
+        await self.write_at(pos, data)
 
     async def truncate(self, size: int) -> None:
         if not self.is_block_device:
-            await asyncio.to_thread(os.ftruncate, self._fd, size)
+            await self._call(os.ftruncate, self._fd, size)
 
     async def flush(self) -> None:
-        await asyncio.to_thread(os.fsync, self._fd)
+        await self._call(os.fsync, self._fd)
 
     async def close(self) -> None:
+        # Writes cancelled by the caller may still be queued: let them finish (they
+        # are bounded by the write-behind depth) before the descriptor goes away.
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.shutdown, True)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

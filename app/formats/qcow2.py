@@ -272,7 +272,7 @@ class Qcow2Reader(ImageReader):
         cs = self._cs
         span = cs * self._l2_entries
         tables = prefetch_reads(self._source, self._l2_plan(), depth=2, fmt=FMT)
-        buf = b""
+        buf: bytes | memoryview = b""
         buf_off = buf_end = 0
         try:
             for index, entry in enumerate(self._l1):
@@ -289,7 +289,7 @@ class Qcow2Reader(ImageReader):
                     except StopAsyncIteration:  # pragma: no cover - plan matches the L1
                         raise FormatError("L2 table missing", fmt=FMT, offset=off) from None
                     buf_end = buf_off + len(buf)
-                table = buf[off - buf_off : off - buf_off + cs]
+                table = bytes(buf[off - buf_off : off - buf_off + cs])
                 yield self._check_overlaps(self._parse_l2(table, guest, off), off)
         finally:
             await tables.aclose()

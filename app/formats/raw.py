@@ -55,6 +55,7 @@ from app.formats.base import (
     SequentialSink,
     SequentialSource,
     WriterOptions,
+    read_data_at,
 )
 
 FMT = "raw"
@@ -188,10 +189,13 @@ async def prefetch_reads(
     *,
     depth: int = READ_DEPTH,
     fmt: str = FMT,
-) -> AsyncGenerator[tuple[int, bytes], None]:
+    view: bool = False,
+) -> AsyncGenerator[tuple[int, bytes | memoryview], None]:
     """Read ``(offset, length)`` ranges of ``source`` in order with up to ``depth`` reads
-    in flight; yields ``(offset, data)``. A short read is a :class:`FormatError`."""
-    pending: deque[tuple[int, int, asyncio.Task[bytes]]] = deque()
+    in flight; yields ``(offset, data)``. A short read is a :class:`FormatError`. With
+    ``view`` (disk data) the data may be a read-only view (:func:`read_data_at`)."""
+    read = (lambda o, n: read_data_at(source, o, n)) if view else source.read_at
+    pending: deque[tuple[int, int, asyncio.Future[bytes | memoryview]]] = deque()
     it = iter(plan)
     try:
         while True:
@@ -200,7 +204,7 @@ async def prefetch_reads(
                 if nxt is None:
                     break
                 off, ln = nxt
-                pending.append((off, ln, asyncio.ensure_future(source.read_at(off, ln))))
+                pending.append((off, ln, asyncio.ensure_future(read(off, ln))))
             if not pending:
                 return
             off, ln, task = pending.popleft()
@@ -306,7 +310,9 @@ class RawReader(ImageReader):
         self._consumed = True
         return self._sequential_extents(self._source, chunk_size)
 
-    def _split(self, merger: ExtentMerger, offset: int, data: bytes, chunk: int) -> list[Extent]:
+    def _split(
+        self, merger: ExtentMerger, offset: int, data: Buffer, chunk: int
+    ) -> list[Extent]:
         out: list[Extent] = []
         view = memoryview(data)
         for start, end, zero in split_zero_blocks(data, offset, self._granule):
@@ -326,7 +332,7 @@ class RawReader(ImageReader):
         plan = [piece for off, ln in ranges for piece in chunked(off, ln, chunk)]
         merger = ExtentMerger()
         pos = 0
-        async for off, data in prefetch_reads(source, plan):
+        async for off, data in prefetch_reads(source, plan, view=True):
             merger.zero(pos, off - pos)
             for ext in self._split(merger, off, data, chunk):
                 yield ext
