@@ -39,6 +39,7 @@ from typing import Any, Final, TypeVar
 from app.engines.throttle import SYSTEM_CLOCK, Clock, TokenBucket
 from app.errors import AppError
 from app.formats.base import DEFAULT_CHUNK, Extent, FormatError, ImageReader, ImageWriter
+from app.formats.buffers import first_bytes_nonzero, is_zero
 from app.formats.digest import DiskDigest
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ T = TypeVar("T")
 
 #: End-of-stream marker passed through the queues after the last extent.
 _END: Final = object()
-_ZEROS = bytes(DEFAULT_CHUNK)
 #: Zero runs up to this size are fed to the digest on the event loop (a 64 GiB run is
 #: 64k block hashes fed in batches: about a millisecond); larger ones go to a thread.
 _INLINE_ZEROS = 64 * 1024 * DEFAULT_CHUNK
@@ -204,15 +204,6 @@ class WriterSink(ExtentSink):
             await flush()
 
 
-def _is_zero(data: bytes | memoryview) -> bool:
-    """True when every byte is zero (memcmp against a zero buffer)."""
-    n = len(data)
-    if n <= len(_ZEROS):
-        return _ZEROS.startswith(data)
-    view = memoryview(data)
-    return all(_ZEROS.startswith(view[i : i + len(_ZEROS)]) for i in range(0, n, len(_ZEROS)))
-
-
 class ZeroDetect(Stage):
     """Turns data that is all zeros into zero runs and merges adjacent zero runs.
 
@@ -250,16 +241,16 @@ class ZeroDetect(Stage):
         whole = [(ext.offset, ext.end, False)]
         if g is None or ext.length <= g:
             return whole
-        view = memoryview(data)
-        starts = [0, *range((ext.offset // g + 1) * g - ext.offset, ext.length, g)]
         # A block whose first byte is non-zero is data: no memcmp needed. Ordinary
         # data takes this path for every block.
-        if all(view[i] for i in starts):
+        if first_bytes_nonzero(data, ext.offset, g):
             return whole
+        view = memoryview(data)
+        starts = [0, *range((ext.offset // g + 1) * g - ext.offset, ext.length, g)]
         runs: list[tuple[int, int, bool]] = []
         for k, rel in enumerate(starts):
             rel_end = starts[k + 1] if k + 1 < len(starts) else ext.length
-            zero = view[rel] == 0 and _is_zero(view[rel:rel_end])
+            zero = view[rel] == 0 and is_zero(view[rel:rel_end])
             start, end = ext.offset + rel, ext.offset + rel_end
             if runs and runs[-1][2] == zero:
                 runs[-1] = (runs[-1][0], end, zero)
@@ -272,7 +263,7 @@ class ZeroDetect(Stage):
             self._add_zero(extent.offset, extent.end)
             return
         data = extent.data
-        if _is_zero(data):
+        if is_zero(data):
             self._add_zero(extent.offset, extent.end)
             return
         for start, end, zero in self._split(extent, data):

@@ -54,9 +54,23 @@ class FormatError(AppError):
         self.offset = offset
 
 
+def immutable(data: bytes | bytearray | memoryview) -> bytes | memoryview:
+    """``data`` as a buffer nobody can change under a writer that still holds it (write-
+    behind): ``bytes`` and read-only views (of bytes, of a read-only file mapping) as
+    they are, without a copy; a ``bytearray`` or writable view is copied."""
+    if isinstance(data, bytes) or (isinstance(data, memoryview) and data.readonly):
+        return data
+    return bytes(data)
+
+
 @dataclass(frozen=True, slots=True)
 class Extent:
-    """A run of the virtual disk: ``length`` bytes at ``offset``; ``data`` is None for zeros."""
+    """A run of the virtual disk: ``length`` bytes at ``offset``; ``data`` is None for zeros.
+
+    ``data`` must not change once the extent exists: writers keep writes in flight
+    after ``write`` returns. Producers with reusable buffers pass them through
+    :func:`immutable`.
+    """
 
     offset: int
     length: int

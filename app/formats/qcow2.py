@@ -49,6 +49,7 @@ from app.formats.base import (
     SequentialSink,
     SequentialSource,
     WriterOptions,
+    read_data_at,
 )
 from app.formats.qcow2_writer import Qcow2StreamWriter, Qcow2Writer, create_qcow2_writer
 from app.formats.raw import READ_DEPTH, prefetch_reads
@@ -77,6 +78,9 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 
 #: Compressed groups in flight (each is inflated on a codec pool thread).
 _INFLATE_DEPTH = max(READ_DEPTH, os.cpu_count() or 1)
+
+#: Pieces of a data item at least this long are not joined with their neighbours.
+_OWN_EXTENT = 256 * 1024
 
 
 def probe(head: bytes, tail: bytes = b"") -> bool:
@@ -425,19 +429,26 @@ class Qcow2Reader(ImageReader):
     # ----------------------------------------------------------------- data
 
     async def _read_data(self, pieces: list[tuple[int, int, int]]) -> list[Extent]:
-        async def one(host: int, length: int) -> bytes:
-            data = await self._source.read_at(host, length)
+        """One data item: guest-contiguous pieces at scattered host offsets. Large
+        pieces become extents of their own (views of the file where it can); small ones
+        are joined, so a fragmented image does not cost the pipeline per cluster."""
+
+        async def one(host: int, length: int) -> bytes | memoryview:
+            data = await read_data_at(self._source, host, length)
             if len(data) != length:
                 raise FormatError("data cluster cut short by end of file", fmt=FMT, offset=host)
             return data
 
-        guest = pieces[0][0]
         if len(pieces) == 1:
-            _, host, length = pieces[0]
+            guest, host, length = pieces[0]
             return [Extent(guest, length, await one(host, length))]
         parts = await asyncio.gather(*(one(h, n) for _, h, n in pieces))
+        if min(n for _, _, n in pieces) >= _OWN_EXTENT:
+            return [
+                Extent(guest, n, part) for (guest, _, n), part in zip(pieces, parts, strict=True)
+            ]
         data = b"".join(parts)
-        return [Extent(guest, len(data), data)]
+        return [Extent(pieces[0][0], len(data), data)]
 
     def _inflate_group(
         self, span: bytes, span_off: int, group: list[tuple[int, int, int, int]]

@@ -50,7 +50,7 @@ from app.formats.base import (
     SequentialSink,
     WriterOptions,
 )
-from app.formats.raw import Buffer, WriteBehind, is_zero, zeros
+from app.formats.buffers import Buffer, WriteBehind, is_zero, zeros
 
 FMT = L.FMT
 DEFAULT_CLUSTER_SIZE = 64 * 1024

@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterable, Iterator
-from typing import Any, ClassVar
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
+from typing import ClassVar
 
 from app.formats.base import (
     DEFAULT_CHUNK,
@@ -55,8 +55,10 @@ from app.formats.base import (
     SequentialSink,
     SequentialSource,
     WriterOptions,
+    immutable,
     read_data_at,
 )
+from app.formats.buffers import Buffer, WriteBehind, first_bytes_nonzero, is_zero, zeros
 
 FMT = "raw"
 
@@ -73,51 +75,8 @@ ZERO_WRITE_CHUNK = 1 * MiB
 #: Reads kept in flight by :func:`prefetch_reads`.
 READ_DEPTH = 2
 
-_ZEROS = bytes(max(ZERO_WRITE_CHUNK, ZERO_GRANULE, DEFAULT_CHUNK))
-_ZEROS_VIEW = memoryview(_ZEROS)
-
-Buffer = bytes | bytearray | memoryview
-
 
 # --------------------------------------------------------------------------- helpers
-# Shared with the qcow2 modules.
-
-
-def zeros(n: int) -> memoryview:
-    """A read-only view of ``n`` zero bytes (``n`` <= 1 MiB; larger sizes allocate)."""
-    if n <= len(_ZEROS):
-        return _ZEROS_VIEW[:n]
-    return memoryview(bytes(n))
-
-
-def is_zero(buf: Buffer, start: int = 0, end: int | None = None) -> bool:
-    """True when ``buf[start:end]`` is all zero bytes (memcmp speed, no copy for bytes)."""
-    if end is None:
-        end = len(buf)
-    n = end - start
-    if n <= 0:
-        return True
-    if buf[start] != 0:  # cheap early exit for ordinary data
-        return False
-    if isinstance(buf, bytes | bytearray):
-        pos = start
-        while pos < end:
-            step = min(end - pos, len(_ZEROS))
-            if not buf.startswith(_ZEROS_VIEW[:step], pos):
-                return False
-            pos += step
-        return True
-    # memoryview comparison is per item and slow: compare copies, in growing steps
-    # so data that merely starts with zeros is rejected after a small copy.
-    pos = start
-    step = 4096
-    while pos < end:
-        step = min(end - pos, step, len(_ZEROS))
-        if bytes(buf[pos : pos + step]) != _ZEROS_VIEW[:step]:
-            return False
-        pos += step
-        step *= 4
-    return True
 
 
 def split_zero_blocks(
@@ -126,6 +85,9 @@ def split_zero_blocks(
     """Split ``data`` (virtual bytes at ``offset``) into maximal ``(start, end, zero)``
     runs of buffer indices, testing blocks aligned to ``granule`` in virtual offsets."""
     n = len(data)
+    if n and first_bytes_nonzero(data, offset, granule):  # ordinary data: one run
+        yield 0, n, False
+        return
     pos = 0
     run_start = 0
     run_zero: bool | None = None
@@ -163,7 +125,7 @@ class ExtentMerger:
 
     def data(self, offset: int, data: Buffer) -> list[Extent]:
         out = self.flush()
-        out.append(Extent(offset, len(data), bytes(data) if isinstance(data, bytearray) else data))
+        out.append(Extent(offset, len(data), immutable(data)))
         return out
 
     def flush(self) -> list[Extent]:
@@ -218,40 +180,6 @@ async def prefetch_reads(
             yield off, data
     finally:
         tasks = [task for _, _, task in pending]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-
-class WriteBehind:
-    """Up to ``depth`` writes in flight, so reading the next chunk overlaps writing the
-    last one. Writes target disjoint ranges, so their completion order does not matter;
-    a failed write is raised by the next ``submit`` or by ``drain``."""
-
-    def __init__(self, depth: int = READ_DEPTH) -> None:
-        self._depth = depth
-        self._tasks: deque[asyncio.Future[None]] = deque()
-
-    async def submit(self, write: Coroutine[Any, Any, None]) -> None:
-        try:
-            while self._tasks and (len(self._tasks) >= self._depth or self._tasks[0].done()):
-                await self._tasks.popleft()
-        except BaseException:
-            write.close()
-            raise
-        self._tasks.append(asyncio.ensure_future(write))
-
-    async def drain(self) -> None:
-        try:
-            while self._tasks:
-                await self._tasks.popleft()
-        finally:
-            await self.cancel()
-
-    async def cancel(self) -> None:
-        tasks = list(self._tasks)
-        self._tasks.clear()
         for task in tasks:
             task.cancel()
         if tasks:

@@ -8,8 +8,6 @@
   position for error messages.
 - :func:`read_exact_at` reads from a random-access source and turns a short read into
   a :class:`~app.formats.base.FormatError`.
-- :class:`WriteBehind` keeps a few positional writes in flight.
-- :func:`is_zero` / :func:`zeros`: zero detection at memcmp speed and shared zero bytes.
 - :func:`crc32c` is a small table-driven CRC-32C (Castagnoli), as VHDX needs it.
 - :func:`compute_pool` is the process-wide thread pool for CPU-bound work
   (compression, decompression) that releases the GIL.
@@ -19,12 +17,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 import zlib
-from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
@@ -33,37 +29,10 @@ from app.formats.base import (
     FormatError,
     RandomAccessSource,
     SequentialSource,
+    immutable,
     read_data_at,
 )
-
-#: Zero bytes for comparisons and padding. Sized for the largest piece we compare.
-_ZERO_LEN = 4 * 1024 * 1024
-_ZEROS = bytes(_ZERO_LEN)
-
-
-def zeros(n: int) -> bytes:
-    """``n`` zero bytes, shared when ``n`` is small enough."""
-    if n == _ZERO_LEN:
-        return _ZEROS
-    if n < _ZERO_LEN:
-        return _ZEROS[:n]
-    return bytes(n)
-
-
-def stable_bytes(data: bytes | bytearray | memoryview) -> bytes:
-    """``data`` as immutable bytes (no copy when it already is)."""
-    return data if isinstance(data, bytes) else bytes(data)
-
-
-def is_zero(data: bytes | bytearray | memoryview) -> bool:
-    """True when every byte of ``data`` is zero (memcmp speed, no copies)."""
-    n = len(data)
-    if not n:
-        return True
-    if data[0] or data[n - 1] or data[n >> 1]:  # cheap early exit for typical data
-        return False
-    view = memoryview(data)
-    return all(_ZEROS.startswith(view[pos : pos + _ZERO_LEN]) for pos in range(0, n, _ZERO_LEN))
+from app.formats.buffers import is_zero
 
 
 class ExtentBuilder:
@@ -71,6 +40,13 @@ class ExtentBuilder:
 
     Call :meth:`zero` and :meth:`data` with consecutive offsets; each returns the
     extents that became complete. :meth:`finish` returns the rest.
+
+    Data is not copied when it need not be: a piece of at least ``chunk_size / 4``
+    bytes goes out as views of itself (cut at ``chunk_size``), so a large read from a
+    file stays a view of the page cache all the way to the writer. Smaller pieces
+    (grains, sector runs of a bitmap) are gathered and joined into one extent of up
+    to ``chunk_size`` bytes, so the pipeline does not pay per tiny piece. Pieces must
+    not change after they were given (writable buffers are copied).
     """
 
     def __init__(self, chunk_size: int, *, detect_zeros: bool = True) -> None:
@@ -81,8 +57,9 @@ class ExtentBuilder:
         self.pos = 0
         self._zero_start = 0
         self._zero_len = 0
-        self._buf = bytearray()
-        self._buf_start = 0
+        self._parts: list[bytes | memoryview] = []
+        self._parts_len = 0
+        self._parts_start = 0
 
     def _flush_zero(self, out: list[Extent]) -> None:
         if self._zero_len:
@@ -90,10 +67,12 @@ class ExtentBuilder:
             self._zero_len = 0
 
     def _flush_data(self, out: list[Extent]) -> None:
-        if self._buf:
-            buf = self._buf
-            out.append(Extent(self._buf_start, len(buf), bytes(buf)))
-            self._buf = bytearray()
+        if self._parts:
+            parts = self._parts
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            out.append(Extent(self._parts_start, self._parts_len, data))
+            self._parts = []
+            self._parts_len = 0
 
     def zero(self, offset: int, length: int) -> list[Extent]:
         """A run of zeros at ``offset`` (must equal the current position)."""
@@ -120,26 +99,27 @@ class ExtentBuilder:
             return self.zero(offset, n)
         out: list[Extent] = []
         self._flush_zero(out)
-        view = memoryview(data)
-        pos = 0
+        piece = immutable(data)
         cs = self.chunk_size
-        if not self._buf:
-            self._buf_start = offset
-        elif len(self._buf) + n >= cs:
-            take = cs - len(self._buf)
-            self._buf += view[:take]
-            pos = take
-            self._flush_data(out)
-            self._buf_start = offset + pos
-        # Whole chunks straight from the input without going through the buffer.
-        while n - pos >= cs:
-            out.append(Extent(offset + pos, cs, bytes(view[pos : pos + cs])))
-            pos += cs
-        if pos < n:
-            if not self._buf:
-                self._buf_start = offset + pos
-            self._buf += view[pos:]
         self.pos += n
+        if n >= cs // 4:  # large: out as views of itself
+            self._flush_data(out)
+            if n <= cs:
+                out.append(Extent(offset, n, piece))
+                return out
+            view = memoryview(piece)
+            for pos in range(0, n, cs):
+                length = min(cs, n - pos)
+                out.append(Extent(offset + pos, length, view[pos : pos + length]))
+            return out
+        if self._parts_len + n > cs:
+            self._flush_data(out)
+        if not self._parts:
+            self._parts_start = offset
+        self._parts.append(piece)
+        self._parts_len += n
+        if self._parts_len == cs:
+            self._flush_data(out)
         return out
 
     def finish(self) -> list[Extent]:
@@ -251,7 +231,7 @@ class BlockedWriter:
         bs = self._bs
         # Writes may still be in flight after we return: never keep a view of a buffer
         # the reader could reuse.
-        view = memoryview(stable_bytes(data))
+        view = memoryview(immutable(data))
         pos = offset
         i = 0
         while i < len(view):
@@ -270,30 +250,6 @@ class BlockedWriter:
                     await self._flush_block()
             pos += n
             i += n
-
-
-class WriteBehind:
-    """Keeps up to ``depth`` positional writes in flight (they touch disjoint ranges), so
-    disk writes overlap with reading and computing. Errors surface on a later
-    :meth:`submit` or on :meth:`drain`."""
-
-    def __init__(self, depth: int = 8) -> None:
-        self.depth = depth
-        self._pending: deque[asyncio.Future[None]] = deque()
-
-    async def submit(self, write: Coroutine[Any, Any, None]) -> None:
-        self._pending.append(asyncio.ensure_future(write))
-        while len(self._pending) > self.depth:
-            await self._pending.popleft()
-
-    async def drain(self) -> None:
-        while self._pending:
-            await self._pending.popleft()
-
-    def cancel(self) -> None:
-        for fut in self._pending:
-            fut.cancel()
-        self._pending.clear()
 
 
 async def read_exact_at(

@@ -43,7 +43,7 @@ from app.formats.base import (
     SequentialSource,
     WriterOptions,
 )
-from app.formats.vdisk_common import ExtentBuilder, read_exact_at
+from app.formats.vdisk_common import ExtentBuilder, read_exact_at, read_exact_data_at
 from app.formats.vhd_meta import (
     FMT,
     FOOTER_COOKIE,
@@ -148,7 +148,7 @@ class VhdReader(ImageReader):
         pos = 0
         while pos < length:
             n = min(chunk_size, length - pos)
-            data = await read_exact_at(self._source, foff + pos, n, FMT, "disk data")
+            data = await read_exact_data_at(self._source, foff + pos, n, FMT, "disk data")
             for ext in builder.data(voff + pos, data):
                 yield ext
             pos += n

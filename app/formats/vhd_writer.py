@@ -40,8 +40,10 @@ from app.formats.base import (
     SeekableSink,
     SequentialSink,
     WriterOptions,
+    immutable,
 )
-from app.formats.vdisk_common import BlockedWriter, WriteBehind, is_zero, stable_bytes, zeros
+from app.formats.buffers import WriteBehind, is_zero, zeros
+from app.formats.vdisk_common import BlockedWriter
 from app.formats.vhd_meta import (
     FMT,
     TYPE_DYNAMIC,
@@ -154,7 +156,7 @@ class VhdFixedWriter(_VhdWriter):
         if extent.data is None:
             return
         await self._zero_to(extent.offset)
-        await self._put(stable_bytes(extent.data))
+        await self._put(immutable(extent.data))
 
     async def finish(self) -> None:
         if self._finished:

@@ -45,7 +45,7 @@ from app.formats.base import (
     SequentialSource,
     WriterOptions,
 )
-from app.formats.vdisk_common import ExtentBuilder, crc32c, read_exact_at
+from app.formats.vdisk_common import ExtentBuilder, crc32c, read_exact_at, read_exact_data_at
 from app.formats.vhdx_meta import (
     BAT_GUID,
     FILE_PARAMETERS,
@@ -250,7 +250,7 @@ class VhdxReader(ImageReader):
                     for ext in builder.zero(start + pos, n):
                         yield ext
                 else:
-                    data = await read_exact_at(
+                    data = await read_exact_data_at(
                         self._source, file_off + pos, n, FMT, f"block {b} data"
                     )
                     for ext in builder.data(start + pos, data):

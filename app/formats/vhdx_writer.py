@@ -40,13 +40,8 @@ from app.formats.base import (
     SequentialSink,
     WriterOptions,
 )
-from app.formats.vdisk_common import (
-    BlockedWriter,
-    WriteBehind,
-    crc32c,
-    is_zero,
-    zeros,
-)
+from app.formats.buffers import WriteBehind, is_zero, zeros
+from app.formats.vdisk_common import BlockedWriter, crc32c
 from app.formats.vhdx_meta import (
     BAT_GUID,
     FILE_PARAMETERS,

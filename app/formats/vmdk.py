@@ -31,7 +31,6 @@ type (``lsilogic`` default) and hardware version recorded in the descriptor.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import struct
 from collections.abc import AsyncIterator
@@ -51,13 +50,13 @@ from app.formats.base import (
     SequentialSink,
     SequentialSource,
     WriterOptions,
+    read_data_at,
 )
 from app.formats.vdisk_common import (
     ExtentBuilder,
     StreamReader,
-    compute_pool,
-    inflate_bounded,
     read_exact_at,
+    read_exact_data_at,
 )
 from app.formats.vmdk_flat import VmdkFlatReader, open_flat
 from app.formats.vmdk_meta import (
@@ -77,8 +76,11 @@ from app.formats.vmdk_meta import (
     unpack_meta_marker,
 )
 from app.formats.vmdk_stream import (
+    Grain,
     StreamOptimizedWriter,
     VmdkWriterOptions,
+    emit_runs,
+    inflate_grains,
     max_compressed_size,
     walk_stream,
 )
@@ -309,7 +311,7 @@ class VmdkSparseReader(ImageReader):
             while k < n and k - j < run_max and entries[k] == entries[k - 1] + gs:
                 k += 1
             end = min((first + k) * gb, vsize)
-            data = await read_exact_at(
+            data = await read_exact_data_at(
                 self._source, gte * SECTOR, end - off, FMT, f"grain {first + j}"
             )
             for ext in builder.data(off, data):
@@ -327,8 +329,6 @@ class VmdkSparseReader(ImageReader):
         max_comp = max_compressed_size(gb)
         starts = sorted(e * SECTOR for e in entries if e > 1)
         allocated = [(first + j, e) for j, e in enumerate(entries)]
-        loop = asyncio.get_running_loop()
-        pool = compute_pool()
         i = 0
         while i < len(allocated):
             index, gte = allocated[i]
@@ -352,30 +352,27 @@ class VmdkSparseReader(ImageReader):
                 batch.append((index, start, end))
                 i += 1
             comps = await self._read_batch(batch)
-            futs = [
-                loop.run_in_executor(pool, inflate_bounded, comp, gb, FMT, start)
-                for comp, (_, start, _) in zip(comps, batch, strict=True)
+            grains: list[Grain] = [
+                (index * gb, comp, start)
+                for comp, (index, start, _) in zip(comps, batch, strict=True)
             ]
-            for (index, _, _), data in zip(batch, await asyncio.gather(*futs), strict=True):
-                off = index * gb
-                length = min(gb, vsize - off)
-                if len(data) < length:
-                    data += bytes(length - len(data))
-                for ext in builder.data(off, memoryview(data)[:length]):
-                    yield ext
+            for ext in emit_runs(builder, await inflate_grains(grains, gb, vsize)):
+                yield ext
 
-    async def _read_batch(self, batch: list[tuple[int, int, int]]) -> list[bytes]:
-        """Compressed payloads of the grains in ``batch`` (validating their markers)."""
+    async def _read_batch(self, batch: list[tuple[int, int, int]]) -> list[bytes | memoryview]:
+        """Compressed payloads of the grains in ``batch`` (validating their markers);
+        views of one read of the span they lie in when it is not too large."""
         assert self._source is not None
         gs = self._hdr.grain_size
         max_comp = max_compressed_size(self._hdr.grain_bytes)
         lo = min(s for _, s, _ in batch)
         hi = max(e for _, _, e in batch)
-        span: bytes | None = None
+        span: memoryview | None = None
         if hi - lo <= 16 * 1024 * 1024:
-            span = await self._source.read_at(lo, hi - lo)
-        out: list[bytes] = []
+            span = memoryview(await read_data_at(self._source, lo, hi - lo))
+        out: list[bytes | memoryview] = []
         for index, start, end in batch:
+            window: bytes | memoryview
             if span is not None:
                 window = span[start - lo : end - lo]
             else:

@@ -39,13 +39,13 @@ from app.formats.base import (
     SequentialSink,
     WriterOptions,
 )
+from app.formats.buffers import is_zero
 from app.formats.vdisk_common import (
     ExtentBuilder,
     StreamReader,
     compute_pool,
     deflate,
     inflate_bounded,
-    is_zero,
 )
 from app.formats.vmdk_meta import (
     ADAPTER_TYPES,
@@ -69,7 +69,7 @@ from app.formats.vmdk_meta import (
     unpack_meta_marker,
 )
 
-#: Grains decompressed together (one thread-pool round trip per batch).
+#: Grains decompressed together (split over the compute pool's threads).
 _BATCH_GRAINS = 64
 
 
@@ -116,31 +116,60 @@ async def _count_front_tables(rd: StreamReader, hdr: SparseHeader) -> int | None
     return count
 
 
-async def _inflate_batch(
-    batch: list[tuple[int, bytes, int]], grain_bytes: int
+#: One compressed grain on its way to be inflated: virtual offset, compressed bytes,
+#: file offset of its marker (for error messages).
+Grain = tuple[int, bytes | memoryview, int]
+
+
+def _inflate_run(grains: list[Grain], grain_bytes: int, vsize: int) -> list[tuple[int, bytes]]:
+    """Inflate ``grains`` (in increasing offset order) in the calling thread; grains
+    that follow each other on the disk are joined into one buffer, so the extents built
+    from them need no further copy. Returns ``(virtual offset, data)`` runs."""
+    runs: list[tuple[int, bytes]] = []
+    parts: list[bytes] = []
+    run_start = run_end = 0
+    for voff, comp, where in grains:
+        data = inflate_bounded(comp, grain_bytes, FMT, where)
+        length = min(grain_bytes, vsize - voff)
+        if len(data) != length:  # a short grain reads as zeros after its data
+            data = data[:length] + bytes(max(0, length - len(data)))
+        if parts and voff != run_end:
+            runs.append((run_start, parts[0] if len(parts) == 1 else b"".join(parts)))
+            parts = []
+        if not parts:
+            run_start = run_end = voff
+        parts.append(data)
+        run_end += length
+    if parts:
+        runs.append((run_start, parts[0] if len(parts) == 1 else b"".join(parts)))
+    return runs
+
+
+async def inflate_grains(
+    grains: list[Grain], grain_bytes: int, vsize: int
 ) -> list[tuple[int, bytes]]:
+    """Inflate a batch of grains on every core of the shared compute pool (one
+    contiguous slice of the batch per thread, one thread-pool round trip each);
+    returns the ``(virtual offset, data)`` runs in order."""
+    if not grains:
+        return []
     loop = asyncio.get_running_loop()
     pool = compute_pool()
+    step = -(-len(grains) // min(len(grains), os.cpu_count() or 1))
     futs = [
-        loop.run_in_executor(pool, inflate_bounded, comp, grain_bytes, FMT, off)
-        for _, comp, off in batch
+        loop.run_in_executor(pool, _inflate_run, grains[i : i + step], grain_bytes, vsize)
+        for i in range(0, len(grains), step)
     ]
-    datas = await asyncio.gather(*futs)
-    return [(lba, data) for (lba, _, _), data in zip(batch, datas, strict=True)]
+    return [run for runs in await asyncio.gather(*futs) for run in runs]
 
 
-def _emit_grains(
-    builder: ExtentBuilder, grains: list[tuple[int, bytes]], vsize: int, grain_bytes: int
-) -> list[Extent]:
+def emit_runs(builder: ExtentBuilder, runs: list[tuple[int, bytes]]) -> list[Extent]:
+    """Hand inflated runs to ``builder``; the gaps between them are zeros."""
     out: list[Extent] = []
-    for lba, data in grains:
-        voff = lba * SECTOR
+    for voff, data in runs:
         if voff > builder.pos:
             out += builder.zero(builder.pos, voff - builder.pos)
-        length = min(grain_bytes, vsize - voff)
-        if len(data) < length:
-            data = data + bytes(length - len(data))
-        out += builder.data(voff, memoryview(data)[:length])
+        out += builder.data(voff, data)
     return out
 
 
@@ -168,7 +197,7 @@ async def walk_stream(
     seen = 0
     saw_eos = False
     saw_footer = False
-    batch: list[tuple[int, bytes, int]] = []
+    batch: list[Grain] = []
     pending: asyncio.Future[list[tuple[int, bytes]]] | None = None
     try:
         while True:
@@ -194,26 +223,26 @@ async def walk_stream(
                     )
                 total = -(-(GRAIN_MARKER_SIZE + size) // SECTOR) * SECTOR
                 rest = await rd.read_exact(total - SECTOR, "grain") if total > SECTOR else b""
-                comp = (sector + rest)[GRAIN_MARKER_SIZE : GRAIN_MARKER_SIZE + size]
-                batch.append((lba, comp, marker_off))
+                comp = memoryview(sector + rest)[GRAIN_MARKER_SIZE : GRAIN_MARKER_SIZE + size]
+                batch.append((lba * SECTOR, comp, marker_off))
                 next_lba = lba + gs
                 seen += 1
                 if len(batch) >= _BATCH_GRAINS:
                     if pending is not None:
-                        for ext in _emit_grains(builder, await pending, vsize, grain_bytes):
+                        for ext in emit_runs(builder, await pending):
                             yield ext
-                    pending = asyncio.ensure_future(_inflate_batch(batch, grain_bytes))
+                    pending = asyncio.ensure_future(inflate_grains(batch, grain_bytes, vsize))
                     batch = []
                 continue
             # A metadata marker: finish the grains seen so far first.
             if pending is not None:
-                for ext in _emit_grains(builder, await pending, vsize, grain_bytes):
+                for ext in emit_runs(builder, await pending):
                     yield ext
                 pending = None
             if batch:
-                grains = await _inflate_batch(batch, grain_bytes)
+                runs = await inflate_grains(batch, grain_bytes, vsize)
                 batch = []
-                for ext in _emit_grains(builder, grains, vsize, grain_bytes):
+                for ext in emit_runs(builder, runs):
                     yield ext
             if mtype == MARKER_EOS:
                 saw_eos = True
@@ -243,14 +272,11 @@ async def walk_stream(
             else:
                 await rd.skip(num * SECTOR, "grain table" if mtype == MARKER_GT else "directory")
         if pending is not None:
-            for ext in _emit_grains(builder, await pending, vsize, grain_bytes):
+            for ext in emit_runs(builder, await pending):
                 yield ext
             pending = None
-        if batch:
-            for ext in _emit_grains(
-                builder, await _inflate_batch(batch, grain_bytes), vsize, grain_bytes
-            ):
-                yield ext
+        for ext in emit_runs(builder, await inflate_grains(batch, grain_bytes, vsize)):
+            yield ext
     finally:
         if pending is not None and not pending.done():
             pending.cancel()
