@@ -3,10 +3,12 @@
 A disk travels as an async stream of :class:`~app.formats.base.Extent` values. The
 source (usually an image reader: the *decode* stage), every :class:`Stage` and the
 :class:`ExtentSink` (usually an image writer: the *encode* stage) run as separate
-asyncio tasks joined by ``asyncio.Queue(maxsize=queue_depth)``. A slow sink fills
-the queues and the source stops reading, so memory stays near
-``(len(stages) + 1) * queue_depth * chunk_size`` whatever the disk size. Zero runs
-travel as ``Extent(data=None)`` and are never materialised.
+asyncio tasks joined by ``asyncio.Queue(maxsize=queue_depth)``. Cheap stages that
+never wait (``Stage.inline``: zero detection, the resume skip) run inside the task
+before them rather than in their own. A slow sink fills the queues and the source
+stops reading, so memory stays near ``(tasks - 1) * queue_depth * chunk_size``
+whatever the disk size. Zero runs travel as ``Extent(data=None)`` and are never
+materialised.
 
 CPU-heavy work (hashing) runs in a small thread pool owned by the pipeline
 (:meth:`PipelineContext.run_cpu`); hashlib and zlib release the GIL on large buffers.
@@ -34,7 +36,7 @@ import sys
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 
 from app.engines.throttle import SYSTEM_CLOCK, Clock, TokenBucket
 from app.errors import AppError
@@ -120,6 +122,10 @@ class Stage(abc.ABC):
     """
 
     name: str = "stage"
+    #: True for cheap stages that never wait on I/O or threads (zero detection, the
+    #: resume skip): they run inside the task before them instead of a task and a
+    #: queue of their own, which saves a queue hop and a task switch per extent.
+    inline: ClassVar[bool] = False
 
     async def start(self, ctx: PipelineContext) -> None:  # noqa: B027
         """Called once before the first extent."""
@@ -214,6 +220,7 @@ class ZeroDetect(Stage):
     """
 
     name = "zero-detect"
+    inline = True
 
     def __init__(self, granularity: int | None = 64 * 1024) -> None:
         if granularity is not None and granularity <= 0:
@@ -327,6 +334,7 @@ class SkipBelow(Stage):
     """Drops everything below ``offset`` (the part a resumed run already wrote)."""
 
     name = "resume-skip"
+    inline = True
 
     def __init__(self, offset: int) -> None:
         self.offset = offset
@@ -465,10 +473,46 @@ class Pipeline:
         self._failures.append(err)
         return err
 
-    async def _run_source(self, out: asyncio.Queue[object]) -> None:
+    async def _push(self, ext: Extent, inline: Sequence[Stage], out: asyncio.Queue[object]) -> None:
+        """Pass ``ext`` through the ``inline`` stages (in this task) into ``out``."""
+        if not inline:
+            await out.put(ext)
+            return
+        stage = inline[0]
+        try:
+            async for part in stage.process(ext):
+                await self._push(part, inline[1:], out)
+        except (asyncio.CancelledError, PipelineError):
+            raise
+        except Exception as exc:
+            raise self._fail(stage.name, ext.offset, exc) from exc
+
+    async def _end(self, inline: Sequence[Stage], out: asyncio.Queue[object]) -> None:
+        """Flush what the ``inline`` stages hold back, then mark the end of the stream."""
+        for i, stage in enumerate(inline):
+            try:
+                async for part in stage.finish():
+                    await self._push(part, inline[i + 1 :], out)
+            except (asyncio.CancelledError, PipelineError):
+                raise
+            except Exception as exc:
+                raise self._fail(stage.name, None, exc) from exc
+        await out.put(_END)
+
+    async def _start_inline(self, inline: Sequence[Stage], ctx: PipelineContext) -> None:
+        for stage in inline:
+            try:
+                await stage.start(ctx)
+            except Exception as exc:
+                raise self._fail(stage.name, None, exc) from exc
+
+    async def _run_source(
+        self, ctx: PipelineContext, inline: Sequence[Stage], out: asyncio.Queue[object]
+    ) -> None:
         iterator = aiter(self._source)
         expected: int | None = None
         try:
+            await self._start_inline(inline, ctx)
             async for ext in iterator:
                 if expected is None:
                     if ext.offset not in (0, self.resume_from):
@@ -482,8 +526,8 @@ class Pipeline:
                         f"extent ends at {ext.end}, past the virtual size {self.virtual_size}"
                     )
                 expected = ext.end
-                await out.put(ext)
-            await out.put(_END)
+                await self._push(ext, inline, out)
+            await self._end(inline, out)
         except (asyncio.CancelledError, PipelineError):
             raise
         except Exception as exc:
@@ -497,6 +541,7 @@ class Pipeline:
     async def _run_stage(
         self,
         stage: Stage,
+        inline: Sequence[Stage],
         ctx: PipelineContext,
         inq: asyncio.Queue[object],
         out: asyncio.Queue[object],
@@ -504,18 +549,19 @@ class Pipeline:
         offset: int | None = None
         try:
             await stage.start(ctx)
+            await self._start_inline(inline, ctx)
             while True:
                 item = await inq.get()
                 if item is _END:
                     offset = None
                     async for ext in stage.finish():
-                        await out.put(ext)
-                    await out.put(_END)
+                        await self._push(ext, inline, out)
+                    await self._end(inline, out)
                     return
                 assert isinstance(item, Extent)
                 offset = item.offset
                 async for ext in stage.process(item):
-                    await out.put(ext)
+                    await self._push(ext, inline, out)
         except (asyncio.CancelledError, PipelineError):
             raise
         except Exception as exc:
@@ -591,17 +637,29 @@ class Pipeline:
             max_workers=self.cpu_threads, thread_name_prefix="pipeline-cpu"
         )
         ctx = PipelineContext(executor, self.clock)
+        # One task for the source and one for each stage that is not inline; inline
+        # stages ride in the task before them.
+        segments: list[tuple[Stage | None, list[Stage]]] = [(None, [])]
+        for stage in self.stages:
+            if stage.inline:
+                segments[-1][1].append(stage)
+            else:
+                segments.append((stage, []))
         queues: list[asyncio.Queue[object]] = [
-            asyncio.Queue(maxsize=self.queue_depth) for _ in range(len(self.stages) + 1)
+            asyncio.Queue(maxsize=self.queue_depth) for _ in segments
         ]
         tasks = [
-            asyncio.create_task(self._run_source(queues[0]), name=f"pipeline-{self.source_name}")
+            asyncio.create_task(
+                self._run_source(ctx, segments[0][1], queues[0]),
+                name=f"pipeline-{self.source_name}",
+            )
         ]
-        for i, stage in enumerate(self.stages):
+        for i, (head, inline) in enumerate(segments[1:], start=1):
+            assert head is not None
             tasks.append(
                 asyncio.create_task(
-                    self._run_stage(stage, ctx, queues[i], queues[i + 1]),
-                    name=f"pipeline-{stage.name}",
+                    self._run_stage(head, inline, ctx, queues[i - 1], queues[i]),
+                    name=f"pipeline-{head.name}",
                 )
             )
         tasks.append(

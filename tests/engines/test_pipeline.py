@@ -537,6 +537,72 @@ async def test_a_failing_stage_cancels_the_others_and_is_named() -> None:
     assert pipeline_threads() == []
 
 
+class InlineWatch(Watch):
+    """A Watch that runs inside the task before it and records which task that was."""
+
+    inline = True
+
+    def __init__(self, name: str, on_extent: Callable[[Extent], None] | None = None) -> None:
+        super().__init__(name, on_extent)
+        self.tasks: set[str] = set()
+        self.held: Extent | None = None
+
+    async def process(self, extent: Extent) -> AsyncIterator[Extent]:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task.get_name())
+        # Hold each extent back by one, so finish() has something to flush.
+        async for ext in super().process(extent):
+            if self.held is not None:
+                yield self.held
+            self.held = ext
+
+    async def finish(self) -> AsyncIterator[Extent]:
+        if self.held is not None:
+            yield self.held
+            self.held = None
+
+
+async def test_inline_stages_ride_in_the_task_before_them() -> None:
+    disk = sample_disk(9 * MiB, seed=5)
+    first, heavy, last = InlineWatch("first"), Watch("heavy"), InlineWatch("last")
+    sink = RecordingSink(bytearray(len(disk)))
+    seen_tasks: set[str] = set()
+
+    def tasks_now(_: Extent) -> None:
+        seen_tasks.update(t.get_name() for t in asyncio.all_tasks() if not t.done())
+
+    heavy.on_extent = tasks_now
+    await Pipeline(
+        disk_extents(disk, MiB, zero_runs=False), [first, heavy, last], sink, virtual_size=len(disk)
+    ).run()
+    assert bytes(sink.device or b"") == disk
+    assert all(w.started and w.closed for w in (first, last))
+    assert first.tasks == {"pipeline-decode"}
+    assert last.tasks == {"pipeline-heavy"}
+    assert first.seen == last.seen == heavy.seen == 9
+    # Source, "heavy" and the sink have tasks; the inline stages have none of their own.
+    pipeline_tasks = {t for t in seen_tasks if t.startswith("pipeline-")}
+    assert pipeline_tasks == {"pipeline-decode", "pipeline-heavy", "pipeline-record"}
+
+
+@pytest.mark.parametrize("position", [0, 1])
+async def test_a_failing_inline_stage_is_named_with_its_offset(position: int) -> None:
+    def explode(ext: Extent) -> None:
+        if ext.offset == 3 * MiB:
+            raise Boom("inline trouble")
+
+    stages: list[Stage] = [Watch("heavy")]
+    stages.insert(position, InlineWatch("zero-ish", explode))
+    disk = b"\x03" * (6 * MiB)
+    with pytest.raises(PipelineError) as info:
+        await Pipeline(disk_extents(disk), stages, RecordingSink()).run()
+    assert info.value.stage == "zero-ish"
+    assert info.value.offset == 3 * MiB
+    assert "inline trouble" in str(info.value)
+    assert pipeline_threads() == []
+
+
 async def test_a_failing_sink_is_named() -> None:
     class Broken(RecordingSink):
         name = "target"
