@@ -14,7 +14,7 @@ an HTTP response or an SSH channel.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, runtime_checkable
 
@@ -152,7 +152,10 @@ class SequentialSink(Protocol):
 class SeekableSink(Protocol):
     """A byte target written at arbitrary offsets (a file, a block device)."""
 
-    async def write_at(self, offset: int, data: bytes | memoryview) -> None: ...
+    def write_at(self, offset: int, data: bytes | memoryview) -> Awaitable[None]:
+        """Write ``data`` at ``offset``. An ``async def`` implements this; so does a
+        method that starts the write at once and returns a future (the file sink)."""
+        ...
 
     async def truncate(self, size: int) -> None:
         """Set the size; growing leaves a hole that reads back as zeros."""

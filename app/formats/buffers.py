@@ -5,9 +5,9 @@ zero detection at memcmp speed without copies, and write-behind for positional w
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections import deque
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Awaitable
 
 Buffer = bytes | bytearray | memoryview
 
@@ -63,12 +63,17 @@ class WriteBehind:
         self.depth = depth
         self._tasks: deque[asyncio.Future[None]] = deque()
 
-    async def submit(self, write: Coroutine[Any, Any, None]) -> None:
+    async def submit(self, write: Awaitable[None]) -> None:
+        """Keep ``write`` (a coroutine, or a future of a write already queued) in
+        flight; waits while ``depth`` writes are."""
         try:
             while self._tasks and (len(self._tasks) >= self.depth or self._tasks[0].done()):
                 await self._tasks.popleft()
         except BaseException:
-            write.close()
+            if inspect.iscoroutine(write):
+                write.close()
+            elif isinstance(write, asyncio.Future):
+                write.cancel()
             raise
         self._tasks.append(asyncio.ensure_future(write))
 

@@ -30,11 +30,12 @@ import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from app.formats.base import FormatError
 
 #: Reads shorter than this are copied (``pread``): mapping costs more than it saves.
-VIEW_MIN = 256 * 1024
+VIEW_MIN = 2 * 1024 * 1024
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
@@ -87,8 +88,10 @@ class FileSource:
         # The view keeps the mapping alive; it is unmapped when the last view goes.
         return memoryview(mapping)[offset - start :]
 
-    async def read_view_at(self, offset: int, length: int) -> bytes | memoryview:
-        return await asyncio.to_thread(self.read_view_at_sync, offset, length)
+    def read_view_at(self, offset: int, length: int) -> asyncio.Future[bytes | memoryview]:
+        """:meth:`read_view_at_sync` in a worker thread; returns its future (no task)."""
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(None, self.read_view_at_sync, offset, length)
 
     def data_ranges_sync(self) -> list[tuple[int, int]] | None:
         if self._is_block:
@@ -198,8 +201,9 @@ class FileSink:
         self.is_block_device = stat.S_ISBLK(os.fstat(self._fd).st_mode)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="file-sink")
 
-    async def _call(self, fn: Callable[..., object], *args: object) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+    def _call(self, fn: Callable[..., object], *args: object) -> asyncio.Future[Any]:
+        """Queue ``fn(*args)`` in the sink's thread now; the future says when it ran."""
+        return asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     def _pwrite_all(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -208,8 +212,11 @@ class FileSink:
             view = view[n:]
             offset += n
 
-    async def write_at(self, offset: int, data: bytes | memoryview) -> None:
-        await self._call(self._pwrite_all, offset, data)
+    def write_at(self, offset: int, data: bytes | memoryview) -> asyncio.Future[None]:
+        """Queue the write at once and return its future: no coroutine and no task per
+        write (a conversion makes thousands), and the order of calls is the order of
+        writes even when nobody awaits them yet."""
+        return self._call(self._pwrite_all, offset, data)
 
     async def write(self, data: bytes | memoryview) -> None:
         pos = self._pos

@@ -25,7 +25,7 @@ sink, or streamable after :meth:`set_allocation_map`).
 from __future__ import annotations
 
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import ClassVar
 
 from app.formats.base import (
@@ -43,6 +43,7 @@ from app.formats.base import (
     SequentialSource,
     WriterOptions,
 )
+from app.formats.raw import prefetch_reads
 from app.formats.vdisk_common import ExtentBuilder, read_exact_at, read_exact_data_at
 from app.formats.vhd_meta import (
     FMT,
@@ -172,6 +173,26 @@ class VhdReader(ImageReader):
         for ext in builder.finish():
             yield ext
 
+    def _block_reads(self, chunk_size: int) -> Iterator[tuple[int, int]]:
+        """File ranges to read for the allocated blocks, in disk order: each block's
+        bitmap and sectors, cut into pieces of at most about ``chunk_size`` bytes (the
+        first piece of a block starts with its bitmap)."""
+        assert self._dyn is not None
+        assert self._bat is not None
+        bs = self._dyn.block_size
+        bm_len = bitmap_bytes(bs)
+        vsize = self.virtual_size
+        for b, entry in enumerate(self._bat[: -(-vsize // bs)]):
+            if entry == UNUSED_BAT:
+                continue
+            total = bm_len + -(-min(bs, vsize - b * bs) // SECTOR) * SECTOR
+            pos = entry * SECTOR
+            end = pos + total
+            step = max(chunk_size, bm_len + SECTOR)
+            while pos < end:
+                yield pos, min(step, end - pos)
+                pos += step
+
     async def _dynamic_extents(self, chunk_size: int) -> AsyncIterator[Extent]:
         assert self._dyn is not None
         assert self._bat is not None
@@ -179,28 +200,45 @@ class VhdReader(ImageReader):
         bs = self._dyn.block_size
         bm_len = bitmap_bytes(bs)
         builder = ExtentBuilder(chunk_size)
-        for b in range(-(-vsize // bs)):
-            start = b * bs
-            length = min(bs, vsize - start)
-            entry = self._bat[b]
-            if entry == UNUSED_BAT:
-                for ext in builder.zero(start, length):
-                    yield ext
-                continue
-            base = entry * SECTOR
-            bitmap = await read_exact_at(self._source, base, bm_len, FMT, f"block {b} bitmap")
-            nsec = -(-length // SECTOR)
-            for first, count, present in bitmap_runs(bitmap, nsec):
-                roff = first * SECTOR
-                rlen = min(count * SECTOR, length - roff)
-                if not present:
-                    for ext in builder.zero(start + roff, rlen):
+        # Bitmap and data of a block come in one read, a few reads ahead of us.
+        reads = prefetch_reads(self._source, self._block_reads(chunk_size), fmt=FMT, view=True)
+        try:
+            for b in range(-(-vsize // bs)):
+                start = b * bs
+                length = min(bs, vsize - start)
+                if self._bat[b] == UNUSED_BAT:
+                    for ext in builder.zero(start, length):
                         yield ext
                     continue
-                async for ext in self._read_runs(
-                    builder, start + roff, base + bm_len + roff, rlen, chunk_size
-                ):
-                    yield ext
+                pieces: list[bytes | memoryview] = []
+                got = 0
+                while got < bm_len + length:
+                    _, piece = await anext(reads)
+                    pieces.append(piece)
+                    got += len(piece)
+                bitmap = bytes(pieces[0][:bm_len])
+                pieces[0] = memoryview(pieces[0])[bm_len:]
+                runs = bitmap_runs(bitmap, -(-length // SECTOR))
+                if runs == [(0, -(-length // SECTOR), True)]:  # all present: as read
+                    pos = start
+                    for piece in pieces:
+                        n = min(len(piece), start + length - pos)
+                        for ext in builder.data(pos, memoryview(piece)[:n]):
+                            yield ext
+                        pos += n
+                    continue
+                data = memoryview(b"".join(pieces))  # a partly present block: rare
+                for first, count, present in runs:
+                    roff = first * SECTOR
+                    rlen = min(count * SECTOR, length - roff)
+                    if present:
+                        parts = builder.data(start + roff, data[roff : roff + rlen])
+                    else:
+                        parts = builder.zero(start + roff, rlen)
+                    for ext in parts:
+                        yield ext
+        finally:
+            await reads.aclose()
         for ext in builder.finish():
             yield ext
 
