@@ -31,7 +31,7 @@ async def _settle() -> None:
 
 @pytest.fixture
 def image(tmp_path: Path) -> tuple[Path, bytes]:
-    data = os.urandom(3 * MiB + 12345)
+    data = os.urandom(5 * MiB + 12345)
     path = tmp_path / "disk.raw"
     path.write_bytes(data)
     return path, data
@@ -59,7 +59,7 @@ async def test_large_reads_of_a_regular_file_are_read_only_views(
         assert isinstance(small, bytes)
         assert small == data[100 : 100 + VIEW_MIN - 1]
         # The helper every reader uses picks the view when there is one...
-        assert isinstance(await read_data_at(src, 0, MiB), memoryview)
+        assert isinstance(await read_data_at(src, 0, VIEW_MIN), memoryview)
     finally:
         await src.close()
     # ...and falls back to read_at for sources without views.
