@@ -97,6 +97,11 @@ class _VhdWriter(ImageWriter):
         )
         self._next = 0
         self._finished = False
+        self._behind = WriteBehind()
+
+    async def abort(self) -> None:
+        """Drop writes still in flight (the output stays incomplete)."""
+        await self._behind.cancel()
 
     def _check(self, extent: Extent) -> None:
         if self._finished:
@@ -132,7 +137,6 @@ class VhdFixedWriter(_VhdWriter):
         if not self._seekable and not hasattr(sink, "write"):
             raise FormatError("sink can neither write in order nor at offsets", fmt=FMT)
         self._pos = 0  # bytes of the disk area written (or skipped as holes)
-        self._behind = WriteBehind()
 
     async def _put(self, data: bytes | memoryview) -> None:
         if self._seekable:
@@ -207,7 +211,6 @@ class VhdDynamicWriter(BlockedWriter, _VhdWriter):
         self._planned: set[int] = set()
         self._started = False
         self._holes_ok = options.target_zeroed
-        self._behind = WriteBehind()
 
     @property
     def _header(self) -> DynamicHeader:

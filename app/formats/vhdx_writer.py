@@ -305,6 +305,10 @@ class VhdxWriter(BlockedWriter, ImageWriter):
             )
         await self._write_blocks(extent.offset, extent.data, streaming)
 
+    async def abort(self) -> None:
+        """Drop writes still in flight (the output stays incomplete)."""
+        await self._behind.cancel()
+
     async def finish(self) -> None:
         if self._finished:
             return
