@@ -91,16 +91,20 @@ def lvm_guest(lvm_guest_session: LvmGuest) -> LvmGuest:
 
 @pytest.fixture
 def ns_host_factory(ssh_client_key: SshKeyPair) -> Iterator[NsHostFactory]:
-    """``make(netns=True, device="loop", device_mib=256) -> NsHost``: as many SSH hosts as
-    a test needs; all are stopped at teardown."""
+    """``make(netns=True, device="loop", device_mib=256, backing="disk") -> NsHost``: as
+    many SSH hosts as a test needs; all are stopped at teardown."""
     try:
         check_prerequisites()
     except InfraUnavailableError as e:
         _unavailable(str(e))
     hosts: list[NsHost] = []
 
-    def make(*, netns: bool = True, device: str = "loop", device_mib: int = 256) -> NsHost:
-        host = start_ns_host(ssh_client_key, netns=netns, device=device, device_mib=device_mib)
+    def make(
+        *, netns: bool = True, device: str = "loop", device_mib: int = 256, backing: str = "disk"
+    ) -> NsHost:
+        host = start_ns_host(
+            ssh_client_key, netns=netns, device=device, device_mib=device_mib, backing=backing
+        )
         hosts.append(host)
         return host
 

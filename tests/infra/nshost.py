@@ -65,6 +65,7 @@ class NsHost(SshHost):
     veth: str | None = None  # this machine's end of the veth pair
     backing_file: Path = Path("/nonexistent")
     loop_device: str | None = None
+    ramfs: Path | None = None  # a ramfs mounted for the backing file (``backing="ramfs"``)
     workdir: Path = Path("/nonexistent")
     sshd: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
@@ -88,6 +89,9 @@ class NsHost(SshHost):
         if self.loop_device is not None:
             run_local(["losetup", "-d", self.loop_device], check=False)
             self.loop_device = None
+        if self.ramfs is not None:
+            run_local(["umount", str(self.ramfs)], check=False)
+            self.ramfs = None
         if self.netns is not None:
             _kill_netns_pids(self.netns)
             run_local(["ip", "netns", "del", self.netns], check=False)
@@ -265,14 +269,27 @@ def _hash_password(password: str) -> str:
     return proc.stdout.strip()
 
 
-def _account_files(workdir: Path, user: str, uid: int, home: Path, pw_hash: str) -> None:
+def _account_files(
+    workdir: Path, user: str, uid: int, home: Path, pw_hash: str, root_home: Path
+) -> None:
     """passwd/shadow/group copies with ``user`` added (and root not locked, so key logins
-    work with UsePAM no); bind-mounted over /etc only inside the sshd's mount namespace."""
+    work with UsePAM no); bind-mounted over /etc only inside the sshd's mount namespace.
+
+    root gets ``root_home`` (empty) as its home: a session must not read this machine's
+    /root/.bashrc, whose ``pyenv init`` makes every login slow (and stall for a minute
+    when a killed ``pyenv rehash`` left its lock behind) and puts pyenv's shims before
+    the system python3 a real host would have."""
 
     def without(path: str, name: str) -> list[str]:
         return [ln for ln in Path(path).read_text().splitlines() if ln.split(":", 1)[0] != name]
 
-    passwd = [*without("/etc/passwd", user), f"{user}:x:{uid}:{uid}:vmigrate test:{home}:/bin/bash"]
+    passwd = []
+    for line in without("/etc/passwd", user):
+        parts = line.split(":")
+        if parts[0] == "root" and len(parts) == 7:
+            parts[5] = str(root_home)
+        passwd.append(":".join(parts))
+    passwd.append(f"{user}:x:{uid}:{uid}:vmigrate test:{home}:/bin/bash")
     group = [*without("/etc/group", user), f"{user}:x:{uid}:"]
     shadow = []
     for line in without("/etc/shadow", user):
@@ -332,15 +349,21 @@ def start_ns_host(
     netns: bool = True,
     device: str = "loop",
     device_mib: int = 256,
+    backing: str = "disk",
     ready_timeout: float = 20.0,
 ) -> NsHost:
     """Start an SSH host. ``netns``: in a new network namespace (else on 127.0.0.1).
     ``device``: "loop" (a loop device on a sparse file) or "file" (the sparse file itself).
-    The caller must call :meth:`NsHost.stop` (see :func:`running_ns_host`)."""
+    ``backing``: where that file lives: "disk" (this machine's /tmp) or "ramfs" (a ramfs
+    mounted for it: no fallocate, so a loop device on it cannot punch holes or zero
+    ranges without writing, like many real disks). The caller must call
+    :meth:`NsHost.stop` (see :func:`running_ns_host`)."""
     global _counter
     check_prerequisites()
     if device not in ("loop", "file"):
         raise ValueError(f"device must be 'loop' or 'file', not {device!r}")
+    if backing not in ("disk", "ramfs"):
+        raise ValueError(f"backing must be 'disk' or 'ramfs', not {backing!r}")
     _counter += 1
     workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}-{os.getpid()}-", dir="/tmp"))
     workdir.chmod(0o755)  # the password user reads its authorized_keys, enters its home
@@ -365,6 +388,7 @@ def start_ns_host(
             netns=netns,
             device=device,
             device_mib=device_mib,
+            backing=backing,
             ready_timeout=ready_timeout,
         )
     except BaseException:
@@ -380,6 +404,7 @@ def _setup(
     netns: bool,
     device: str,
     device_mib: int,
+    backing: str,
     ready_timeout: float,
 ) -> None:
     workdir = host.workdir
@@ -394,9 +419,17 @@ def _setup(
     for user in ("root", TEST_USER):
         (keys / user).write_text(client_key.public_key + "\n")
         (keys / user).chmod(0o644)
-    _account_files(workdir, TEST_USER, uid, home, _hash_password(host.password))
+    root_home = workdir / "home" / "root"
+    root_home.mkdir(mode=0o700)
+    _account_files(workdir, TEST_USER, uid, home, _hash_password(host.password), root_home)
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
 
+    if backing == "ramfs":
+        mount = workdir / "ramfs"
+        mount.mkdir()
+        run_local(["mount", "-t", "ramfs", "-o", "mode=0755", "vmigrate-nshost", str(mount)])
+        host.ramfs = mount
+        host.backing_file = mount / "disk.img"
     with host.backing_file.open("wb") as f:
         f.truncate(device_mib * 1024 * 1024)
     if device == "loop":
@@ -480,9 +513,12 @@ def running_ns_host(
     netns: bool = True,
     device: str = "loop",
     device_mib: int = 256,
+    backing: str = "disk",
 ) -> Iterator[NsHost]:
     """:func:`start_ns_host` that always stops what it started."""
-    host = start_ns_host(client_key, netns=netns, device=device, device_mib=device_mib)
+    host = start_ns_host(
+        client_key, netns=netns, device=device, device_mib=device_mib, backing=backing
+    )
     try:
         yield host
     finally:
