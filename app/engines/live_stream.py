@@ -299,7 +299,9 @@ class LiveStreamEngine(Engine):
         await ctx.progress(size, size, force=True)
         payload = {"bytes": size, "resumed_from": result.resumed_from,
                    "data_bytes": result.data_bytes, "zero_bytes": result.zero_bytes,
-                   "seconds": round(result.seconds, 3)}
+                   "seconds": round(result.seconds, 3),
+                   # the frames went from one host's ssh straight into the other's
+                   "handed_over": isinstance(result, StreamResult) and result.handed_over}
         await ctx.event("live_stream.transfer.completed", payload)
         return {"digest": result.digest, **payload}
 

@@ -8,6 +8,11 @@ helper reading stdin, its channel window closes, ``drain()`` blocks the sink, th
 queues fill, the source iterator stops reading its channel, that window closes and the
 source helper blocks writing stdout, which stops it reading the snapshot.
 
+When both ends are helpers started through the OpenSSH client and nothing needs
+metering (no throttle), the stream is handed over instead (:func:`_handed_over`): the
+source's ``ssh`` writes into a pipe the destination's ``ssh`` reads, the service holds
+neither end, and the same back-pressure runs through that pipe.
+
 Each end is a helper (``python3``, :mod:`app.engines.live_stream_remote`: zero blocks
 detected at the source and never sent, zeros written at the destination only where it
 does not already read as zeros, durable offsets reported as it goes) or, on a host
@@ -21,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -46,7 +52,7 @@ from app.transports.ssh import (
     SshError,
     SshSession,
 )
-from app.transports.ssh_native import NativeProcess
+from app.transports.ssh_native import NativeProcess, set_pipe_size
 
 Process = RemoteProcess
 #: Zero detection granularity at the source (aligned blocks of this size).
@@ -360,6 +366,8 @@ class StreamResult:
     zero_bytes: int
     seconds: float
     destination: dict[str, Any] = field(default_factory=dict)
+    #: The frames went from the source's ``ssh`` straight into the destination's.
+    handed_over: bool = False
 
 
 def resume_point(source: Endpoint, dest: Endpoint, durable: int) -> int:
@@ -368,6 +376,172 @@ def resume_point(source: Endpoint, dest: Endpoint, durable: int) -> int:
     if source.helper and dest.helper:
         return durable
     return durable - durable % wire.DD_BLOCK
+
+
+class _Exits:
+    """Which of two processes ended first, and how (their waits, watched together)."""
+
+    def __init__(self, **processes: Process) -> None:
+        self.processes = processes
+        self.order: list[str] = []
+        self.tasks = {asyncio.create_task(self._wait(name, p), name=f"wait-{name}")
+                      for name, p in processes.items()}
+
+    async def _wait(self, name: str, process: Process) -> None:
+        await process.wait_closed()
+        self.order.append(name)
+
+    def failed(self) -> str | None:
+        """The first process that ended with anything but exit status 0."""
+        for name in self.order:
+            if self.processes[name].exit_status != 0:
+                return name
+        return None
+
+    async def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def can_hand_over(source: Endpoint, dest: Endpoint, throttle_bps: float | None) -> bool:
+    """Whether :func:`stream` pipes the source's ``ssh`` straight into the destination's
+    (both ends helpers over the OpenSSH client, no throttle)."""
+    return (source.helper and dest.helper and throttle_bps is None
+            and source.session.can_hand_over and dest.session.can_hand_over)
+
+
+async def _handed_over(source: Endpoint, dest: Endpoint, size: int, start: int, *,
+                       exclusive: bool, on_durable: Callable[[int], None] | None,
+                       on_progress: Callable[[int, int], None] | None) -> StreamResult:
+    """The stream with the frames piped from the source's ``ssh`` child straight into the
+    destination's: the service holds neither end of that pipe, so no byte passes through
+    Python (the destination helper checks the frames, as it always does). The service
+    watches the destination's lines (``DURABLE``, the source's end JSON, ``DONE``) and
+    both processes' exits; the first one to fail names the error."""
+    started = time.monotonic()
+    script = wire.helper_script()
+    read_end, write_end = os.pipe()
+    fds = [read_end, write_end]
+    src: Process | None = None
+    dst: Process | None = None
+    exits: _Exits | None = None
+    acks: asyncio.Task[tuple[dict[str, Any], dict[str, Any]]] | None = None
+    try:
+        set_pipe_size(write_end)
+        view = memoryview(script)
+        while view:  # the destination's bootstrap reads the script first, then frames
+            view = view[os.write(write_end, view):]
+        dst = await dest.session.start(wire.helper_command(
+            "write", dest.device, size, start, int(exclusive), SYNC_BYTES, 0, 1),
+            stdin_fd=read_end)
+        fds.remove(read_end)
+        os.close(read_end)
+        src = await source.session.start(wire.helper_command(
+            "read", source.device, size, start, 1, GRANULARITY), stdout_fd=write_end)
+        fds.remove(write_end)
+        os.close(write_end)
+        with source.session.errors():
+            src.stdin.write(script)
+            src.stdin.write_eof()
+        exits = _Exits(source=src, destination=dst)
+        acks = asyncio.create_task(_read_lines(dest, dst, size, on_durable, on_progress),
+                                   name="destination-lines")
+        waiting: set[asyncio.Task[Any]] = {acks, *exits.tasks}
+        while waiting and exits.failed() is None:
+            _, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        culprit = exits.failed()
+        if culprit is None and acks.done() and acks.exception() is None:
+            info, done = acks.result()
+        else:
+            raise await _handover_error(source, dest, src, dst, exits, culprit)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        if acks is not None:
+            acks.cancel()
+            with contextlib.suppress(BaseException):
+                await acks
+        if exits is not None:
+            await exits.cancel()
+        stop_process(src)
+        stop_process(dst)
+    if on_durable is not None:
+        on_durable(size)
+    return StreamResult(size=size, resumed_from=start, digest=str(info.get("digest", "")),
+                        data_bytes=int(info.get("data_bytes", 0)),
+                        zero_bytes=int(info.get("zero_bytes", 0)),
+                        seconds=time.monotonic() - started, destination=done,
+                        handed_over=True)
+
+
+async def _read_lines(dest: Endpoint, process: Process, size: int,
+                      on_durable: Callable[[int], None] | None,
+                      on_progress: Callable[[int, int], None] | None,
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The destination helper's lines, to its ``DONE``: (source's end JSON, DONE's)."""
+    info: dict[str, Any] | None = None
+    last_report = 0.0
+    with dest.session.errors():
+        while True:
+            line = await process.stdout.readline()
+            if not line:
+                raise EOFError("the destination helper ended without DONE")
+            word, _, rest = line.decode(errors="replace").strip().partition(" ")
+            if word == "DURABLE":
+                offset = int(rest)
+                if on_durable is not None:
+                    on_durable(offset)
+                now = time.monotonic()
+                if on_progress is not None and now - last_report >= 0.5:
+                    last_report = now
+                    on_progress(offset, size)
+            elif word == "SOURCE":
+                info = json.loads(rest)
+            elif word == "DONE":
+                if info is None:
+                    raise EOFError("the destination helper did not pass the source's end on")
+                return info, json.loads(rest)
+
+
+async def _handover_error(source: Endpoint, dest: Endpoint, src: Process, dst: Process,
+                          exits: _Exits, culprit: str | None) -> AppError:
+    """The error of a handed-over stream that did not finish: the first process to fail
+    names it. A destination that ran out of input blames the source (it ended first,
+    or its connection did); a source that lost its output blames the destination."""
+    if culprit is None:  # the destination ended without DONE, or its lines broke
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(dst.wait_closed(), 10)
+        culprit = exits.failed() or "destination"
+    if culprit == "destination":
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(src.wait_closed(), 2)
+        stderr = b""
+        with contextlib.suppress(Exception):
+            stderr = await asyncio.wait_for(dst.stderr.read(), 5)
+        failure = wire.parse_failure(stderr.decode(errors="replace"))
+        if failure is not None and failure.kind == "truncated" and src.exit_status != 0:
+            culprit = "source"
+        error = (wire.failure_text(stderr.decode(errors="replace")) if culprit == "destination"
+                 else "")
+        if culprit == "destination":
+            return _helper_error(dest.session, dst, "the destination helper", error, failure)
+    stop_process(dst)
+    return await ended_badly(source.session, src, "the source helper")
+
+
+def _helper_error(session: SshSession, process: Process, what: str, text: str,
+                  failure: wire.HelperFailure | None) -> AppError:
+    """:func:`ended_badly` for a process whose stderr was already read."""
+    if session.conn.is_closed() or (isinstance(process, NativeProcess)
+                                    and process.connection_lost):
+        return SshConnectionError(f"SSH connection to {session.label} lost during {what}: "
+                                  f"{text}")
+    if process.exit_status is None and process.exit_signal is None:
+        return SshConnectionError(f"{what} on {session.label} stopped without an exit status")
+    return RemoteCommandError(session.label, what, process.exit_status,
+                              text if failure is None else failure.message)
 
 
 async def stream(source: Endpoint, dest: Endpoint, size: int, *, resume_from: int = 0,
@@ -386,6 +560,9 @@ async def stream(source: Endpoint, dest: Endpoint, size: int, *, resume_from: in
     reports durable offsets; ``on_progress(done, size)`` about twice a second.
     """
     start = resume_point(source, dest, resume_from)
+    if can_hand_over(source, dest, throttle_bps):
+        return await _handed_over(source, dest, size, start, exclusive=exclusive,
+                                  on_durable=on_durable, on_progress=on_progress)
     src: HelperSource | DdSource
     stages: list[Stage] = []
     digest_stage: DigestStage | None = None

@@ -23,15 +23,21 @@ Modes (``docs/live-stream.md`` has the wire format):
     With COMPARE=1 (warm mode), stdin carries the destination's block hashes (see
     ``hashes``) and only blocks whose SHA-256 differs are sent; the digest is always
     computed (the hashes are needed anyway) and START must be block-aligned.
-``write DEV SIZE START EXCL SYNC_BYTES [SPARSE]``
+``write DEV SIZE START EXCL SYNC_BYTES [SPARSE [DIRECT]]``
     Receives frames on stdin and writes them to DEV from START on. A zero run is
-    written only where DEV does not already read as zeros (read first, compare, then
-    ``BLKZEROOUT`` or explicit zeros), so a fresh or thin device stays unallocated and
-    old data never survives. Every SYNC_BYTES written (and at least every 2 s, and on a
-    sync frame) it runs fdatasync and prints ``DURABLE <offset>``: every byte below is on
-    stable storage. EXCL=1 opens the device with O_EXCL (the kernel refuses a mounted
-    device). Prints ``READY {...}`` first and ``DONE {...}`` after the end frame. With
-    SPARSE=1 frames may skip ahead over blocks that need no writing.
+    deallocated where the device can do that without writing (``fallocate`` punching
+    a hole: the kernel's write-zeroes without fallback, which a loop device, a thin
+    volume or an SSD with deterministic zeroing offer; needs ctypes), else written only
+    where DEV does not already read as zeros (read first, compare, then ``BLKZEROOUT``
+    or explicit zeros), so a fresh or thin device stays unallocated and old data never
+    survives. Every SYNC_BYTES written (and at least every 2 s, and on a sync frame) it
+    runs fdatasync and prints ``DURABLE <offset>``: every byte below is on stable
+    storage. EXCL=1 opens the device with O_EXCL (the kernel refuses a mounted device).
+    Prints ``READY {...}`` first and ``DONE {...}`` after the end frame. With SPARSE=1
+    frames may skip ahead over blocks that need no writing. With DIRECT=1 stdin is the
+    reader's output as is (the service piped one host's ``ssh`` into the other's): it
+    starts with the reader's greeting, and the end frame's JSON is printed back as
+    ``SOURCE {...}`` before ``DONE``.
 ``hashes DEV SIZE START``
     SHA-256 of each 1 MiB block from START (block-aligned), 32 raw bytes each.
 ``digest DEV SIZE``
@@ -44,6 +50,7 @@ exit status is 3; a closed stdout/stdin (the service went away) exits 4.
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import io
 import os
@@ -51,6 +58,7 @@ import stat
 import struct
 import sys
 import time
+from collections.abc import Callable
 from typing import IO, cast
 
 MAGIC = b"VMLS1\n"
@@ -64,10 +72,15 @@ END = b"E"
 MAX_FRAME = 16 * 1024 * 1024
 READ_SIZE = 4 * 1024 * 1024
 FRAME_DATA = 1024 * 1024
+PIPE_SIZE = 1024 * 1024
+DIRECT_ALIGN = 4096  # O_DIRECT offsets and lengths: a multiple of any logical block size
 BLOCK = 1024 * 1024  # vmd1 block size
 ZEROS = bytes(READ_SIZE)
 ZERO_BLOCK_HASH = hashlib.sha256(ZEROS[:BLOCK]).digest()
 BLKZEROOUT = 0x127F  # _IO(0x12, 127)
+#: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: on a block device, write-zeroes that may
+#: unmap and never falls back to writing zero pages (EOPNOTSUPP instead).
+PUNCH_HOLE = 0x02 | 0x01
 SYNC_SECONDS = 2.0
 
 
@@ -166,6 +179,62 @@ def _pread_exact(fd: int, length: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
+class DeviceReader:
+    """Reads a device past the page cache: ``O_DIRECT`` into one page-aligned buffer
+    (mmap) where the device, the alignment and the Python (``os.preadv``, 3.7+; ``mmap``,
+    not in python3-minimal) allow, else buffered reads whose pages are dropped after.
+    Either way nothing of a disk-sized read stays cached, and a direct read costs the
+    host one copy less. What :meth:`read` returns is valid until the next call."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.fd = fd
+        self.direct_fd = -1
+        self.direct_bytes = 0
+        self.buf: memoryview | None = None
+        if not hasattr(os, "preadv") or not hasattr(os, "O_DIRECT"):
+            return
+        try:
+            import mmap
+
+            self.buf = memoryview(mmap.mmap(-1, READ_SIZE))
+            self.direct_fd = os.open(path, os.O_RDONLY | os.O_DIRECT
+                                     | getattr(os, "O_CLOEXEC", 0))
+        except (ImportError, OSError):
+            self.buf = None
+
+    def read(self, length: int, offset: int) -> "bytes | memoryview":
+        aligned = length - length % DIRECT_ALIGN  # the rest (a disk's tail): buffered
+        if (self.buf is not None and aligned and length <= len(self.buf)
+                and offset % DIRECT_ALIGN == 0):
+            view = self.buf[:aligned]
+            try:
+                got = os.preadv(self.direct_fd, [view], offset)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self.close_direct()  # the device takes no direct reads after all
+            else:
+                self.direct_bytes += got
+                if got == length:
+                    return view
+                rest = _pread_exact(self.fd, length - got, offset + got)
+                _drop_cache(self.fd, offset + got, length - got)
+                return bytes(view[:got]) + rest
+        data = _pread_exact(self.fd, length, offset)
+        _drop_cache(self.fd, offset, length)
+        return data
+
+    def close_direct(self) -> None:
+        if self.direct_fd >= 0:
+            os.close(self.direct_fd)
+        self.direct_fd = -1
+        self.buf = None
+
+    def close(self) -> None:
+        self.close_direct()
+        os.close(self.fd)
+
+
 def _open(path: str, flags: int, size: int) -> int:
     try:
         fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
@@ -258,6 +327,7 @@ def cmd_read(dev: str, size: int, start: int, want_digest: bool, granularity: in
     fd = _open(dev, os.O_RDONLY, size)
     with contextlib.suppress(AttributeError, OSError):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    reader = DeviceReader(dev, fd)
     out = sys.stdout.buffer
     theirs = cast("io.BufferedReader", sys.stdin.buffer)
     hello = {"size": size, "start": start, "pid": os.getpid(),
@@ -273,7 +343,7 @@ def cmd_read(dev: str, size: int, start: int, want_digest: bool, granularity: in
         if pos < start:
             n = min(n, start - pos)
         try:
-            data = _pread_exact(fd, n, pos)
+            data = reader.read(n, pos)
         except OSError as exc:
             raise HelperError("read", f"reading {dev} at {pos}: {exc.strerror}", offset=pos,
                               errno=errno.errorcode.get(exc.errno or 0, "")) from None
@@ -294,10 +364,10 @@ def cmd_read(dev: str, size: int, start: int, want_digest: bool, granularity: in
                 digest.update(data)
             if pos >= start:
                 sender.chunk(pos, data)
-        _drop_cache(fd, pos, n)
         pos += n
     sender.finish()
-    info: dict[str, object] = {"data_bytes": sender.data_bytes, "zero_bytes": sender.zero_bytes}
+    info: dict[str, object] = {"data_bytes": sender.data_bytes, "zero_bytes": sender.zero_bytes,
+                               "direct_read": reader.direct_bytes}
     if compare:
         info["changed_blocks"] = changed
     if digest is not None:
@@ -305,7 +375,7 @@ def cmd_read(dev: str, size: int, start: int, want_digest: bool, granularity: in
     payload = _json(info).encode()
     out.write(HEAD.pack(END, size, len(payload)) + payload)
     out.flush()
-    os.close(fd)
+    reader.close()
 
 
 def cmd_hashes(dev: str, size: int, start: int) -> None:
@@ -313,20 +383,41 @@ def cmd_hashes(dev: str, size: int, start: int) -> None:
     bytes each, read from the device (clean cached pages dropped first)."""
     fd = _open(dev, os.O_RDONLY, size)
     _drop_cache(fd, 0, 0)
+    reader = DeviceReader(dev, fd)
     out = sys.stdout.buffer
     pos = start - start % BLOCK
     while pos < size:
         n = min(READ_SIZE - pos % READ_SIZE, size - pos)
-        view = memoryview(_pread_exact(fd, n, pos))
+        view = memoryview(reader.read(n, pos))
         for b in range(0, n, BLOCK):
             out.write(_block_hash(view[b:b + BLOCK]))
-        _drop_cache(fd, pos, n)
         pos += n
     out.flush()
-    os.close(fd)
+    reader.close()
 
 
 # --- write -----------------------------------------------------------------------------
+
+
+def _hole_puncher() -> "Callable[[int, int, int], None] | None":
+    """``punch(fd, offset, length)`` through libc's fallocate, or None where ctypes is
+    missing (Debian's python3-minimal): the writer then reads and compares instead."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fallocate = getattr(libc, "fallocate64", None) or libc.fallocate
+    except (ImportError, OSError, AttributeError):
+        return None
+    fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    fallocate.restype = ctypes.c_int
+
+    def punch(fd: int, offset: int, length: int) -> None:
+        if fallocate(fd, PUNCH_HOLE, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    return punch
 
 
 def _read_exact(inp: IO[bytes], n: int) -> bytes:
@@ -337,25 +428,72 @@ def _read_exact(inp: IO[bytes], n: int) -> bytes:
 
 
 class Writer:
-    def __init__(self, fd: int, sync_bytes: int) -> None:
+    """Writes frames to the device: data with ``O_DIRECT`` from a page-aligned buffer
+    where it can (one copy less than through the page cache, and nothing left cached),
+    else buffered; zero runs by :meth:`zero`; fdatasync and ``DURABLE`` by :meth:`sync`."""
+
+    def __init__(self, fd: int, sync_bytes: int, path: str = "") -> None:
         self.fd = fd
+        self.direct_fd = -1
+        self.direct_written = 0
+        #: Frames are read into this buffer (page-aligned when mmap is there).
+        self.buf = memoryview(bytearray(MAX_FRAME))
+        if path and hasattr(os, "O_DIRECT"):
+            try:
+                import mmap
+
+                self.buf = memoryview(mmap.mmap(-1, MAX_FRAME))
+                # Not O_EXCL: ``fd`` holds the exclusive claim, if one was asked for.
+                self.direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT
+                                         | getattr(os, "O_CLOEXEC", 0))
+            except (ImportError, OSError):
+                self.buf = memoryview(bytearray(MAX_FRAME))
         self.sync_bytes = sync_bytes
         self.dirty = 0
         self.synced_at = time.monotonic()
         self.written = 0
         self.zeroed = 0
+        self.punched = 0
+        self.punch = _hole_puncher()  # until the device says it cannot
+        self.punch_error = ""
+        self.unsynced = False  # holes punched since the last sync
         self.zeroout = True  # BLKZEROOUT until the device says no
         self.durable_from = 0  # start of the range written since the last sync
 
     def pwrite(self, view: memoryview, offset: int) -> None:
         done = 0
+        aligned = len(view) - len(view) % DIRECT_ALIGN  # the rest (a disk's tail): buffered
+        if self.direct_fd >= 0 and aligned and offset % DIRECT_ALIGN == 0 \
+                and view.obj is self.buf.obj:
+            try:
+                done = os.pwrite(self.direct_fd, view[:aligned], offset)
+                self.direct_written += done
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                os.close(self.direct_fd)  # the device takes no direct writes after all
+                self.direct_fd = -1
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], offset + done)
         self.dirty += len(view)
         self.written += len(view)
 
     def zero(self, offset: int, length: int) -> None:
-        """Make ``[offset, offset+length)`` read as zeros, writing only where it does not."""
+        """Make ``[offset, offset+length)`` read as zeros: a punched hole where the
+        device offers it, else writing only where it does not read as zeros already."""
+        if self.punch is not None:
+            try:
+                self.punch(self.fd, offset, length)
+            except OSError as exc:
+                # EINVAL: this range (a tail not on a sector boundary); anything else:
+                # the device cannot, so stop asking.
+                if exc.errno != errno.EINVAL:
+                    self.punch = None
+                    self.punch_error = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            else:
+                self.punched += length
+                self.unsynced = True
+                return
         pos, end = offset, offset + length
         bad_start, bad_end = -1, -1
         while pos < end:
@@ -375,7 +513,6 @@ class Writer:
 
     def _zero_out(self, offset: int, length: int) -> None:
         if self.zeroout and offset % 512 == 0 and length % 512 == 0:
-            import fcntl
             try:
                 fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", offset, length))
                 self.zeroed += length
@@ -395,19 +532,22 @@ class Writer:
         _drop_cache(self.fd, self.durable_from, pos - self.durable_from)
         self.durable_from = pos
         self.dirty = 0
+        self.unsynced = False
         self.synced_at = time.monotonic()
         out.write(f"DURABLE {pos}\n".encode())
         out.flush()
 
     def due(self) -> bool:
         return self.dirty >= self.sync_bytes or (
-            self.dirty > 0 and time.monotonic() - self.synced_at >= SYNC_SECONDS)
+            (self.dirty > 0 or self.unsynced)
+            and time.monotonic() - self.synced_at >= SYNC_SECONDS)
 
 
 def cmd_write(dev: str, size: int, start: int, excl: bool, sync_bytes: int,
-              sparse: bool) -> None:
+              sparse: bool, direct: bool) -> None:
     """Write frames from ``start`` on; with ``sparse``, frames may skip ahead (blocks a
-    compared read found equal) but never go back."""
+    compared read found equal) but never go back; with ``direct``, stdin is the reader's
+    output, greeting included, and its end frame's JSON is printed back."""
     fd = _open(dev, os.O_RDWR | (os.O_EXCL if excl else 0), size)
     out = sys.stdout.buffer
     inp = cast("io.BufferedReader", sys.stdin.buffer)
@@ -415,10 +555,16 @@ def cmd_write(dev: str, size: int, start: int, excl: bool, sync_bytes: int,
              "python": "{}.{}".format(*sys.version_info[:2])}
     out.write(f"READY {_json(ready)}\n".encode())
     out.flush()
-    w = Writer(fd, sync_bytes)
+    w = Writer(fd, sync_bytes, dev)
     w.durable_from = start
     pos = start
-    buf = bytearray(MAX_FRAME)
+    if direct:
+        if _read_exact(inp, len(MAGIC)) != MAGIC:
+            raise HelperError("protocol", "the stream does not start with the reader's "
+                              "greeting")
+        if not inp.readline().endswith(b"\n"):
+            raise HelperError("truncated", "the stream ended early")
+    buf = w.buf
     while True:
         kind, a, b = HEAD.unpack(_read_exact(inp, HEAD.size))
         if kind in (DATA, ZERO) and ((a < pos if sparse else a != pos) or a + b > size):
@@ -444,14 +590,21 @@ def cmd_write(dev: str, size: int, start: int, excl: bool, sync_bytes: int,
         elif kind == SYNC:
             w.sync(out, pos)
         elif kind == END:
-            _read_exact(inp, b)  # the end frame's JSON: nothing in it for the writer
+            info = _read_exact(inp, b)  # the reader's JSON (one line: see _json)
             if a != size or (pos != size and not sparse):
                 raise HelperError("protocol", f"end at {a}, wrote up to {pos} of {size}")
             pos = size
             w.sync(out, pos)
-            done = {"written": w.written, "zeroed": w.zeroed}
+            if direct:
+                out.write(b"SOURCE " + info.replace(b"\n", b" ") + b"\n")
+            done: dict[str, object] = {"written": w.written, "zeroed": w.zeroed,
+                                       "punched": w.punched, "direct": w.direct_written}
+            if w.punch_error:
+                done["punch_error"] = w.punch_error
             out.write(f"DONE {_json(done)}\n".encode())
             out.flush()
+            if w.direct_fd >= 0:
+                os.close(w.direct_fd)
             os.close(fd)
             return
         else:
@@ -466,27 +619,36 @@ def cmd_write(dev: str, size: int, start: int, excl: bool, sync_bytes: int,
 def cmd_digest(dev: str, size: int) -> None:
     fd = _open(dev, os.O_RDONLY, size)
     _drop_cache(fd, 0, 0)
+    reader = DeviceReader(dev, fd)
     d = Vmd1(size)
     pos = 0
     while pos < size:
         n = min(READ_SIZE, size - pos)
-        d.update(_pread_exact(fd, n, pos))
-        _drop_cache(fd, pos, n)
+        d.update(reader.read(n, pos))
         pos += n
-    os.close(fd)
+    reader.close()
     sys.stdout.write(d.hexdigest() + "\n")
     sys.stdout.flush()
+
+
+def _grow_pipe(fd: int) -> None:
+    """Make the pipe sshd gave us hold 1 MiB (Linux, when the limit allows; else as
+    is): sshd and the helper then take turns every MiB, not every 64 KiB."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
 
 
 def main(argv: "list[str]") -> int:
     try:
         mode = argv[0]
+        _grow_pipe(0 if mode == "write" else 1)
         if mode == "read":
             cmd_read(argv[1], int(argv[2]), int(argv[3]), argv[4] == "1", int(argv[5]),
                      argv[6:7] == ["1"])
         elif mode == "write":
             cmd_write(argv[1], int(argv[2]), int(argv[3]), argv[4] == "1", int(argv[5]),
-                      argv[6:7] == ["1"])
+                      argv[6:7] == ["1"], argv[7:8] == ["1"])
         elif mode == "hashes":
             cmd_hashes(argv[1], int(argv[2]), int(argv[3]))
         elif mode == "digest":

@@ -236,6 +236,12 @@ class SshSession:
     def label(self) -> str:
         return self.target.label
 
+    @property
+    def can_hand_over(self) -> bool:
+        """Whether :meth:`start` can connect a process to a file descriptor (a pipe to
+        another session's process), so the bytes never pass through Python."""
+        return self.native is not None
+
     def wrap(self, script: str) -> str:
         """The command line that runs shell ``script`` as root with a known locale/PATH."""
         env = f"env LC_ALL=C PATH={REMOTE_PATH}"
@@ -261,11 +267,19 @@ class SshSession:
             raise RemoteCommandError(self.label, what, status, err)
         return CommandResult(status, out, err)
 
-    async def start(self, script: str) -> RemoteProcess:
+    async def start(self, script: str, *, stdin_fd: int | None = None,
+                    stdout_fd: int | None = None) -> RemoteProcess:
         """Start shell ``script`` as root with binary stdin/stdout/stderr: through the
-        OpenSSH client when the session has one (bulk data), else an asyncssh channel."""
+        OpenSSH client when the session has one (bulk data), else an asyncssh channel.
+
+        ``stdin_fd``/``stdout_fd`` (OpenSSH client only, see :attr:`can_hand_over`):
+        the process reads/writes that descriptor instead of a stream of the service's;
+        the caller closes its copy afterwards."""
         if self.native is not None:
-            return await self.native.start(self.wrap(script))
+            return await self.native.start(self.wrap(script), stdin_fd=stdin_fd,
+                                           stdout_fd=stdout_fd)
+        if stdin_fd is not None or stdout_fd is not None:
+            raise ValueError("only OpenSSH client processes take file descriptors")
         with self.errors():
             process: asyncssh.SSHClientProcess[bytes] = await self.conn.create_process(
                 self.wrap(script), encoding=None, window=STREAM_WINDOW,

@@ -5,7 +5,8 @@ most 32 KiB, so moving a GiB through asyncssh costs the service about 2.5 CPU se
 per hop in one thread (measured, ``docs/performance.md``): the service, which runs many
 migrations, would be the bottleneck. For the streams that carry a disk, the session
 starts ``ssh`` processes instead: crypto in C, one process per channel (so it spreads
-over cores), and the service only moves 256 KiB pipe reads.
+over cores), and the service only moves pipe reads of up to 1 MiB, or nothing at all when
+it hands one process's output straight to another's input (``start(stdin_fd=...)``).
 
 Nothing is looser than the asyncssh session the process belongs to:
 
@@ -53,14 +54,30 @@ def available() -> bool:
 class NativeProcess:
     """An ``ssh`` child process shaped like an asyncssh ``SSHClientProcess``."""
 
-    def __init__(self, process: asyncio.subprocess.Process, stdin: asyncio.StreamWriter,
-                 stdout: asyncio.StreamReader) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, stdin: asyncio.StreamWriter | None,
+                 stdout: asyncio.StreamReader | None) -> None:
         self._process = process
         assert process.stderr is not None
-        self.stdin = stdin
-        self.stdout = stdout
+        self._stdin = stdin
+        self._stdout = stdout
         self.stderr = process.stderr
         self.exit_signal: tuple[str, bool, str, str] | None = None
+
+    @property
+    def stdin(self) -> asyncio.StreamWriter:
+        if self._stdin is None:
+            raise RuntimeError("this process reads a pipe the service handed over")
+        return self._stdin
+
+    @property
+    def stdout(self) -> asyncio.StreamReader:
+        if self._stdout is None:
+            raise RuntimeError("this process writes a pipe the service handed over")
+        return self._stdout
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
 
     @property
     def exit_status(self) -> int | None:
@@ -81,7 +98,8 @@ class NativeProcess:
         if self._process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._process.kill()
-        self.stdin.close()
+        if self._stdin is not None:
+            self._stdin.close()
 
 
 class _WriteProtocol(asyncio.streams.FlowControlMixin):
@@ -154,41 +172,66 @@ class NativeChannels:
             argv += ["-i", str(self._key)]
         return [*argv, "--", self.host, command]
 
-    async def start(self, command: str) -> NativeProcess:
+    async def start(self, command: str, *, stdin_fd: int | None = None,
+                    stdout_fd: int | None = None) -> NativeProcess:
+        """Start ``command``. With ``stdin_fd`` (``stdout_fd``) the process reads (writes)
+        that file descriptor, typically one end of a pipe whose other end another
+        process holds, and the service never touches those bytes; the caller closes its
+        copy once this returns. Otherwise the service gets an asyncio stream."""
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self._dir),
                "LC_ALL": "C"}
         if self._askpass is not None:
             env |= {"SSH_ASKPASS": str(self._askpass), "SSH_ASKPASS_REQUIRE": "force",
                     "DISPLAY": "none"}
-        # Pipes of 1 MiB instead of 64 KiB: a sixteenth of the syscalls and wake-ups on
-        # both sides of each pipe for the same bytes.
-        in_r, in_w = os.pipe()
-        out_r, out_w = os.pipe()
-        for fd in (in_w, out_r):
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        ours: list[int] = []  # the service's ends: stdin's write end, stdout's read end
+        theirs: list[int] = []  # the child's ends, closed here once it has them
+        if stdin_fd is None:
+            in_r, in_w = os.pipe()
+            ours.append(in_w)
+            theirs.append(in_r)
+        else:
+            in_r, in_w = stdin_fd, -1
+        if stdout_fd is None:
+            out_r, out_w = os.pipe()
+            ours.append(out_r)
+            theirs.append(out_w)
+        else:
+            out_r, out_w = -1, stdout_fd
+        for fd in ours:
+            set_pipe_size(fd)
         try:
             process = await asyncio.create_subprocess_exec(
                 *self.argv(command), stdin=in_r, stdout=out_w,
                 stderr=asyncio.subprocess.PIPE, env=env, start_new_session=True)
         except BaseException:
-            for fd in (in_w, out_r):
+            for fd in ours:
                 os.close(fd)
             raise
         finally:
-            os.close(in_r)
-            os.close(out_w)
+            for fd in theirs:
+                os.close(fd)
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=PIPE_SIZE, loop=loop)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
-                                     os.fdopen(out_r, "rb", buffering=0))
-        transport, protocol = await loop.connect_write_pipe(
-            _WriteProtocol, os.fdopen(in_w, "wb", buffering=0))
-        writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        reader: asyncio.StreamReader | None = None
+        writer: asyncio.StreamWriter | None = None
+        if out_r >= 0:
+            stream = reader = asyncio.StreamReader(limit=PIPE_SIZE, loop=loop)
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stream),
+                                         os.fdopen(out_r, "rb", buffering=0))
+        if in_w >= 0:
+            transport, protocol = await loop.connect_write_pipe(
+                _WriteProtocol, os.fdopen(in_w, "wb", buffering=0))
+            writer = asyncio.StreamWriter(transport, protocol, None, loop)
         return NativeProcess(process, writer, reader)
 
     def close(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def set_pipe_size(fd: int) -> None:
+    """Make a pipe hold :data:`PIPE_SIZE` bytes (if the system allows): a sixteenth of
+    the syscalls and wake-ups on both sides of the pipe for the same bytes."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
 def _secret_root() -> str | None:

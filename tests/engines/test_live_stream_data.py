@@ -6,7 +6,9 @@ helper's digest against the service's."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +21,7 @@ from app.engines import live_stream_wire as wire
 from app.engines.live_stream_data import Endpoint, stream
 from app.engines.live_stream_delta import delta_stream, destination_digest
 from app.formats.digest import digest_bytes, digest_file
-from app.transports.ssh import SshConnectionError, ssh_session
+from app.transports.ssh import RemoteCommandError, SshConnectionError, ssh_session
 from tests.engines.live_stream_support import SSH, SSH_ASYNCSSH, helper_session_pids, target
 from tests.infra.fixtures import NsHostFactory
 from tests.infra.nshost import NsHost
@@ -73,11 +75,16 @@ async def test_copies_exactly_and_digests(pair: tuple[NsHost, NsHost], src_helpe
     assert result.digest == digest_bytes(content) == dest_digest
     assert durable == sorted(durable)
     assert durable[-1] == SIZE
+    # Two helpers over the OpenSSH client: the frames never passed through Python.
+    assert result.handed_over == (src_helper and dst_helper)
     nonzero = sum(1 for i in range(0, SIZE, 64 * 1024) if any(content[i:i + 64 * 1024]))
     if src_helper:  # zero blocks never left the source
         assert result.data_bytes <= nonzero * 64 * 1024
-    if dst_helper:  # the stale 0xa5 bytes were zeroed where the source has zeros
-        assert result.destination["zeroed"] > 0
+    if dst_helper:
+        # The stale 0xa5 bytes under the source's zeros are gone (the content check
+        # above) without being read or written: the loop device punched holes.
+        assert result.destination["punched"] == result.zero_bytes > 0
+        assert result.destination["zeroed"] == 0
 
 
 async def test_asyncssh_channels_without_the_openssh_client(
@@ -114,9 +121,33 @@ async def test_zeros_written_only_where_needed(pair: tuple[NsHost, NsHost]) -> N
     _fill_source(a)
     async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
         result = await stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE)
-    assert result.destination["zeroed"] == 0  # the destination read as zeros already
+    assert result.destination["zeroed"] == 0
+    assert result.destination["punched"] == result.zero_bytes > 0
     # The zero half of the destination was never allocated in its backing file.
     assert os.stat(b.backing_file).st_blocks * 512 < SIZE * 0.6
+
+
+@pytest.mark.parametrize("stale", [True, False], ids=["stale", "zeroed"])
+async def test_zero_runs_on_a_device_that_cannot_punch_holes(
+        ns_host_factory: NsHostFactory, stale: bool) -> None:
+    """A loop device on ramfs (no fallocate) refuses to punch holes: the helper falls back
+    to reading the zero runs and writing zeros only where the device held anything."""
+    a = ns_host_factory(device_mib=48)
+    b = ns_host_factory(device_mib=48, backing="ramfs")
+    content = _fill_source(a)
+    if stale:
+        _garbage(b)
+    async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
+        result = await stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE)
+        dest_digest = await destination_digest(sb, b.device, SIZE, helper=True)
+    assert _read_dest(b) == content
+    assert result.digest == dest_digest == digest_bytes(content)
+    assert result.destination["punched"] == 0
+    assert result.destination["punch_error"] in ("EOPNOTSUPP", "ENOTSUP")  # one errno
+    if stale:
+        assert result.destination["zeroed"] == result.zero_bytes
+    else:
+        assert result.destination["zeroed"] == 0  # read as zeros already: nothing written
 
 
 @pytest.mark.parametrize("src_helper", [True, False], ids=["helper", "dd"])
@@ -191,8 +222,77 @@ async def test_destination_too_small_is_refused_by_the_helper(
     a, small = ns_host_factory(device_mib=48), ns_host_factory(device_mib=8)
     _fill_source(a)
     async with ssh_session(target(a), SSH) as sa, ssh_session(target(small), SSH) as sb:
-        with pytest.raises(Exception, match="fewer than"):
+        with pytest.raises(RemoteCommandError, match=r"the destination helper.*fewer than"):
             await stream(Endpoint(sa, a.device), Endpoint(sb, small.device), SIZE)
+
+
+async def test_handed_over_source_failure_names_the_source(
+        ns_host_factory: NsHostFactory) -> None:
+    """The source helper fails (its device is too small): the destination helper then
+    runs out of input, but the error is the source's own."""
+    small, b = ns_host_factory(device_mib=8), ns_host_factory(device_mib=48)
+    async with ssh_session(target(small), SSH) as sa, ssh_session(target(b), SSH) as sb:
+        with pytest.raises(RemoteCommandError, match=r"the source helper.*fewer than"):
+            await stream(Endpoint(sa, small.device), Endpoint(sb, b.device), SIZE)
+
+
+async def test_handed_over_stream_dropped_connection_is_retryable(
+        pair: tuple[NsHost, NsHost]) -> None:
+    """The destination's connection drops while the handed-over stream stands still (its
+    helper stopped, so back-pressure holds the source): a retryable error, no hang, and
+    a second attempt resumes from what was durable."""
+    a, b = pair
+    content = _fill_source(a)
+    assert b.sshd is not None
+    durable = [0]
+    async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
+        task = asyncio.create_task(stream(
+            Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE,
+            on_durable=lambda o: durable.__setitem__(0, o)))
+        async with asyncio.timeout(30):
+            while not (helpers := _helper_pids(b.sshd.pid)):
+                await asyncio.sleep(0.002)
+        for pid in helpers:
+            os.kill(pid, signal.SIGSTOP)
+        victims = helper_session_pids(b.sshd.pid)
+        assert len(victims) == 1
+        os.kill(victims[0], signal.SIGKILL)
+        for pid in helpers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with pytest.raises(SshConnectionError, match="lost during the destination helper"):
+            await asyncio.wait_for(task, 60)
+    async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
+        result = await stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE,
+                              resume_from=durable[0])
+    assert result.handed_over
+    assert result.resumed_from == durable[0] < SIZE
+    assert _read_dest(b) == content
+    assert result.digest == digest_bytes(content)
+
+
+def _helper_pids(sshd_pid: int) -> list[int]:
+    """The python3 helper processes below the sessions of ``sshd_pid``."""
+    pids = []
+    for session in helper_session_pids(sshd_pid):
+        pids += [p for p in _descendants(session)
+                 if Path(f"/proc/{p}/comm").read_text().strip().startswith("python3")]
+    return pids
+
+
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True,
+                         check=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 async def test_delta_pass_sends_only_changed_blocks(pair: tuple[NsHost, NsHost]) -> None:
@@ -264,15 +364,83 @@ def test_helper_refuses_a_truncated_stream(tmp_path: Path) -> None:
 
 
 def test_helper_needs_only_python3_minimal() -> None:
-    """Debian's python3-minimal (what many servers have) lacks json, among others; the
-    helper imports nothing outside this list."""
+    """Debian's python3-minimal (what many servers have) lacks json, ctypes and mmap,
+    among others; the helper needs nothing outside this list, and imports ctypes (hole
+    punching) and mmap (direct I/O buffers) only where an ImportError has a fallback."""
     import ast
 
     tree = ast.parse(wire.helper_script())
+    optional: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(
+                "ImportError" in ast.unparse(h.type) for h in node.handlers if h.type):
+            optional |= {alias.name for sub in node.body for inner in ast.walk(sub)
+                         if isinstance(inner, ast.Import) for alias in inner.names}
     imported = {alias.name.split(".")[0] for node in ast.walk(tree)
                 if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom) and node.module}
-    minimal = {"contextlib", "errno", "fcntl", "hashlib", "io", "os", "stat", "struct", "sys",
-               "time", "typing"}
-    assert imported <= minimal, imported - minimal
+    minimal = {"collections", "contextlib", "errno", "fcntl", "hashlib", "io", "os", "stat",
+               "struct", "sys", "time", "typing"}
+    assert optional == {"ctypes", "mmap"}
+    assert imported - optional <= minimal, imported - optional - minimal
+
+
+def _helper_minimal(*args: str | int | Path, stdin: bytes = b""
+                    ) -> subprocess.CompletedProcess[bytes]:
+    """The helper as python3-minimal runs it: ctypes and mmap cannot be imported."""
+    script = wire.helper_script()
+    boot = ('import sys;sys.modules["ctypes"]=None;sys.modules["mmap"]=None;'
+            f'exec(compile(sys.stdin.buffer.read({len(script)}),"vmls-helper","exec"))')
+    return subprocess.run([sys.executable, "-c", boot, str(len(script)), *map(str, args)],
+                          input=script + stdin, capture_output=True, timeout=60, check=False)
+
+
+def _frames(output: bytes) -> bytes:
+    """A reader's frames, without its greeting and its end frame's JSON."""
+    pos = output.index(b"\n", len(wire.MAGIC)) + 1
+    start = pos
+    while True:
+        kind, _, b = wire.HEAD.unpack_from(output, pos)
+        if kind == wire.END:
+            return output[start:pos]
+        pos += wire.HEAD.size + (b if kind == wire.DATA else 0)
+
+
+@pytest.mark.parametrize("minimal", [False, True], ids=["stdlib", "python3-minimal"])
+def test_helper_read_write_with_and_without_ctypes_and_mmap(tmp_path: Path,
+                                                            minimal: bool) -> None:
+    """The same frames and the same disk whether the helper reads with O_DIRECT (mmap
+    buffer) and punches holes (ctypes), or reads buffered and compares zero runs."""
+    run = _helper_minimal if minimal else _helper
+    size = 9 * MiB + 4096 + 17  # a tail off every alignment
+    data = bytearray(size)
+    for off in (0, 3 * MiB + 4096, 8 * MiB, size - 100):
+        data[off:off + 100] = os.urandom(100)
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    src.write_bytes(bytes(data))
+    dst.write_bytes(b"\xa5" * size)
+    read = run("read", src, size, 0, 1, 64 * 1024)
+    assert read.returncode == 0, read.stderr
+    # The frames after the greeting (which names the pid) up to the end frame's JSON
+    # (which says how much was read with O_DIRECT) are the same either way.
+    other = _helper("read", src, size, 0, 1, 64 * 1024).stdout
+    assert _frames(read.stdout) == _frames(other)
+    write = run("write", dst, size, 0, 0, MiB, 0, 1, stdin=read.stdout)
+    assert write.returncode == 0, write.stderr
+    assert dst.read_bytes() == bytes(data)
+    lines = write.stdout.decode().splitlines()
+    assert lines[-2].startswith("SOURCE ")
+    assert digest_bytes(bytes(data)) in lines[-2]
+    source = json.loads(lines[-2].removeprefix("SOURCE "))
+    done = json.loads(lines[-1].removeprefix("DONE "))
+    if minimal:  # buffered reads and writes, zero runs read and compared
+        assert source["direct_read"] == done["direct"] == done["punched"] == 0
+        assert done["zeroed"] > size // 2
+    else:  # O_DIRECT where aligned (not the tail), holes punched
+        assert source["direct_read"] == size - size % 4096
+        assert 0 < done["direct"] < done["written"]
+        assert done["punched"] > size // 2
+        assert done["zeroed"] == 0
+    digest = run("digest", dst, size)
+    assert digest.stdout.decode().strip() == digest_bytes(bytes(data))
