@@ -301,7 +301,8 @@ class LiveStreamEngine(Engine):
                    "data_bytes": result.data_bytes, "zero_bytes": result.zero_bytes,
                    "seconds": round(result.seconds, 3),
                    # the frames went from one host's ssh straight into the other's
-                   "handed_over": isinstance(result, StreamResult) and result.handed_over}
+                   "handed_over": isinstance(result, StreamResult) and result.handed_over,
+                   "zstd": isinstance(result, StreamResult) and result.compressed}
         await ctx.event("live_stream.transfer.completed", payload)
         return {"digest": result.digest, **payload}
 

@@ -368,6 +368,8 @@ class StreamResult:
     destination: dict[str, Any] = field(default_factory=dict)
     #: The frames went from the source's ``ssh`` straight into the destination's.
     handed_over: bool = False
+    #: ... compressed with zstd on the way.
+    compressed: bool = False
 
 
 def resume_point(source: Endpoint, dest: Endpoint, durable: int) -> int:
@@ -412,14 +414,25 @@ def can_hand_over(source: Endpoint, dest: Endpoint, throttle_bps: float | None) 
             and source.session.can_hand_over and dest.session.can_hand_over)
 
 
+async def has_zstd(session: SshSession) -> bool:
+    """Whether the host has a ``zstd`` on the PATH remote commands get."""
+    result = await session.run("command -v zstd", what="command -v zstd", check=False,
+                               seconds=60)
+    return result.exit_status == 0
+
+
 async def _handed_over(source: Endpoint, dest: Endpoint, size: int, start: int, *,
-                       exclusive: bool, on_durable: Callable[[int], None] | None,
+                       exclusive: bool, compress: bool,
+                       on_durable: Callable[[int], None] | None,
                        on_progress: Callable[[int, int], None] | None) -> StreamResult:
     """The stream with the frames piped from the source's ``ssh`` child straight into the
     destination's: the service holds neither end of that pipe, so no byte passes through
     Python (the destination helper checks the frames, as it always does). The service
     watches the destination's lines (``DURABLE``, the source's end JSON, ``DONE``) and
-    both processes' exits; the first one to fail names the error."""
+    both processes' exits; the first one to fail names the error. With ``compress``, the
+    source helper may use zstd if the destination has it (asked while the destination's
+    ``ssh`` connects): it does when a sample of the volume compresses, and the
+    destination helper decompresses."""
     started = time.monotonic()
     script = wire.helper_script()
     read_end, write_end = os.pipe()
@@ -438,8 +451,10 @@ async def _handed_over(source: Endpoint, dest: Endpoint, size: int, start: int, 
             stdin_fd=read_end)
         fds.remove(read_end)
         os.close(read_end)
+        zstd = compress and await has_zstd(dest.session)
         src = await source.session.start(wire.helper_command(
-            "read", source.device, size, start, 1, GRANULARITY), stdout_fd=write_end)
+            "read", source.device, size, start, 1, GRANULARITY, 0, int(zstd)),
+            stdout_fd=write_end)
         fds.remove(write_end)
         os.close(write_end)
         with source.session.errors():
@@ -473,7 +488,7 @@ async def _handed_over(source: Endpoint, dest: Endpoint, size: int, start: int, 
                         data_bytes=int(info.get("data_bytes", 0)),
                         zero_bytes=int(info.get("zero_bytes", 0)),
                         seconds=time.monotonic() - started, destination=done,
-                        handed_over=True)
+                        handed_over=True, compressed=bool(done.get("zstd")))
 
 
 async def _read_lines(dest: Endpoint, process: Process, size: int,
@@ -548,7 +563,7 @@ async def stream(source: Endpoint, dest: Endpoint, size: int, *, resume_from: in
                  throttle_bps: float | None = None, exclusive: bool = True,
                  on_durable: Callable[[int], None] | None = None,
                  on_progress: Callable[[int, int], None] | None = None,
-                 queue_depth: int = 4) -> StreamResult:
+                 queue_depth: int = 4, compress: bool = True) -> StreamResult:
     """Copy ``[resume_from, size)`` of the source device onto the destination device and
     return the ``vmd1`` digest of the source's ``[0, size)``.
 
@@ -558,11 +573,14 @@ async def stream(source: Endpoint, dest: Endpoint, size: int, *, resume_from: in
     after the source's read shows up in verify. A dd source is digested in the service,
     from the start (it cannot skip). ``on_durable(offset)`` is called as the destination
     reports durable offsets; ``on_progress(done, size)`` about twice a second.
+    ``compress``: zstd when the stream is handed over, both hosts have ``zstd`` and a
+    sample of the volume compresses (:func:`_handed_over`).
     """
     start = resume_point(source, dest, resume_from)
     if can_hand_over(source, dest, throttle_bps):
         return await _handed_over(source, dest, size, start, exclusive=exclusive,
-                                  on_durable=on_durable, on_progress=on_progress)
+                                  compress=compress, on_durable=on_durable,
+                                  on_progress=on_progress)
     src: HelperSource | DdSource
     stages: list[Stage] = []
     digest_stage: DigestStage | None = None

@@ -23,6 +23,14 @@ Modes (``docs/live-stream.md`` has the wire format):
     With COMPARE=1 (warm mode), stdin carries the destination's block hashes (see
     ``hashes``) and only blocks whose SHA-256 differs are sent; the digest is always
     computed (the hashes are needed anyway) and START must be block-aligned.
+``read ... 0 ZSTD``
+    With ZSTD=1 (the service found ``zstd`` on the destination, and the destination
+    reads this helper's output as is) the helper may switch to compressing the rest of
+    the stream with ``zstd -1``, once, after the first second and 8 MiB of data: when
+    this host has ``zstd``, the data went slower than 250 MB/s (the link, or the far
+    end, is the bottleneck), and a sample of the volume (non-zero pieces of a few
+    blocks spread over it) shrinks to at most 80 % and compresses at least twice as
+    fast as the data went. A ``C`` frame marks the switch.
 ``write DEV SIZE START EXCL SYNC_BYTES [SPARSE [DIRECT]]``
     Receives frames on stdin and writes them to DEV from START on. A zero run is
     deallocated where the device can do that without writing (``fallocate`` punching
@@ -37,7 +45,8 @@ Modes (``docs/live-stream.md`` has the wire format):
     frames may skip ahead over blocks that need no writing. With DIRECT=1 stdin is the
     reader's output as is (the service piped one host's ``ssh`` into the other's): it
     starts with the reader's greeting, and the end frame's JSON is printed back as
-    ``SOURCE {...}`` before ``DONE``.
+    ``SOURCE {...}`` before ``DONE``; after a ``C`` frame the rest is a zstd stream,
+    decompressed with this host's ``zstd -d``.
 ``hashes DEV SIZE START``
     SHA-256 of each 1 MiB block from START (block-aligned), 32 raw bytes each.
 ``digest DEV SIZE``
@@ -56,7 +65,9 @@ import io
 import os
 import stat
 import struct
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import IO, cast
@@ -69,10 +80,19 @@ DATA = b"D"
 ZERO = b"Z"
 SYNC = b"S"
 END = b"E"
+COMPRESSED = b"C"  # the rest of the stream is one zstd stream (DIRECT writers only)
 MAX_FRAME = 16 * 1024 * 1024
 READ_SIZE = 4 * 1024 * 1024
 FRAME_DATA = 1024 * 1024
 PIPE_SIZE = 1024 * 1024
+#: Compression (read ZSTD=1): zstd's fastest level, decided once after this much...
+ZSTD_LEVEL = "-1"
+ZSTD_WATCH_SECONDS = 1.0
+ZSTD_WATCH_BYTES = 8 * 1024 * 1024
+ZSTD_MAX_RATE = 250e6  # bytes/s of data: faster than one zstd -1 keeps up with, twice
+ZSTD_PAYS = 0.8  # a sample must shrink to at most this...
+ZSTD_SPEEDUP = 2.0  # ...and compress this many times as fast as the data went
+ZSTD_SAMPLES = 8  # blocks of BLOCK bytes, spread over the volume
 DIRECT_ALIGN = 4096  # O_DIRECT offsets and lengths: a multiple of any logical block size
 BLOCK = 1024 * 1024  # vmd1 block size
 ZEROS = bytes(READ_SIZE)
@@ -250,6 +270,94 @@ def _open(path: str, flags: int, size: int) -> int:
     return fd
 
 
+# --- compression -----------------------------------------------------------------------
+
+
+def _find_program(name: str) -> str:
+    """The path of an executable ``name`` on PATH, or "" (no shutil in python3-minimal)."""
+    for directory in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep):
+        path = os.path.join(directory or ".", name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return ""
+
+
+class CompressionSwitch:
+    """Decides once, early in a read, whether the rest goes through ``zstd -1``."""
+
+    def __init__(self, zstd: str, reader: "DeviceReader", size: int, granularity: int
+                 ) -> None:
+        self.zstd = zstd
+        self.reader = reader
+        self.size = size
+        self.granularity = granularity
+        self.started = -1.0
+        self.decided = not zstd
+        self.rate = 0.0
+
+    def due(self, pos: int, data_bytes: int) -> bool:
+        """Called after each chunk sent (``pos``: where the next one starts)."""
+        if self.decided:
+            return False
+        now = time.monotonic()
+        if self.started < 0:
+            self.started = now
+            return False
+        elapsed = now - self.started
+        if elapsed < ZSTD_WATCH_SECONDS or data_bytes < ZSTD_WATCH_BYTES:
+            return False
+        self.decided = True
+        self.rate = data_bytes / elapsed
+        if self.rate > ZSTD_MAX_RATE or pos >= self.size:
+            return False
+        speed = _compression_pays(self.zstd, self.reader, pos, self.size, self.granularity)
+        return speed >= ZSTD_SPEEDUP * self.rate
+
+
+def _compression_pays(zstd: str, reader: "DeviceReader", start: int, size: int,
+                      granularity: int) -> float:
+    """How fast (input bytes/s) ``zstd -1`` compresses a sample of what ``[start,
+    size)`` sends, or 0 if the sample does not shrink to :data:`ZSTD_PAYS`: up to
+    :data:`ZSTD_SAMPLES` blocks spread evenly over it, less their zero pieces of
+    ``granularity`` bytes (those are never sent)."""
+    span = size - start
+    samples = []
+    for k in range(ZSTD_SAMPLES):
+        offset = start + span * k // ZSTD_SAMPLES
+        offset -= offset % granularity
+        view = memoryview(reader.read(min(BLOCK, size - offset), offset))
+        samples += [view[i:i + granularity].tobytes() for i in range(0, len(view), granularity)
+                    if not ZEROS.startswith(view[i:i + granularity])]
+    if not samples:
+        return 0.0
+    raw = b"".join(samples)
+    began = time.monotonic()
+    try:
+        packed = subprocess.run([zstd, ZSTD_LEVEL, "-q", "-c"], input=raw,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return 0.0
+    if len(packed) > ZSTD_PAYS * len(raw):
+        return 0.0
+    return len(raw) / max(time.monotonic() - began, 1e-6)
+
+
+def _pump(source: "io.BufferedReader", sink: "IO[bytes]") -> None:
+    """Copy ``source`` into ``sink`` to its end, then close ``sink`` (a thread)."""
+    try:
+        while True:
+            chunk = source.read1(PIPE_SIZE)
+            if not chunk:
+                break
+            sink.write(chunk)
+    except (OSError, ValueError):
+        pass  # the decompressor is gone: the reader side reports what happened
+    finally:
+        with contextlib.suppress(OSError):
+            sink.close()
+
+
 # --- read ------------------------------------------------------------------------------
 
 
@@ -319,9 +427,10 @@ class Sender:
 
 
 def cmd_read(dev: str, size: int, start: int, want_digest: bool, granularity: int,
-             compare: bool) -> None:
+             compare: bool, zstd_ok: bool = False) -> None:
     """Send ``[start, size)``; with ``compare``, only the blocks whose SHA-256 differs
-    from the destination's, read from stdin (32 bytes per block from ``start``)."""
+    from the destination's, read from stdin (32 bytes per block from ``start``); with
+    ``zstd_ok``, compressed when that pays (see the module's docstring)."""
     if compare and start % BLOCK:
         raise HelperError("usage", "a compared read starts on a block boundary")
     fd = _open(dev, os.O_RDONLY, size)
@@ -334,6 +443,9 @@ def cmd_read(dev: str, size: int, start: int, want_digest: bool, granularity: in
              "python": "{}.{}".format(*sys.version_info[:2])}
     out.write(MAGIC + _json(hello).encode() + b"\n")
     out.flush()
+    switch = CompressionSwitch(_find_program("zstd") if zstd_ok and not compare else "",
+                               reader, size, granularity)
+    packer = None
     digest = Vmd1(size) if want_digest or compare else None
     pos = 0 if digest is not None else start
     sender = Sender(out, granularity)
@@ -365,9 +477,16 @@ def cmd_read(dev: str, size: int, start: int, want_digest: bool, granularity: in
             if pos >= start:
                 sender.chunk(pos, data)
         pos += n
+        if pos > start and switch.due(pos, sender.data_bytes):
+            out.write(HEAD.pack(COMPRESSED, 0, 0))  # the rest goes through zstd
+            out.flush()
+            packer = subprocess.Popen([switch.zstd, ZSTD_LEVEL, "-q", "-c"],
+                                      stdin=subprocess.PIPE, bufsize=PIPE_SIZE)
+            out = sender.out = cast("io.BufferedWriter", packer.stdin)
     sender.finish()
     info: dict[str, object] = {"data_bytes": sender.data_bytes, "zero_bytes": sender.zero_bytes,
-                               "direct_read": reader.direct_bytes}
+                               "direct_read": reader.direct_bytes,
+                               "zstd": packer is not None, "rate": int(switch.rate)}
     if compare:
         info["changed_blocks"] = changed
     if digest is not None:
@@ -375,6 +494,10 @@ def cmd_read(dev: str, size: int, start: int, want_digest: bool, granularity: in
     payload = _json(info).encode()
     out.write(HEAD.pack(END, size, len(payload)) + payload)
     out.flush()
+    if packer is not None:
+        out.close()
+        if packer.wait() != 0:
+            raise HelperError("zstd", f"zstd exited {packer.returncode}")
     reader.close()
 
 
@@ -558,6 +681,7 @@ def cmd_write(dev: str, size: int, start: int, excl: bool, sync_bytes: int,
     w = Writer(fd, sync_bytes, dev)
     w.durable_from = start
     pos = start
+    unpacker = None
     if direct:
         if _read_exact(inp, len(MAGIC)) != MAGIC:
             raise HelperError("protocol", "the stream does not start with the reader's "
@@ -589,6 +713,16 @@ def cmd_write(dev: str, size: int, start: int, excl: bool, sync_bytes: int,
             pos += b
         elif kind == SYNC:
             w.sync(out, pos)
+        elif kind == COMPRESSED and direct and unpacker is None:
+            zstd = _find_program("zstd")
+            if not zstd:
+                raise HelperError("zstd", "the stream goes on zstd-compressed and this "
+                                  "host has no zstd")
+            unpacker = subprocess.Popen([zstd, "-d", "-q", "-c"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, bufsize=PIPE_SIZE)
+            # What stdin's buffer already holds goes first: a thread feeds zstd.
+            threading.Thread(target=_pump, args=(inp, unpacker.stdin), daemon=True).start()
+            inp = cast("io.BufferedReader", unpacker.stdout)
         elif kind == END:
             info = _read_exact(inp, b)  # the reader's JSON (one line: see _json)
             if a != size or (pos != size and not sparse):
@@ -598,7 +732,8 @@ def cmd_write(dev: str, size: int, start: int, excl: bool, sync_bytes: int,
             if direct:
                 out.write(b"SOURCE " + info.replace(b"\n", b" ") + b"\n")
             done: dict[str, object] = {"written": w.written, "zeroed": w.zeroed,
-                                       "punched": w.punched, "direct": w.direct_written}
+                                       "punched": w.punched, "direct": w.direct_written,
+                                       "zstd": unpacker is not None}
             if w.punch_error:
                 done["punch_error"] = w.punch_error
             out.write(f"DONE {_json(done)}\n".encode())
@@ -645,7 +780,7 @@ def main(argv: "list[str]") -> int:
         _grow_pipe(0 if mode == "write" else 1)
         if mode == "read":
             cmd_read(argv[1], int(argv[2]), int(argv[3]), argv[4] == "1", int(argv[5]),
-                     argv[6:7] == ["1"])
+                     argv[6:7] == ["1"], argv[7:8] == ["1"])
         elif mode == "write":
             cmd_write(argv[1], int(argv[2]), int(argv[3]), argv[4] == "1", int(argv[5]),
                       argv[6:7] == ["1"], argv[7:8] == ["1"])

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -148,6 +149,43 @@ async def test_zero_runs_on_a_device_that_cannot_punch_holes(
         assert result.destination["zeroed"] == result.zero_bytes
     else:
         assert result.destination["zeroed"] == 0  # read as zeros already: nothing written
+
+
+def _compressible(host: NsHost, size: int = SIZE) -> bytes:
+    """Text-like data (what a volume of logs, configuration and code holds), with
+    the zero runs of :func:`_fill_source`; about 4:1 under zstd -1."""
+    words = [os.urandom(3).hex() for _ in range(2000)]
+    rng = random.Random(5)
+    data = bytearray(size)
+    for off in range(0, size, 2 * MiB):
+        text = " ".join(rng.choice(words) for _ in range(MiB // 5)).encode()
+        data[off:off + MiB] = text[:min(MiB, size - off)]
+    with host.backing_file.open("r+b") as f:
+        f.write(data)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("case", ["compressible", "random", "no-zstd-at-destination",
+                                  "fast-link"])
+async def test_zstd_when_both_ends_have_it_and_it_pays(ns_host_factory: NsHostFactory,
+                                                       case: str) -> None:
+    """Over a slow link (5 MB/s out of the source host) compressible data switches to
+    zstd after the first second; random data, a destination without zstd or a fast
+    link (the stream is over before there is anything to decide) stay raw."""
+    a = ns_host_factory(device_mib=48)
+    b = ns_host_factory(device_mib=48, hide=("zstd",) if case.startswith("no-") else ())
+    if case != "fast-link":
+        a.limit_egress("40mbit")
+    content = _fill_source(a) if case == "random" else _compressible(a)
+    _garbage(b)
+    async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
+        result = await stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE)
+        dest_digest = await destination_digest(sb, b.device, SIZE, helper=True)
+    assert _read_dest(b) == content
+    assert result.digest == dest_digest == digest_bytes(content)
+    assert result.handed_over
+    assert result.compressed == (case == "compressible")
+    assert result.destination["zstd"] == result.compressed
 
 
 @pytest.mark.parametrize("src_helper", [True, False], ids=["helper", "dd"])
@@ -381,7 +419,7 @@ def test_helper_needs_only_python3_minimal() -> None:
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom) and node.module}
     minimal = {"collections", "contextlib", "errno", "fcntl", "hashlib", "io", "os", "stat",
-               "struct", "sys", "time", "typing"}
+               "struct", "subprocess", "sys", "threading", "time", "typing"}
     assert optional == {"ctypes", "mmap"}
     assert imported - optional <= minimal, imported - optional - minimal
 

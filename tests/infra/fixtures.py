@@ -17,7 +17,7 @@ scripts/bootstrap --dev) skip these tests locally and fail them under CI (``CI``
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
 import pytest
@@ -91,8 +91,8 @@ def lvm_guest(lvm_guest_session: LvmGuest) -> LvmGuest:
 
 @pytest.fixture
 def ns_host_factory(ssh_client_key: SshKeyPair) -> Iterator[NsHostFactory]:
-    """``make(netns=True, device="loop", device_mib=256, backing="disk") -> NsHost``: as
-    many SSH hosts as a test needs; all are stopped at teardown."""
+    """``make(netns=True, device="loop", device_mib=256, backing="disk", hide=()) ->
+    NsHost``: as many SSH hosts as a test needs; all are stopped at teardown."""
     try:
         check_prerequisites()
     except InfraUnavailableError as e:
@@ -100,10 +100,20 @@ def ns_host_factory(ssh_client_key: SshKeyPair) -> Iterator[NsHostFactory]:
     hosts: list[NsHost] = []
 
     def make(
-        *, netns: bool = True, device: str = "loop", device_mib: int = 256, backing: str = "disk"
+        *,
+        netns: bool = True,
+        device: str = "loop",
+        device_mib: int = 256,
+        backing: str = "disk",
+        hide: Sequence[str] = (),
     ) -> NsHost:
         host = start_ns_host(
-            ssh_client_key, netns=netns, device=device, device_mib=device_mib, backing=backing
+            ssh_client_key,
+            netns=netns,
+            device=device,
+            device_mib=device_mib,
+            backing=backing,
+            hide=hide,
         )
         hosts.append(host)
         return host

@@ -63,9 +63,11 @@ class NsHost(SshHost):
     netns: str | None = None
     peer_address: str | None = None
     veth: str | None = None  # this machine's end of the veth pair
+    veth_peer: str | None = None  # the namespace's end
     backing_file: Path = Path("/nonexistent")
     loop_device: str | None = None
     ramfs: Path | None = None  # a ramfs mounted for the backing file (``backing="ramfs"``)
+    hidden: tuple[str, ...] = ()  # programs its sessions cannot run (see start_ns_host)
     workdir: Path = Path("/nonexistent")
     sshd: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
@@ -78,6 +80,20 @@ class NsHost(SshHost):
         if self.netns is None:
             return list(argv)
         return ["ip", "netns", "exec", self.netns, *argv]
+
+    def limit_egress(self, rate: str) -> None:
+        """Make the namespace's link send at most ``rate`` (``tc`` units: "40mbit"): a
+        slow network from this host to the service (a token bucket on its veth end)."""
+        if self.netns is None or self.veth_peer is None:
+            raise RuntimeError(f"{self.name} has no link of its own to slow down")
+        run_local(["ip", "netns", "exec", self.netns, *_tbf(self.veth_peer, rate)])
+
+    def limit_ingress(self, rate: str) -> None:
+        """Make the link into the namespace carry at most ``rate``: a slow network from
+        this machine (the service, or anything run here) to this host."""
+        if self.veth is None:
+            raise RuntimeError(f"{self.name} has no link of its own to slow down")
+        run_local(_tbf(self.veth, rate))
 
     def stop(self) -> None:
         """Stop the sshd and its sessions (by PID), detach the loop device, delete the
@@ -102,6 +118,12 @@ class NsHost(SshHost):
                 run_local(["ip", "link", "del", self.veth], check=False)
             self.veth = None
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _tbf(device: str, rate: str) -> list[str]:
+    # The bucket must hold a whole GSO packet (64 KiB) or nothing ever passes.
+    return ["tc", "qdisc", "replace", "dev", device, "root", "tbf", "rate", rate,
+            "burst", "256kb", "latency", "200ms"]
 
 
 def check_prerequisites() -> None:
@@ -350,14 +372,17 @@ def start_ns_host(
     device: str = "loop",
     device_mib: int = 256,
     backing: str = "disk",
+    hide: Sequence[str] = (),
     ready_timeout: float = 20.0,
 ) -> NsHost:
     """Start an SSH host. ``netns``: in a new network namespace (else on 127.0.0.1).
     ``device``: "loop" (a loop device on a sparse file) or "file" (the sparse file itself).
     ``backing``: where that file lives: "disk" (this machine's /tmp) or "ramfs" (a ramfs
     mounted for it: no fallocate, so a loop device on it cannot punch holes or zero
-    ranges without writing, like many real disks). The caller must call
-    :meth:`NsHost.stop` (see :func:`running_ns_host`)."""
+    ranges without writing, like many real disks). ``hide``: programs (``"zstd"``) the
+    host's sessions do not have: /dev/null is bind-mounted over them in the sshd's
+    private mount namespace. The caller must call :meth:`NsHost.stop` (see
+    :func:`running_ns_host`)."""
     global _counter
     check_prerequisites()
     if device not in ("loop", "file"):
@@ -380,6 +405,7 @@ def start_ns_host(
         ssh_timeout=60.0,
         backing_file=workdir / "disk.img",
         workdir=workdir,
+        hidden=tuple(hide),
     )
     try:
         _setup(
@@ -451,6 +477,7 @@ def _setup(
             run_local(["ip", "link", "add", veth_host, "type", "veth", "peer", "name", veth_ns])
             host.veth = veth_host
             run_local(["ip", "link", "set", veth_ns, "netns", name])
+            host.veth_peer = veth_ns
             run_local(["ip", "addr", "add", f"{peer}/30", "dev", veth_host])
             run_local(["ip", "link", "set", veth_host, "up"])
             run_local(["ip", "-n", name, "addr", "add", f"{ns_addr}/30", "dev", veth_ns])
@@ -482,9 +509,14 @@ def _start_sshd(host: NsHost, ready_timeout: float) -> None:
     config = _sshd_config(workdir, host.host, host.port)
     # The sshd sees our passwd/shadow/group copies; `exec` keeps the PID we hold.
     etc = workdir / "etc"
+    hide = "".join(
+        f"mount --bind /dev/null {path} && "
+        for path in (shutil.which(name) for name in host.hidden)
+        if path is not None
+    )
     script = (
         f"mount --bind {etc}/passwd /etc/passwd && mount --bind {etc}/shadow /etc/shadow && "
-        f"mount --bind {etc}/group /etc/group && exec {SSHD} -D -e -f {config}"
+        f"mount --bind {etc}/group /etc/group && {hide}exec {SSHD} -D -e -f {config}"
     )
     argv = host.ns_argv(
         ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script]
@@ -514,10 +546,12 @@ def running_ns_host(
     device: str = "loop",
     device_mib: int = 256,
     backing: str = "disk",
+    hide: Sequence[str] = (),
 ) -> Iterator[NsHost]:
     """:func:`start_ns_host` that always stops what it started."""
     host = start_ns_host(
-        client_key, netns=netns, device=device, device_mib=device_mib, backing=backing
+        client_key, netns=netns, device=device, device_mib=device_mib, backing=backing,
+        hide=hide,
     )
     try:
         yield host
