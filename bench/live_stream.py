@@ -11,11 +11,14 @@ onto the destination device two ways, over the same hosts:
 * reference: ``dd if=SRC bs=4M | ssh -c aes128-gcm@openssh.com DEST 'dd of=DEV bs=4M'``
   run on this machine, which is the source host's kernel and device.
 
-Volumes: dense (all random) and 50 % zero (alternating 1 MiB random and zero runs).
-Prints MB/s (10^6 bytes of volume per second), the vmigrate/dd ratio and vmigrate's
-peak RSS; medians of ``--runs`` runs. Needs root (namespaces, loop devices).
+Volumes: dense (all random) and 50 % zero (alternating 1 MiB random and zero runs);
+with ``--text``, also 50 % zeros whose data is text-like (compresses about 4:1).
+``--link RATE`` (``tc`` units, "200mbit") slows the link into the destination host,
+which both paths cross. Prints MB/s (10^6 bytes of volume per second), the vmigrate/dd
+ratio and vmigrate's peak RSS; medians of ``--runs`` runs. Needs root (namespaces, loop
+devices).
 
-    .venv/bin/python -m bench.live_stream [--size-mib 1024] [--runs 3]
+    .venv/bin/python -m bench.live_stream [--size-mib 1024] [--runs 3] [--text] [--link R]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -41,15 +45,22 @@ from tests.infra.nshost import NsHost, running_ns_host
 MiB = 1024 * 1024
 
 
-def _fill(path: Path, size: int, zero_fraction: float) -> None:
-    """Random data; with ``zero_fraction`` 0.5, every other MiB left zero."""
+def _fill(path: Path, size: int, zero_fraction: float, text: bool = False) -> None:
+    """Random data; with ``zero_fraction`` 0.5, every other MiB left zero; with ``text``,
+    words of hex digits instead of random bytes."""
+    rng = random.Random(5)
+    words = [rng.randbytes(3).hex() for _ in range(2000)]
     with path.open("wb") as f:
         f.truncate(size)
         for off in range(0, size, MiB):
             if zero_fraction and (off // MiB) % 2:
                 continue
             f.seek(off)
-            f.write(os.urandom(min(MiB, size - off)))
+            n = min(MiB, size - off)
+            if text:
+                f.write(" ".join(rng.choices(words, k=n // 6 + 1)).encode()[:n])
+            else:
+                f.write(os.urandom(n))
 
 
 class CpuSampler:
@@ -121,6 +132,7 @@ class Run:
     peak_rss: int = 0
     rss_before: int = 0
     sent: int = 0
+    zstd: bool = False  # vmigrate: the stream switched to zstd
 
 
 def _reference(src_dev: str, dest: NsHost, dest_dev: str) -> Run:
@@ -158,7 +170,7 @@ def _vmigrate(args: list[str], a: NsHost, b: NsHost) -> Run:
     return Run(float(report["seconds"]), usage.ru_utime + usage.ru_stime, hosts.seconds,
                python_cpu=float(report["python_cpu"]), peak_rss=int(report["peak_rss"]),
                rss_before=int(report["rss_before"]),
-               sent=int(report["data_bytes"]))
+               sent=int(report["data_bytes"]), zstd=bool(report.get("zstd")))
 
 
 def _rss(field: str) -> int:
@@ -185,7 +197,8 @@ async def _child(argv: list[str]) -> None:
     me = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"seconds": seconds, "digest": result.digest, "rss_before": before,
                       "python_cpu": me.ru_utime + me.ru_stime,
-                      "peak_rss": _rss("VmHWM"), "data_bytes": result.data_bytes}))
+                      "peak_rss": _rss("VmHWM"), "data_bytes": result.data_bytes,
+                      "zstd": result.compressed}))
 
 
 def _host_args(a: SshHost, sdev: str, b: SshHost, ddev: str, size: int) -> list[str]:
@@ -200,6 +213,10 @@ def main() -> int:
     parser.add_argument("--json", help="also write the raw runs to this file")
     parser.add_argument("--asyncssh-data", action="store_true",
                         help="stream over asyncssh channels, not the OpenSSH client")
+    parser.add_argument("--text", action="store_true",
+                        help="also a 50%% zeros volume of text-like (compressible) data")
+    parser.add_argument("--link", help="slow the link into the destination to this rate "
+                        "(tc units: 200mbit)")
     parser.add_argument("--child", nargs=10, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -217,11 +234,16 @@ def main() -> int:
         key = generate_keypair(work / "id_ed25519")
         a = stack.enter_context(running_ns_host(key, device_mib=1))
         b = stack.enter_context(running_ns_host(key, device_mib=1))
+        if args.link:
+            b.limit_ingress(args.link)
         src_file, dst_file = work / "src.img", work / "dst.img"
         dst_file.write_bytes(b"")
         os.truncate(dst_file, size)
-        for name, zeros in (("dense", 0.0), ("50% zeros", 0.5)):
-            _fill(src_file, size, zeros)
+        volumes = [("dense", 0.0, False), ("50% zeros", 0.5, False)]
+        if args.text:
+            volumes.append(("50% text", 0.5, True))
+        for name, zeros, text in volumes:
+            _fill(src_file, size, zeros, text)
             src_dev = run_local(["losetup", "--find", "--show", str(src_file)]).strip()
             dst_dev = run_local(["losetup", "--find", "--show", str(dst_file)]).strip()
             try:
@@ -261,7 +283,8 @@ def _report(rows: list[tuple[str, list[Run], list[Run], bool]], size: int,
         print(f"{name:<10} {r_rate:>11.0f} {o_rate:>13.0f} {o_rate / r_rate:>5.2f} "
               f"{r_cpu:>12.2f} {o_svc + o_hosts:>10.2f} ({o_svc:.2f}[py {o_py:.2f}]+{o_hosts:.2f})"
               f"{r_cpu / (o_svc + o_hosts):>11.2f} {before:>7.0f}/{peak:<5.0f}MiB "
-              f"{ours[0].sent / MiB:>8.0f}  {same}")
+              f"{ours[0].sent / MiB:>8.0f}  {same}"
+              + ("  zstd" if any(r.zstd for r in ours) else ""))
         print(f"{'':<10} runs MB/s: dd|ssh "
               + " / ".join(f"{size / r.seconds / 1e6:.0f}" for r in ref) + ", vmigrate "
               + " / ".join(f"{size / r.seconds / 1e6:.0f}" for r in ours))
