@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import time
@@ -407,6 +408,10 @@ class _Exits:
             await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
+class _NoHandOver(Exception):
+    """The stream cannot be handed over after all (raised before anything started)."""
+
+
 def can_hand_over(source: Endpoint, dest: Endpoint, throttle_bps: float | None) -> bool:
     """Whether :func:`stream` pipes the source's ``ssh`` straight into the destination's
     (both ends helpers over the OpenSSH client, no throttle)."""
@@ -443,8 +448,12 @@ async def _handed_over(source: Endpoint, dest: Endpoint, size: int, start: int, 
     acks: asyncio.Task[tuple[dict[str, Any], dict[str, Any]]] | None = None
     try:
         set_pipe_size(write_end)
+        # The destination's bootstrap reads the script first, then frames. Nobody reads
+        # the pipe yet: the script must fit, or this write would block for good.
+        if fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ) < len(script):
+            raise _NoHandOver("the pipe cannot hold the helper script")
         view = memoryview(script)
-        while view:  # the destination's bootstrap reads the script first, then frames
+        while view:
             view = view[os.write(write_end, view):]
         dst = await dest.session.start(wire.helper_command(
             "write", dest.device, size, start, int(exclusive), SYNC_BYTES, 0, 1),
@@ -465,7 +474,13 @@ async def _handed_over(source: Endpoint, dest: Endpoint, size: int, start: int, 
                                    name="destination-lines")
         waiting: set[asyncio.Task[Any]] = {acks, *exits.tasks}
         while waiting and exits.failed() is None:
-            _, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            # Once the destination said DONE, both processes have a minute to exit.
+            timeout = 60.0 if acks.done() and acks.exception() is None else None
+            done_now, waiting = await asyncio.wait(
+                waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not done_now:
+                raise SshConnectionError(f"the stream to {dest.session.label} ended, but "
+                                         "its SSH processes did not")
         culprit = exits.failed()
         if culprit is None and acks.done() and acks.exception() is None:
             info, done = acks.result()
@@ -578,9 +593,10 @@ async def stream(source: Endpoint, dest: Endpoint, size: int, *, resume_from: in
     """
     start = resume_point(source, dest, resume_from)
     if can_hand_over(source, dest, throttle_bps):
-        return await _handed_over(source, dest, size, start, exclusive=exclusive,
-                                  compress=compress, on_durable=on_durable,
-                                  on_progress=on_progress)
+        with contextlib.suppress(_NoHandOver):  # then the service relays it after all
+            return await _handed_over(source, dest, size, start, exclusive=exclusive,
+                                      compress=compress, on_durable=on_durable,
+                                      on_progress=on_progress)
     src: HelperSource | DdSource
     stages: list[Stage] = []
     digest_stage: DigestStage | None = None

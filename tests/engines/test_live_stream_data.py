@@ -309,6 +309,21 @@ async def test_handed_over_stream_dropped_connection_is_retryable(
     assert result.digest == digest_bytes(content)
 
 
+async def test_hand_over_falls_back_to_the_relay_when_the_pipe_is_too_small(
+        pair: tuple[NsHost, NsHost], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The helper script waits in the pipe before anyone reads it: one the pipe cannot
+    hold (here padded to 2 MiB, more than the 1 MiB pipe) means the service relays."""
+    a, b = pair
+    content = _fill_source(a)
+    padded = wire.helper_script() + b"#" * (2 * MiB) + b"\n"
+    monkeypatch.setattr(wire, "helper_script", lambda: padded)
+    async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
+        result = await stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE)
+    assert not result.handed_over
+    assert _read_dest(b) == content
+    assert result.digest == digest_bytes(content)
+
+
 def _helper_pids(sshd_pid: int) -> list[int]:
     """The python3 helper processes below the sessions of ``sshd_pid``."""
     pids = []
