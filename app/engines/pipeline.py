@@ -257,7 +257,7 @@ class ZeroDetect(Stage):
         runs: list[tuple[int, int, bool]] = []
         for k, rel in enumerate(starts):
             rel_end = starts[k + 1] if k + 1 < len(starts) else ext.length
-            zero = view[rel] == 0 and is_zero(view[rel:rel_end])
+            zero = is_zero(view, rel, rel_end)
             start, end = ext.offset + rel, ext.offset + rel_end
             if runs and runs[-1][2] == zero:
                 runs[-1] = (runs[-1][0], end, zero)

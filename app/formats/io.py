@@ -41,8 +41,9 @@ _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 class FileSource:
-    """A :class:`~app.formats.base.RandomAccessSource` over a regular file or block device
-    (and a :class:`~app.formats.base.ViewSource`: zero-copy reads of regular files)."""
+    """A :class:`~app.formats.base.RandomAccessSource` over a regular file or block device,
+    with :meth:`read_view_at` for zero-copy reads of regular files
+    (:func:`~app.formats.base.read_data_at` uses it)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -231,8 +232,8 @@ class FileSink:
         await self._call(os.fsync, self._fd)
 
     async def close(self) -> None:
-        # Writes cancelled by the caller may still be queued: let them finish (they
-        # are bounded by the write-behind depth) before the descriptor goes away.
+        # Writes still queued (not cancelled) or running finish before the descriptor
+        # goes away; there are at most the write-behind depth of them.
         await asyncio.get_running_loop().run_in_executor(None, self._thread.shutdown, True)
         if self._fd >= 0:
             os.close(self._fd)

@@ -218,8 +218,9 @@ class VhdReader(ImageReader):
                     got += len(piece)
                 bitmap = bytes(pieces[0][:bm_len])
                 pieces[0] = memoryview(pieces[0])[bm_len:]
-                runs = bitmap_runs(bitmap, -(-length // SECTOR))
-                if runs == [(0, -(-length // SECTOR), True)]:  # all present: as read
+                nsec = -(-length // SECTOR)
+                runs = bitmap_runs(bitmap, nsec)
+                if runs == [(0, nsec, True)]:  # all present: as read
                     pos = start
                     for piece in pieces:
                         n = min(len(piece), start + length - pos)

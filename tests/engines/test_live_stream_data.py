@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from app.engines import live_stream_wire as wire
-from app.engines.live_stream_data import Endpoint, stream
+from app.engines.live_stream_data import Endpoint, StreamResult, stream
 from app.engines.live_stream_delta import delta_stream, destination_digest
 from app.formats.digest import digest_bytes, digest_file
 from app.transports.ssh import RemoteCommandError, SshConnectionError, ssh_session
@@ -128,6 +128,17 @@ async def test_zeros_written_only_where_needed(pair: tuple[NsHost, NsHost]) -> N
     assert os.stat(b.backing_file).st_blocks * 512 < SIZE * 0.6
 
 
+async def _stream_and_verify(a: NsHost, b: NsHost, content: bytes) -> StreamResult:
+    """Stream ``a``'s device to ``b``'s with both helpers; the destination must then hold
+    ``content`` and both ends' digests must be that of ``content``."""
+    async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
+        result = await stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE)
+        dest_digest = await destination_digest(sb, b.device, SIZE, helper=True)
+    assert _read_dest(b) == content
+    assert result.digest == dest_digest == digest_bytes(content)
+    return result
+
+
 @pytest.mark.parametrize("stale", [True, False], ids=["stale", "zeroed"])
 async def test_zero_runs_on_a_device_that_cannot_punch_holes(
         ns_host_factory: NsHostFactory, stale: bool) -> None:
@@ -138,11 +149,7 @@ async def test_zero_runs_on_a_device_that_cannot_punch_holes(
     content = _fill_source(a)
     if stale:
         _garbage(b)
-    async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
-        result = await stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE)
-        dest_digest = await destination_digest(sb, b.device, SIZE, helper=True)
-    assert _read_dest(b) == content
-    assert result.digest == dest_digest == digest_bytes(content)
+    result = await _stream_and_verify(a, b, content)
     assert result.destination["punched"] == 0
     assert result.destination["punch_error"] in ("EOPNOTSUPP", "ENOTSUP")  # one errno
     if stale:
@@ -178,11 +185,7 @@ async def test_zstd_when_both_ends_have_it_and_it_pays(ns_host_factory: NsHostFa
         a.limit_egress("40mbit")
     content = _fill_source(a) if case == "random" else _compressible(a)
     _garbage(b)
-    async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
-        result = await stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE)
-        dest_digest = await destination_digest(sb, b.device, SIZE, helper=True)
-    assert _read_dest(b) == content
-    assert result.digest == dest_digest == digest_bytes(content)
+    result = await _stream_and_verify(a, b, content)
     assert result.handed_over
     assert result.compressed == (case == "compressible")
     assert result.destination["zstd"] == result.compressed
