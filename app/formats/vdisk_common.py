@@ -8,6 +8,8 @@
   position for error messages.
 - :func:`read_exact_at` reads from a random-access source and turns a short read into
   a :class:`~app.formats.base.FormatError`.
+- :class:`HostHoles` says which parts of a range of the image file are holes (read as
+  zeros without being stored), so block readers do not read them.
 - :func:`crc32c` is a small table-driven CRC-32C (Castagnoli), as VHDX needs it.
 - :func:`compute_pool` is the process-wide thread pool for CPU-bound work
   (compression, decompression) that releases the GIL.
@@ -17,6 +19,7 @@
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 import zlib
@@ -126,6 +129,64 @@ class ExtentBuilder:
         out: list[Extent] = []
         self._flush_data(out)
         self._flush_zero(out)
+        return out
+
+
+#: Holes in an image file shorter than this are read like data: skipping them would cut
+#: reads into small pieces for little gain.
+MIN_HOLE = 64 * 1024
+
+
+class HostHoles:
+    """The holes of an image file, from its source's
+    :meth:`~app.formats.base.RandomAccessSource.data_ranges` (SEEK_DATA/SEEK_HOLE).
+
+    A block format stores a block's data somewhere in the file, and the file system
+    may not have stored all of it: ``qemu-img`` allocates a whole VHD block but writes
+    only the sectors it was given, so the rest is a hole. Reading a hole costs as much
+    as reading data (the kernel fills page cache with zeros) and then every zero has to
+    be compared. :meth:`split` tells the reader which parts it can emit as zero runs
+    without reading them, as ``qemu-img`` does when it asks the file for block status.
+    Holes shorter than ``min_hole`` count as data. Without ranges (not a regular file,
+    a file system that cannot say) everything is data.
+    """
+
+    def __init__(self, ranges: list[tuple[int, int]] | None, *, min_hole: int = MIN_HOLE) -> None:
+        self.known = ranges is not None
+        merged: list[tuple[int, int]] = []  # (start, end) of data, gaps >= min_hole
+        for off, length in sorted(ranges or ()):
+            end = off + length
+            if merged and off - merged[-1][1] < min_hole:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((off, end))
+        self._ranges = merged
+        self._starts = [s for s, _ in merged]
+
+    def split(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """``[offset, offset + length)`` as consecutive ``(offset, length, is_data)``
+        runs; a run with ``is_data`` False is a hole (zeros)."""
+        end = offset + length
+        if not self.known:
+            return [(offset, length, True)] if length > 0 else []
+        out: list[tuple[int, int, bool]] = []
+        pos = offset
+        i = max(bisect.bisect_right(self._starts, offset) - 1, 0)
+        while pos < end and i < len(self._ranges):
+            start, stop = self._ranges[i]
+            i += 1
+            if stop <= pos:
+                continue
+            if start >= end:
+                break
+            if start > pos:
+                out.append((pos, start - pos, False))
+                pos = start
+            run_end = min(stop, end)
+            out.append((pos, run_end - pos, True))
+            pos = run_end
+        if pos < end:
+            out.append((pos, end - pos, False))
         return out
 
 

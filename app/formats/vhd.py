@@ -44,7 +44,12 @@ from app.formats.base import (
     WriterOptions,
 )
 from app.formats.raw import prefetch_reads
-from app.formats.vdisk_common import ExtentBuilder, read_exact_at, read_exact_data_at
+from app.formats.vdisk_common import (
+    ExtentBuilder,
+    HostHoles,
+    read_exact_at,
+    read_exact_data_at,
+)
 from app.formats.vhd_meta import (
     FMT,
     FOOTER_COOKIE,
@@ -173,25 +178,30 @@ class VhdReader(ImageReader):
         for ext in builder.finish():
             yield ext
 
-    def _block_reads(self, chunk_size: int) -> Iterator[tuple[int, int]]:
-        """File ranges to read for the allocated blocks, in disk order: each block's
-        bitmap and sectors, cut into pieces of at most about ``chunk_size`` bytes (the
-        first piece of a block starts with its bitmap)."""
+    def _block_layout(self, holes: HostHoles, b: int) -> list[tuple[int, int, bool]]:
+        """The file range of allocated block ``b`` (its bitmap, then its sectors) as
+        ``(file offset, length, is_data)`` runs; holes in the file read as zeros."""
         assert self._dyn is not None
         assert self._bat is not None
         bs = self._dyn.block_size
-        bm_len = bitmap_bytes(bs)
-        vsize = self.virtual_size
-        for b, entry in enumerate(self._bat[: -(-vsize // bs)]):
+        sectors = -(-min(bs, self.virtual_size - b * bs) // SECTOR)
+        return holes.split(self._bat[b] * SECTOR, bitmap_bytes(bs) + sectors * SECTOR)
+
+    def _block_reads(self, holes: HostHoles, chunk_size: int) -> Iterator[tuple[int, int]]:
+        """File ranges to read for the allocated blocks, in disk order: the data runs of
+        each block's layout, cut into pieces of at most ``chunk_size`` bytes (more for a
+        piece that starts with the bitmap, so it comes with some sectors)."""
+        assert self._dyn is not None
+        assert self._bat is not None
+        step = max(chunk_size, bitmap_bytes(self._dyn.block_size) + SECTOR)
+        for b, entry in enumerate(self._bat[: -(-self.virtual_size // self._dyn.block_size)]):
             if entry == UNUSED_BAT:
                 continue
-            total = bm_len + -(-min(bs, vsize - b * bs) // SECTOR) * SECTOR
-            pos = entry * SECTOR
-            end = pos + total
-            step = max(chunk_size, bm_len + SECTOR)
-            while pos < end:
-                yield pos, min(step, end - pos)
-                pos += step
+            for pos, length, is_data in self._block_layout(holes, b):
+                end = pos + length
+                while is_data and pos < end:
+                    yield pos, min(step, end - pos)
+                    pos += step
 
     async def _dynamic_extents(self, chunk_size: int) -> AsyncIterator[Extent]:
         assert self._dyn is not None
@@ -200,8 +210,11 @@ class VhdReader(ImageReader):
         bs = self._dyn.block_size
         bm_len = bitmap_bytes(bs)
         builder = ExtentBuilder(chunk_size)
-        # Bitmap and data of a block come in one read, a few reads ahead of us.
-        reads = prefetch_reads(self._source, self._block_reads(chunk_size), fmt=FMT, view=True)
+        holes = HostHoles(await self._source.data_ranges())
+        # Bitmap and data of a block come in one read, a few reads ahead of us; holes in
+        # the file are not read at all.
+        plan = self._block_reads(holes, chunk_size)
+        reads = prefetch_reads(self._source, plan, fmt=FMT, view=True)
         try:
             for b in range(-(-vsize // bs)):
                 start = b * bs
@@ -210,25 +223,33 @@ class VhdReader(ImageReader):
                     for ext in builder.zero(start, length):
                         yield ext
                     continue
-                pieces: list[bytes | memoryview] = []
-                got = 0
-                while got < bm_len + length:
-                    _, piece = await anext(reads)
-                    pieces.append(piece)
-                    got += len(piece)
-                bitmap = bytes(pieces[0][:bm_len])
-                pieces[0] = memoryview(pieces[0])[bm_len:]
+                pieces: list[bytes | memoryview | int] = []  # int: that many zeros
+                for _, run, is_data in self._block_layout(holes, b):
+                    got = 0
+                    while is_data and got < run:
+                        _, read = await anext(reads)
+                        pieces.append(read)
+                        got += len(read)
+                    if not is_data:
+                        pieces.append(run)
+                bitmap, pieces = _split_head(pieces, bm_len)
                 nsec = -(-length // SECTOR)
                 runs = bitmap_runs(bitmap, nsec)
                 if runs == [(0, nsec, True)]:  # all present: as read
                     pos = start
-                    for piece in pieces:
-                        n = min(len(piece), start + length - pos)
-                        for ext in builder.data(pos, memoryview(piece)[:n]):
+                    for item in pieces:
+                        size = item if isinstance(item, int) else len(item)
+                        n = min(size, start + length - pos)
+                        if isinstance(item, int):
+                            parts = builder.zero(pos, n)
+                        else:
+                            parts = builder.data(pos, memoryview(item)[:n])
+                        for ext in parts:
                             yield ext
                         pos += n
                     continue
-                data = memoryview(b"".join(pieces))  # a partly present block: rare
+                # A partly present block: rare.
+                data = memoryview(b"".join(bytes(p) if isinstance(p, int) else p for p in pieces))
                 for first, count, present in runs:
                     roff = first * SECTOR
                     rlen = min(count * SECTOR, length - roff)
@@ -242,6 +263,26 @@ class VhdReader(ImageReader):
             await reads.aclose()
         for ext in builder.finish():
             yield ext
+
+
+def _split_head(
+    pieces: list[bytes | memoryview | int], n: int
+) -> tuple[bytes, list[bytes | memoryview | int]]:
+    """The first ``n`` bytes of ``pieces`` (data, or an int for that many zeros) and the
+    pieces of the rest."""
+    head = bytearray()
+    rest: list[bytes | memoryview | int] = []
+    for piece in pieces:
+        need = n - len(head)
+        size = piece if isinstance(piece, int) else len(piece)
+        if need <= 0:
+            rest.append(piece)
+            continue
+        take = min(size, need)
+        head += bytes(take) if isinstance(piece, int) else piece[:take]
+        if size > take:
+            rest.append(piece - take if isinstance(piece, int) else memoryview(piece)[take:])
+    return bytes(head), rest
 
 
 async def _read_footer(source: RandomAccessSource) -> tuple[Footer, bool]:

@@ -23,7 +23,6 @@ after :meth:`~app.formats.base.ImageWriter.set_allocation_map`).
 
 from __future__ import annotations
 
-import bisect
 import struct
 import uuid
 from collections.abc import AsyncIterator
@@ -45,7 +44,13 @@ from app.formats.base import (
     SequentialSource,
     WriterOptions,
 )
-from app.formats.vdisk_common import ExtentBuilder, crc32c, read_exact_at, read_exact_data_at
+from app.formats.vdisk_common import (
+    ExtentBuilder,
+    HostHoles,
+    crc32c,
+    read_exact_at,
+    read_exact_data_at,
+)
 from app.formats.vhdx_meta import (
     BAT_GUID,
     FILE_PARAMETERS,
@@ -225,16 +230,7 @@ class VhdxReader(ImageReader):
         bs = self._meta.block_size
         vsize = self._meta.virtual_size
         builder = ExtentBuilder(chunk_size)
-        ranges = await self._source.data_ranges()
-        starts = [o for o, _ in ranges] if ranges is not None else []
-
-        def is_hole(off: int, length: int) -> bool:
-            """True when the file range is known to be a hole (reads as zeros)."""
-            if ranges is None:
-                return False
-            i = bisect.bisect_right(starts, off + length - 1) - 1
-            return i < 0 or ranges[i][0] + ranges[i][1] <= off
-
+        holes = HostHoles(await self._source.data_ranges())
         for b in range(self.payload_blocks):
             start = b * bs
             length = min(bs, vsize - start)
@@ -243,19 +239,19 @@ class VhdxReader(ImageReader):
                 for ext in builder.zero(start, length):
                     yield ext
                 continue
-            pos = 0
-            while pos < length:
-                n = min(chunk_size, length - pos)
-                if is_hole(file_off + pos, n):
-                    for ext in builder.zero(start + pos, n):
+            for foff, run, is_data in holes.split(file_off, length):
+                voff = start + foff - file_off
+                if not is_data:
+                    for ext in builder.zero(voff, run):
                         yield ext
-                else:
+                    continue
+                for pos in range(0, run, chunk_size):
+                    n = min(chunk_size, run - pos)
                     data = await read_exact_data_at(
-                        self._source, file_off + pos, n, FMT, f"block {b} data"
+                        self._source, foff + pos, n, FMT, f"block {b} data"
                     )
-                    for ext in builder.data(start + pos, data):
+                    for ext in builder.data(voff + pos, data):
                         yield ext
-                pos += n
         for ext in builder.finish():
             yield ext
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from app.formats.base import ImageReader
+from app.formats.io import FileSource
 
 QEMU_IMG = "qemu-img"
 
@@ -89,3 +90,21 @@ def assert_identical(a: Path, b: Path) -> None:
     assert a.stat().st_size == b.stat().st_size, f"{a} and {b} differ in size"
     proc = qemu_img("compare", "-f", "raw", "-F", "raw", a, b, check=False)
     assert proc.returncode == 0, f"{a} and {b} differ: {proc.stdout}{proc.stderr}"
+
+
+class RecordingSource(FileSource):
+    """A FileSource that records the file ranges read for disk data (views)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.reads: list[tuple[int, int]] = []
+
+    def read_view_at_sync(self, offset: int, length: int) -> bytes | memoryview:
+        self.reads.append((offset, length))
+        return super().read_view_at_sync(offset, length)
+
+    def assert_read_only(self, ranges: list[tuple[int, int]]) -> None:
+        """Every recorded read lies inside one of ``ranges`` (the file's data)."""
+        assert self.reads, "no data was read at all"
+        for off, n in self.reads:
+            assert any(s <= off and off + n <= s + ln for s, ln in ranges), (off, n, ranges)

@@ -9,6 +9,7 @@ where they differ the oracle is told ``force_size_calc=current_size``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import struct
@@ -21,9 +22,11 @@ from hypothesis import strategies as st
 from app.formats import registry, vhd
 from app.formats.base import Extent, FormatError, WriterOptions
 from app.formats.io import BytesSink, BytesSource, FileSink, FileSource, SequentialFileSource
+from app.formats.vdisk_common import HostHoles
 from app.formats.vhd_meta import (
     DYN_CHECKSUM_AT,
     FOOTER_CHECKSUM_AT,
+    UNUSED_BAT,
     Footer,
     chs_geometry,
     vhd_checksum,
@@ -182,6 +185,96 @@ async def test_sector_bitmap_is_honoured(tmp_path: Path) -> None:
     expected[2 * MiB :] = bytes(2 * MiB)
     reader = await vhd.open_reader(FileSource(img))
     assert await read_and_close(reader, 4096) == bytes(expected)
+
+
+def write_holey(path: Path, buf: bytes | bytearray, granule: int = 64 * KiB) -> None:
+    """Write ``buf`` to ``path`` leaving every all-zero ``granule`` as a hole in the file."""
+    with open(path, "wb") as f:
+        f.truncate(len(buf))
+        for off in range(0, len(buf), granule):
+            piece = buf[off : off + granule]
+            if any(piece):
+                f.seek(off)
+                f.write(piece)
+
+
+async def test_dynamic_reader_does_not_read_holes_in_the_file(tmp_path: Path) -> None:
+    """qemu-img allocates whole blocks but writes only the data it was given, so the
+    rest of a block is a hole in the file: the reader emits it as zeros unread (as
+    qemu-img does). A block whose bitmap lies in a hole reads as absent, and a partly
+    present block with holes still honours its bitmap."""
+    size = 8 * MiB
+    layout = [(0, 256 * KiB), (2 * MiB + 1 * MiB, 100_000), (4 * MiB, 300 * KiB),
+              (6 * MiB + 256 * KiB, 4096), (7 * MiB, 4096)]  # fmt: skip
+    src = tmp_path / "src.raw"
+    data = make_raw(src, size, layout, seed=7)
+    img = tmp_path / "d.vhd"
+    qemu_vpc(src, img, "subformat=dynamic,force_size=on")
+    buf = bytearray(img.read_bytes())
+    bat_off = struct.unpack_from(">Q", buf, 512 + 16)[0]
+    blocks = struct.unpack_from(">4I", buf, bat_off)
+    assert UNUSED_BAT not in blocks
+    expected = bytearray(data)
+    # Block 2: bitmap and all its data become a hole (the bitmap reads as zeros).
+    b2 = blocks[2] * 512
+    buf[b2 : b2 + 512 + 2 * MiB] = bytes(512 + 2 * MiB)
+    expected[4 * MiB : 6 * MiB] = bytes(2 * MiB)
+    # Block 3: sectors 1024.. absent (its data at 256 KiB stays, the data at 1 MiB goes).
+    b3 = blocks[3] * 512
+    buf[b3 + 128 : b3 + 512] = bytes(384)
+    expected[6 * MiB + 512 * KiB : 8 * MiB] = bytes(1536 * KiB)
+    holey = tmp_path / "holey.vhd"
+    write_holey(holey, buf)
+    file_ranges = FileSource(holey).data_ranges_sync()
+    assert file_ranges is not None
+    stored = sum(n for _, n in file_ranges)
+    assert stored < len(buf) - 4 * MiB, "the file system kept no holes: test is moot"
+    source = oracle.RecordingSource(holey)
+    reader = await vhd.open_reader(source)
+    assert await read_and_close(reader, 1 * MiB) == bytes(expected)
+    # Nothing read outside the file's data (64 KiB-granular holes here).
+    source.assert_read_only(file_ranges)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ranges=st.lists(st.tuples(st.integers(0, 4000), st.integers(1, 300)), max_size=8),
+    offset=st.integers(0, 4200),
+    length=st.integers(0, 1000),
+    min_hole=st.integers(1, 200),
+)
+def test_host_holes_split(
+    ranges: list[tuple[int, int]], offset: int, length: int, min_hole: int
+) -> None:
+    """HostHoles.split against a byte map: the runs are consecutive and cover the range,
+    and a byte is in a hole run exactly when it is not stored and its gap is at least
+    ``min_hole`` long or lies before all or after all stored bytes."""
+    stored = [False] * 5400
+    for off, n in ranges:
+        for i in range(off, off + n):
+            stored[i] = True
+    hole = [not b for b in stored]
+    i = 0
+    while i < len(stored):  # inner gaps shorter than min_hole count as data
+        if stored[i]:
+            i += 1
+            continue
+        j = i
+        while j < len(stored) and not stored[j]:
+            j += 1
+        if i > 0 and j < len(stored) and j - i < min_hole:
+            hole[i:j] = [False] * (j - i)
+        i = j
+    runs = HostHoles(ranges, min_hole=min_hole).split(offset, length)
+    pos = offset
+    for off, n, is_data in runs:
+        assert off == pos
+        assert n > 0
+        assert all(hole[k] != is_data for k in range(off, off + n)), (off, n, is_data)
+        pos += n
+    assert pos == offset + length
+    assert all(a[2] != b[2] for a, b in itertools.pairwise(runs))
+    assert HostHoles(None).split(offset, length) == ([(offset, length, True)] if length else [])
 
 
 async def test_footer_copy_is_used_when_the_footer_is_damaged(tmp_path: Path) -> None:

@@ -315,6 +315,23 @@ async def test_writer_big_sparse_disk(tmp_path: Path) -> None:
     assert_same_content(src, out)
 
 
+async def test_reader_does_not_read_holes_in_blocks(tmp_path: Path) -> None:
+    """qemu-img writes only the data into a VHDX block; the rest of the block is a hole
+    in the file, which the reader emits as zeros without reading it."""
+    size = 64 * MiB
+    layout = [(100, 300 * KiB), (5 * MiB, 70_000), (40 * MiB + 3, MiB)]
+    src = tmp_path / "src.raw"
+    data = make_raw(src, size, layout, seed=11)
+    img = tmp_path / "q.vhdx"
+    oracle.qemu_img("convert", "-f", "raw", "-O", "vhdx", "-o", "block_size=32M", src, img)
+    ranges = FileSource(img).data_ranges_sync()
+    assert ranges is not None
+    assert sum(n for _, n in ranges) < 16 * MiB  # two 32 MiB blocks, mostly holes
+    source = oracle.RecordingSource(img)
+    assert await read_and_close(await vhdx.open_reader(source), 4 * MiB) == data
+    source.assert_read_only(ranges)
+
+
 async def test_writer_4k_sectors(tmp_path: Path) -> None:
     size = 3 * MiB + 100
     data = random.Random(9).randbytes(size)
