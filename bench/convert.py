@@ -34,7 +34,8 @@ from pathlib import Path
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 REPO = Path(__file__).resolve().parents[1]
-VMIGRATE = [sys.executable, "-m", "app.commands.images", "convert"]
+#: The command users run: the console script installed next to this interpreter.
+VMIGRATE = [str(Path(sys.executable).with_name("vmigrate")), "convert"]
 QEMU_FMT = {"raw": "raw", "qcow2": "qcow2", "vmdk": "vmdk", "vhd": "vpc", "vhdx": "vhdx"}
 
 
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         warm = [
             sys.executable,
             "-c",
-            "import app.commands.images, app.formats.registry as r; "
+            "import app.cli, app.formats.registry as r; "
             "[r.format_module(f) for f in ('raw', 'qcow2', 'vmdk', 'vhd', 'vhdx')]",
         ]
         run_child(warm, REPO, child_env(work))  # fills the bytecode cache

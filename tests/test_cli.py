@@ -155,3 +155,27 @@ def test_main_cli_converts_without_a_database(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120, check=False)
     assert info.returncode == 0, info.stderr
     assert "vmdk" in info.stdout
+
+
+def test_image_commands_do_not_load_the_service(tmp_path: Path) -> None:
+    """`vmigrate info`/`convert` import neither the settings model, the database layer
+    nor the web app: they cost about 0.6 s of start-up, more than qemu-img needs for a
+    small conversion."""
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(b"x" * 4096)
+    probe = (
+        "import sys\n"
+        "from app.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "heavy = ('sqlalchemy', 'fastapi', 'pydantic_settings', 'app.db', 'app.config', 'yaml')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in heavy))\n"
+    )
+    for args in (["info", str(raw)], ["convert", str(raw), str(tmp_path / "o.qcow2"),
+                                       "--to", "qcow2"]):
+        done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True,
+                              text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().splitlines()[-1] == "[]", (args, done.stdout)
