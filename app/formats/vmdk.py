@@ -76,6 +76,7 @@ from app.formats.vmdk_meta import (
     unpack_meta_marker,
 )
 from app.formats.vmdk_stream import (
+    BATCH_GRAINS,
     Grain,
     StreamOptimizedWriter,
     VmdkWriterOptions,
@@ -94,10 +95,6 @@ __all__ = [
     "open_reader",
     "probe",
 ]
-
-
-#: Grains whose compressed data is read and inflated together.
-_BATCH_GRAINS = 64
 
 
 def probe(head: bytes, tail: bytes = b"") -> bool:
@@ -343,7 +340,7 @@ class VmdkSparseReader(ImageReader):
                 i = k
                 continue
             batch: list[tuple[int, int, int]] = []  # grain index, file offset, window end
-            while i < len(allocated) and allocated[i][1] > 1 and len(batch) < _BATCH_GRAINS:
+            while i < len(allocated) and allocated[i][1] > 1 and len(batch) < BATCH_GRAINS:
                 index, gte = allocated[i]
                 start = gte * SECTOR
                 nxt = bisect.bisect_right(starts, start)

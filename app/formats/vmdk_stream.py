@@ -69,8 +69,9 @@ from app.formats.vmdk_meta import (
     unpack_meta_marker,
 )
 
-#: Grains decompressed together (split over the compute pool's threads).
-_BATCH_GRAINS = 64
+#: Grains read and inflated together (split over the compute pool's threads), by the
+#: streamOptimized walker and the monolithicSparse reader alike.
+BATCH_GRAINS = 64
 
 
 def max_compressed_size(grain_bytes: int) -> int:
@@ -227,7 +228,7 @@ async def walk_stream(
                 batch.append((lba * SECTOR, comp, marker_off))
                 next_lba = lba + gs
                 seen += 1
-                if len(batch) >= _BATCH_GRAINS:
+                if len(batch) >= BATCH_GRAINS:
                     if pending is not None:
                         for ext in emit_runs(builder, await pending):
                             yield ext
