@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -193,8 +193,12 @@ async def convert_image(
     responses=problem_responses(401, 403, 404, 422),
 )
 async def delete_image(
-    image_id: uuid.UUID, principal: Writer, session: Session, ctx: Context
+    image_id: uuid.UUID, principal: Writer, session: Session, ctx: Context,
+    after: BackgroundTasks,
 ) -> Response:
     """Remove an image from the library (its bytes too)."""
-    await service.remove(session, ctx.store, principal.tenant, image_id)
+    location = await service.remove(session, principal.tenant, image_id)
+    # Background tasks run after the session dependency committed (and not at all when
+    # the commit fails), so the bytes go only once the row is gone for good.
+    after.add_task(service.delete_content, ctx.store, location)
     return Response(status_code=204)

@@ -125,15 +125,27 @@ async def open_content(store: ImageStore, image: VirtualImage) -> RandomAccessSo
     return await store.open(image.location)
 
 
-async def remove(session: AsyncSession, store: ImageStore, tenant: str,
-                 image_id: uuid.UUID) -> None:
+async def remove(session: AsyncSession, tenant: str, image_id: uuid.UUID) -> str:
+    """Delete the image's row (and record the event) in the caller's transaction; returns
+    the storage key of its bytes ("" when it has none). The caller deletes the bytes with
+    :func:`delete_content` only after the transaction committed: done the other way
+    round, a failed commit would leave a library entry whose bytes are gone."""
     location = await repo.delete_image(session, tenant, image_id)
     if location is None:
         raise NotFound(f"image {image_id} not found")
     await events_repo.record(session, tenant, "image.deleted", {"image_id": str(image_id)})
-    if location:
-        await session.flush()
+    return location
+
+
+async def delete_content(store: ImageStore, location: str) -> None:
+    """Delete the bytes of a removed image. The row is already gone, so a failure only
+    leaves unreferenced bytes behind: it is logged, not raised."""
+    if not location:
+        return
+    try:
         await store.delete(location)
+    except Exception as exc:  # logged: nothing references the bytes any more
+        log.warning("could not delete the content %s of a removed image: %s", location, exc)
 
 
 #: Formats a library image can be converted into (the formats with writers).

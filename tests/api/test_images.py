@@ -213,3 +213,38 @@ async def test_conversion_requests_are_checked(
     assert extra.status_code == 422
     assert (await client.post(url, headers=auth(other), json={"format": "vmdk"})).status_code \
         == 404
+
+
+async def test_delete_removes_bytes_only_after_the_commit(
+    client: httpx.AsyncClient, make_token: TokenFactory, raw_disk: Path, settings: Settings,
+    db: Database, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The bytes of a deleted image go after its row is committed away (a failed commit
+    must not leave a library entry without content), and a failure to delete them is
+    logged while the delete still succeeds."""
+    from sqlalchemy import select
+
+    from app.models.db import VirtualImage
+
+    token = await make_token("acme")
+    seen: list[tuple[str, bool]] = []
+    real_delete = LocalStore.delete
+
+    async def delete(self: LocalStore, key: str) -> None:
+        async with db.session() as session:  # another connection: sees committed rows only
+            rows = (await session.execute(select(VirtualImage.id))).scalars().all()
+        seen.append((key, bool(rows)))
+        if len(seen) == 2:
+            raise OSError("disk on fire")
+        await real_delete(self, key)
+
+    monkeypatch.setattr(LocalStore, "delete", delete)
+    for _ in range(2):
+        image = (await _upload(client, token, raw_disk)).json()
+        r = await client.delete(f"/v1/images/{image['id']}", headers=auth(token))
+        assert r.status_code == 204, r.text
+        gone = await client.get(f"/v1/images/{image['id']}", headers=auth(token))
+        assert gone.status_code == 404
+    assert [committed_rows for _, committed_rows in seen] == [False, False]
+    assert len(list((settings.library_dir / "objects").iterdir())) == 1  # the second stayed
+    assert any("disk on fire" in rec.getMessage() for rec in caplog.records)
