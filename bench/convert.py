@@ -10,8 +10,12 @@ the vmigrate/qemu-img throughput ratio, and the peak RSS of each child process
 
 Both tools read the same input files, which stay in the page cache after the first
 run (dropping caches needs root); outputs are written to the same directory and
-deleted after each run. Every vmigrate output is checked once with
-``qemu-img compare`` before it is timed.
+deleted after each run. Per path, each tool first runs once untimed (vmigrate's
+output of that run is checked with ``qemu-img compare``), then the timed runs
+alternate which tool goes first. On this kind of VM the first run after a pause is
+2-4x slower for either tool (the guest hands freed memory back to the host, and the
+next 2 GiB of page cache fault it back in), so always running one tool first would
+hand it that cost.
 
     .venv/bin/python -m bench.convert [--quick] [--runs N] [--dir DIR] [--only NAME]
 """
@@ -221,24 +225,30 @@ def verify(src: Path, src_kind: str, out: Path, out_ext: str) -> None:
 
 
 def bench_path(p: BenchPath, inputs: dict[str, Path], work: Path, runs: int) -> Row:
+    """One untimed warm-up run per tool (vmigrate's output is the one verified), then
+    ``runs`` timed runs per tool, the tool that goes first alternating (ABBA), so that
+    neither tool always runs right after the other's output was deleted."""
     src = inputs[p.src]
     size = src.stat().st_size if p.src in ("raw", "sparse") else inputs["raw"].stat().st_size
     row = Row(p.name, size, p.target)
     out = work / f"out.{p.out_ext}"
     src_fmt = "raw" if p.src == "sparse" else QEMU_FMT[p.src]
-    for i in range(runs):
-        argv = [*VMIGRATE, str(src), str(out), *p.vmigrate]
-        row.vmigrate.append(run_child(argv, REPO, child_env(work)))
-        if i == 0:
+    commands = {
+        "vmigrate": ([*VMIGRATE, str(src), str(out), *p.vmigrate], REPO, child_env(work)),
+        "qemu": (["qemu-img", "convert", "-f", src_fmt, *p.qemu, str(src), str(out)], work, None),
+    }
+    for tool, (argv, cwd, env) in commands.items():  # warm-up, not timed
+        run_child(argv, cwd, env)
+        if tool == "vmigrate":
             verify(src, p.src, out, p.out_ext)
-            row.out_bytes["vmigrate"] = out.stat().st_blocks * 512
+        row.out_bytes[tool] = out.stat().st_blocks * 512
         out.unlink()
-        row.qemu.append(
-            run_child(["qemu-img", "convert", "-f", src_fmt, *p.qemu, str(src), str(out)], work)
-        )
-        if i == 0:
-            row.out_bytes["qemu"] = out.stat().st_blocks * 512
-        out.unlink()
+    for i in range(runs):
+        order = ("vmigrate", "qemu") if i % 2 == 0 else ("qemu", "vmigrate")
+        for tool in order:
+            argv, cwd, env = commands[tool]
+            getattr(row, tool).append(run_child(argv, cwd, env))
+            out.unlink()
     print(
         f"  {p.name:<30} vmigrate {row.rate('vmigrate'):8.0f} MB/s  "
         f"qemu-img {row.rate('qemu'):8.0f} MB/s  ratio {row.ratio:5.2f}  "
