@@ -20,6 +20,7 @@ from app.errors import InvalidInput
 from app.models.schemas.migrations import EventPage
 from app.repositories.events import EventFilter
 from app.services import events as service
+from app.services.events import StreamStart
 from app.services.tokens import SCOPES, Principal
 
 router = APIRouter(prefix="/events", tags=["events"])
@@ -85,6 +86,9 @@ async def list_events(
     after `after` (or `Last-Event-ID`), then live ones as they happen."""
     where = event_filter(who, type, since, until)
     if wants_stream(request):
-        start = last_event_id if last_event_id is not None else after
-        return await stream_response(ctx, where, after=start)
+        if last_event_id is not None:
+            start: StreamStart | None = StreamStart(position=last_event_id)
+        else:
+            start = StreamStart(event_id=after) if after is not None else None
+        return await stream_response(ctx, where, start=start)
     return await service.page(session, where, after=after or 0, limit=limit)

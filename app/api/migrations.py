@@ -21,6 +21,7 @@ from app.models.enums import MigrationStatus, MigrationType
 from app.models.schemas.migrations import EventPage, MigrationCreate, MigrationOut, MigrationView
 from app.repositories.events import EventFilter
 from app.services import migrations as service
+from app.services.events import StreamStart
 from app.services.migrations import PageKey
 from app.services.tokens import Principal
 
@@ -182,5 +183,6 @@ async def list_migration_events(
     page = await service.events(tx, who.tenant, migration_id, after=after, limit=limit)
     if sse.wants_stream(request):
         where = EventFilter(tenant=who.tenant, migration_id=migration_id)
-        return await sse.stream_response(ctx, where, after=last_event_id or 0)
+        return await sse.stream_response(
+            ctx, where, start=StreamStart(position=last_event_id or 0))
     return page

@@ -1,8 +1,9 @@
 """Server-Sent Events on the event endpoints (``Accept: text/event-stream``).
 
-Each event is one frame: ``id:`` the event id (what the client sends back as
-``Last-Event-ID`` when it reconnects), ``event:`` its type, ``data:`` the same JSON
-object the list endpoints return. Idle streams get a ``:`` comment line every
+Each event is one frame: ``id:`` the event's stream position (what the client sends
+back as ``Last-Event-ID`` when it reconnects; positions follow commit order, so a
+resumed stream misses nothing), ``event:`` its type, ``data:`` the same JSON object
+the list endpoints return. Idle streams get a ``:`` comment line every
 ``events_keepalive_seconds``.
 """
 
@@ -22,7 +23,7 @@ from app.events.bus import EventBus
 from app.models.schemas.migrations import EventOut
 from app.repositories.events import EventFilter
 from app.services import events as service
-from app.services.events import StreamLimits
+from app.services.events import StreamLimits, StreamStart
 
 MEDIA_TYPE = "text/event-stream"
 #: Reconnection delay suggested to EventSource clients (ms).
@@ -31,15 +32,16 @@ RETRY_MS = 2000
 LastEventId = Annotated[
     int | None,
     Header(alias="Last-Event-ID", ge=0, le=2**63 - 1,
-           description="With `Accept: text/event-stream`: resume after this event id "
-           "(EventSource sends it when it reconnects)."),
+           description="With `Accept: text/event-stream`: resume after this stream "
+           "position, the SSE `id` of the last event received (EventSource sends it "
+           "when it reconnects)."),
 ]
 
 #: The extra ``200`` content documenting the stream in OpenAPI.
 STREAM_CONTENT: dict[str, Any] = {
     MEDIA_TYPE: {
         "schema": {"type": "string"},
-        "example": 'id: 42\nevent: migration.completed\ndata: {"id": 42, ...}\n\n',
+        "example": 'id: 40\nevent: migration.completed\ndata: {"id": 42, ...}\n\n',
     }
 }
 
@@ -65,7 +67,8 @@ def wants_stream(request: Request) -> bool:
 
 def frame(event: EventOut) -> bytes:
     kind = event.type.replace("\r", "").replace("\n", "")
-    return f"id: {event.id}\nevent: {kind}\ndata: {event.model_dump_json()}\n\n".encode()
+    head = f"id: {event.position}\n" if event.position is not None else ""
+    return f"{head}event: {kind}\ndata: {event.model_dump_json()}\n\n".encode()
 
 
 class EventStreamResponse(StreamingResponse):
@@ -107,10 +110,10 @@ async def _frames(events: AsyncIterator[EventOut | None]) -> AsyncIterator[bytes
 
 
 async def stream_response(
-    ctx: AppContext, where: EventFilter, *, after: int | None
+    ctx: AppContext, where: EventFilter, *, start: StreamStart | None
 ) -> EventStreamResponse:
-    """Check live delivery works (503 if not), then stream history after ``after``
-    followed by live events."""
+    """Check live delivery works (503 if not), then stream history after ``start``
+    (none when None) followed by live events."""
     bus: EventBus | None = ctx.events
     if bus is None:
         raise service.NotListening("live events are not enabled in this process")
@@ -119,7 +122,7 @@ async def stream_response(
     limits = StreamLimits(s.events_keepalive_seconds, s.events_stream_max_seconds,
                           s.events_stream_buffer)
     sub = bus.subscribe(where, limits.buffer)
-    events = service.follow(ctx.db, bus, sub, after=after, limits=limits)
+    events = service.follow(ctx.db, bus, sub, start=start, limits=limits)
     return EventStreamResponse(
         _frames(events), on_close=lambda: bus.unsubscribe(sub),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},

@@ -159,6 +159,7 @@ class MigrationEvent(Base):
     __table_args__ = (
         UniqueConstraint("migration_id", "seq", name="uq_migration_events_seq"),
         Index("ix_migration_events_tenant_id", "tenant", "id"),
+        Index("ix_migration_events_tenant_position", "tenant", "position"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -170,6 +171,10 @@ class MigrationEvent(Base):
     type: Mapped[str] = mapped_column(String(64))
     payload: Mapped[JSON] = mapped_column(default=dict)
     created_at: Mapped[datetime] = _now()
+    #: Commit order across all events: set by a trigger when the writing transaction
+    #: commits (migration 0003), so None only inside that transaction. Streams resume
+    #: by position, never by id (ids are allocated before commit).
+    position: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
 
 class VirtualImage(Base):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, false, or_, select
+from sqlalchemy import ColumnElement, false, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models.db import MigrationEvent
@@ -112,6 +112,29 @@ async def page(
         .limit(limit)
     )
     return list((await session.execute(stmt)).scalars())
+
+
+async def after_position(
+    session: AsyncSession, where: EventFilter, *, position: int, limit: int
+) -> list[MigrationEvent]:
+    """Committed events after stream position ``position``, in commit order."""
+    stmt = (
+        select(MigrationEvent)
+        .where(*where.where(), MigrationEvent.position > position)
+        .order_by(MigrationEvent.position)
+        .limit(limit)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def first_position_after_id(
+    session: AsyncSession, where: EventFilter, event_id: int
+) -> int | None:
+    """The smallest stream position among committed events with ids above ``event_id``."""
+    stmt = select(func.min(MigrationEvent.position)).where(
+        *where.where(), MigrationEvent.id > event_id)
+    position: int | None = (await session.execute(stmt)).scalar_one_or_none()
+    return position
 
 
 async def by_ids(session: AsyncSession, ids: Sequence[int]) -> list[MigrationEvent]:

@@ -67,11 +67,22 @@ async def ensure_live(bus: EventBus) -> None:
         raise NotListening("live events are not available right now; retry shortly")
 
 
+@dataclass(frozen=True, slots=True)
+class StreamStart:
+    """Where a stream's history starts: after stream position ``position`` (what a
+    client sends back as ``Last-Event-ID``: gap-free, positions follow commit order),
+    or after event id ``event_id`` (a page's cursor; an event with a smaller id that
+    commits later is not replayed)."""
+
+    position: int | None = None
+    event_id: int | None = None
+
+
 async def follow(
-    db: Database, bus: EventBus, sub: Subscription, *, after: int | None,
+    db: Database, bus: EventBus, sub: Subscription, *, start: StreamStart | None,
     limits: StreamLimits,
 ) -> AsyncIterator[EventOut | None]:
-    """Past events after ``after`` (none when None), then live ones as they commit.
+    """Past events after ``start`` (none when None), then live ones as they commit.
 
     ``sub`` must be taken from ``bus`` before this starts (so no commit falls between
     history and live events); it is released when this ends. Yields None when
@@ -84,8 +95,8 @@ async def follow(
     deadline = time.monotonic() + limits.max_seconds
     try:
         sent: set[int] = set()
-        if after is not None:
-            async for event in _history(db, where, after):
+        if start is not None:
+            async for event in _history(db, where, start):
                 sent.add(event.id)
                 yield event
         while True:
@@ -106,16 +117,26 @@ async def follow(
         bus.unsubscribe(sub)
 
 
-async def _history(db: Database, where: EventFilter, after: int) -> AsyncIterator[EventOut]:
-    """Events after ``after``, a page per short transaction (no connection is held
-    while the client reads)."""
-    cursor = after
+async def _history(db: Database, where: EventFilter, start: StreamStart
+                   ) -> AsyncIterator[EventOut]:
+    """Events after ``start`` in commit order, a page per short transaction (no
+    connection is held while the client reads)."""
+    position = start.position or 0
+    if start.position is None and start.event_id is not None:
+        # After an event id: the committed events with greater ids, in commit order,
+        # from the earliest-committed of them on.
+        async with db.session() as session:
+            first = await repo.first_position_after_id(session, where, start.event_id)
+        if first is None:
+            return
+        position = first - 1
     while True:
         async with db.session() as session:
-            batch = [EventOut.of(r) for r in await repo.page(session, where, after=cursor,
-                                                             limit=_REPLAY_PAGE)]
-        for event in batch:
-            yield event
-        if len(batch) < _REPLAY_PAGE:
+            rows = await repo.after_position(session, where, position=position,
+                                             limit=_REPLAY_PAGE)
+        for row in rows:
+            if start.event_id is None or row.id > start.event_id:
+                yield EventOut.of(row)
+        if len(rows) < _REPLAY_PAGE:
             return
-        cursor = batch[-1].id
+        position = rows[-1].position or position

@@ -17,6 +17,7 @@ from app.config import Settings
 from app.db import Database
 from app.events.bus import EventBus
 from app.main import create_app
+from app.repositories import events as events_repo
 from tests.api.migrations_support import add_cloud, hypervisor
 from tests.conftest import TokenFactory, auth
 from tests.webhooks.support import EventReader, Frame, frames, running, webhook_settings
@@ -67,7 +68,7 @@ async def test_an_event_made_on_one_replica_streams_from_another(
         got = await EventReader(stream).take(2)
     assert types(got) == ["migration.created", "migration.cancelled"]
     first = got[0].json
-    assert got[0].id == str(first["id"])
+    assert got[0].id is not None  # the stream position, not necessarily the event id
     assert first["migration_id"] == migration["id"]
     assert first["seq"] == 1
     assert int(got[1].id or 0) > int(got[0].id or 0)
@@ -85,9 +86,14 @@ async def test_resume_with_last_event_id_and_per_migration_streams(
         log = (await http.get(f"{url}/v1/events", headers=auth(token))).json()["items"]
         assert [e["type"] for e in log] == ["migration.created", "migration.queued",
                                             "migration.created"]
+        # A stream from the start (after=0) names each event's position in its SSE id.
+        async with http.stream("GET", f"{url}/v1/events?after=0",
+                               headers={**auth(token), **STREAM}) as stream:
+            history = await EventReader(stream).take(3)
+        assert [f.json["id"] for f in history] == [e["id"] for e in log]
         # The tenant stream resumes after the first event: history, then live.
         async with http.stream("GET", f"{url}/v1/events", headers={
-                **auth(token), **STREAM, "Last-Event-ID": str(log[0]["id"])}) as stream:
+                **auth(token), **STREAM, "Last-Event-ID": str(history[0].id)}) as stream:
             reader = EventReader(stream)
             got = await reader.take(2)
             assert [f.json["id"] for f in got] == [log[1]["id"], log[2]["id"]]
@@ -100,13 +106,14 @@ async def test_resume_with_last_event_id_and_per_migration_streams(
             reader = EventReader(stream)
             got = await reader.take(2)
             assert types(got) == ["migration.created", "migration.queued"]
+            queued_position = got[1].id
             await http.post(f"{url}/v1/migrations/{other['id']}/run", headers=auth(token))
             await http.post(f"{url}/v1/migrations/{m['id']}/cancel", headers=auth(token))
             live = await reader.take(1)
             assert types(live) == ["migration.cancelled"]
             assert live[0].json["migration_id"] == m["id"]
         async with http.stream("GET", path, headers={**auth(token), **STREAM,
-                                                     "Last-Event-ID": str(log[1]["id"])}) as s:
+                                                     "Last-Event-ID": str(queued_position)}) as s:
             assert types(await EventReader(s).take(1)) == ["migration.cancelled"]
         # Filters apply to streams too.
         async with http.stream("GET", f"{url}/v1/events?after=0&type=migration.queued",
@@ -116,6 +123,40 @@ async def test_resume_with_last_event_id_and_per_migration_streams(
         missing = await http.get(f"{url}/v1/migrations/{'0' * 8}-0000-0000-0000-{'0' * 12}"
                                  "/events", headers={**auth(token), **STREAM})
         assert missing.status_code == 404
+
+
+async def test_resume_replays_an_event_that_committed_after_a_greater_id(
+    sse_settings: Settings, db: Database, make_token: TokenFactory, http: httpx.AsyncClient
+) -> None:
+    """Event ids are allocated when an event is written: here the first transaction
+    writes an event (smaller id) and commits only after a second one wrote and
+    committed its own (greater id). A client that saw the second and resumes must
+    still get the first: streams resume by commit-ordered position, not by id."""
+    token = await make_token()
+    app = create_app(sse_settings, db=db)
+    async with running(app) as (url, _):
+        async with db.session() as slow:
+            await events_repo.record(slow, "acme", "image.created", {"n": "slow"})
+            async with db.session() as fast:
+                await events_repo.record(fast, "acme", "image.created", {"n": "fast"})
+            async with http.stream("GET", f"{url}/v1/events?after=0",
+                                   headers={**auth(token), **STREAM}) as stream:
+                seen = await EventReader(stream).take(1)
+            assert seen[0].json["payload"] == {"n": "fast"}
+        # `slow` committed now, with the smaller id.
+        log = (await http.get(f"{url}/v1/events", headers=auth(token))).json()["items"]
+        assert [e["payload"]["n"] for e in log] == ["slow", "fast"]  # id order
+        assert log[0]["id"] < seen[0].json["id"]
+        async with http.stream("GET", f"{url}/v1/events", headers={
+                **auth(token), **STREAM, "Last-Event-ID": str(seen[0].id)}) as stream:
+            resumed = await EventReader(stream).take(1)
+        assert resumed[0].json["payload"] == {"n": "slow"}
+        assert int(resumed[0].id or 0) > int(seen[0].id or 0)
+        # From a page cursor (an event id), history comes in commit order too.
+        async with http.stream("GET", f"{url}/v1/events?after=0",
+                               headers={**auth(token), **STREAM}) as stream:
+            both = await EventReader(stream).take(2)
+        assert [f.json["payload"]["n"] for f in both] == ["fast", "slow"]
 
 
 async def test_keep_alives_time_limit_and_disconnect(

@@ -26,6 +26,7 @@ from pydantic import (
     Discriminator,
     Field,
     JsonValue,
+    PrivateAttr,
     SecretStr,
     StrictBool,
     StrictInt,
@@ -527,8 +528,10 @@ def migration_out(row: Migration) -> MigrationView:
 
 
 class EventOut(BaseModel):
-    id: int = Field(description="Unique and increasing across the tenant's events: the "
-                    "`after` of /v1/events, and the SSE `id` (`Last-Event-ID`).")
+    id: int = Field(description="Unique across the tenant's events and allocated in the "
+                    "order they are written (the `after` of /v1/events). An event can "
+                    "commit shortly after one with a greater id; event streams therefore "
+                    "resume by their own SSE `id`, not by this one.")
     migration_id: uuid.UUID | None = Field(
         description="The migration it belongs to; null for tenant-level events "
         "(image.created, webhook.disabled, migration.deleted).")
@@ -537,10 +540,19 @@ class EventOut(BaseModel):
     payload: dict[str, JsonValue]
     created_at: datetime
 
+    #: The row's commit-ordered position (``MigrationEvent.position``): the SSE ``id``.
+    _position: int | None = PrivateAttr(default=None)
+
+    @property
+    def position(self) -> int | None:
+        return self._position
+
     @classmethod
     def of(cls, row: MigrationEvent) -> EventOut:
-        return cls(id=row.id, migration_id=row.migration_id, seq=row.seq, type=row.type,
-                   payload=row.payload, created_at=row.created_at)
+        out = cls(id=row.id, migration_id=row.migration_id, seq=row.seq, type=row.type,
+                  payload=row.payload, created_at=row.created_at)
+        out._position = row.position
+        return out
 
 
 class EventPage(BaseModel):
