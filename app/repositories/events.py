@@ -102,28 +102,13 @@ class EventFilter:
 
 
 async def page(
-    session: AsyncSession, where: EventFilter, *, after: int, limit: int
+    session: AsyncSession, where: EventFilter, *, after: int, limit: int,
+    by_position: bool = False,
 ) -> list[MigrationEvent]:
-    """Oldest first by id, starting after event ``after``."""
-    stmt = (
-        select(MigrationEvent)
-        .where(*where.where(), MigrationEvent.id > after)
-        .order_by(MigrationEvent.id)
-        .limit(limit)
-    )
-    return list((await session.execute(stmt)).scalars())
-
-
-async def after_position(
-    session: AsyncSession, where: EventFilter, *, position: int, limit: int
-) -> list[MigrationEvent]:
-    """Committed events after stream position ``position``, in commit order."""
-    stmt = (
-        select(MigrationEvent)
-        .where(*where.where(), MigrationEvent.position > position)
-        .order_by(MigrationEvent.position)
-        .limit(limit)
-    )
+    """Oldest first by id, starting after event ``after``; with ``by_position``, in
+    commit order after stream position ``after`` (committed events only)."""
+    key = MigrationEvent.position if by_position else MigrationEvent.id
+    stmt = select(MigrationEvent).where(*where.where(), key > after).order_by(key).limit(limit)
     return list((await session.execute(stmt)).scalars())
 
 

@@ -132,8 +132,8 @@ async def _history(db: Database, where: EventFilter, start: StreamStart
         position = first - 1
     while True:
         async with db.session() as session:
-            rows = await repo.after_position(session, where, position=position,
-                                             limit=_REPLAY_PAGE)
+            rows = await repo.page(session, where, after=position, limit=_REPLAY_PAGE,
+                                   by_position=True)
         for row in rows:
             if start.event_id is None or row.id > start.event_id:
                 yield EventOut.of(row)
