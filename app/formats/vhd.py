@@ -24,6 +24,7 @@ sink, or streamable after :meth:`set_allocation_map`).
 
 from __future__ import annotations
 
+import bisect
 import struct
 from collections.abc import AsyncIterator, Iterator
 from typing import ClassVar
@@ -212,7 +213,8 @@ class VhdReader(ImageReader):
         builder = ExtentBuilder(chunk_size)
         holes = HostHoles(await self._source.data_ranges())
         # Bitmap and data of a block come in one read, a few reads ahead of us; holes in
-        # the file are not read at all.
+        # the file are not read at all. A block's data goes out piece by piece as it
+        # arrives (never the whole block at once: blocks may be up to 256 MiB).
         plan = self._block_reads(holes, chunk_size)
         reads = prefetch_reads(self._source, plan, fmt=FMT, view=True)
         try:
@@ -223,66 +225,69 @@ class VhdReader(ImageReader):
                     for ext in builder.zero(start, length):
                         yield ext
                     continue
-                pieces: list[bytes | memoryview | int] = []  # int: that many zeros
+                head = bytearray()
+                block: _BlockBitmap | None = None
+                pos = 0  # offset in the block's data of the next piece
                 for _, run, is_data in self._block_layout(holes, b):
                     got = 0
-                    while is_data and got < run:
-                        _, read = await anext(reads)
-                        pieces.append(read)
-                        got += len(read)
-                    if not is_data:
-                        pieces.append(run)
-                bitmap, pieces = _split_head(pieces, bm_len)
-                nsec = -(-length // SECTOR)
-                runs = bitmap_runs(bitmap, nsec)
-                if runs == [(0, nsec, True)]:  # all present: as read
-                    pos = start
-                    for item in pieces:
-                        size = item if isinstance(item, int) else len(item)
-                        n = min(size, start + length - pos)
-                        if isinstance(item, int):
-                            parts = builder.zero(pos, n)
-                        else:
-                            parts = builder.data(pos, memoryview(item)[:n])
-                        for ext in parts:
-                            yield ext
-                        pos += n
-                    continue
-                # A partly present block: rare.
-                data = memoryview(b"".join(bytes(p) if isinstance(p, int) else p for p in pieces))
-                for first, count, present in runs:
-                    roff = first * SECTOR
-                    rlen = min(count * SECTOR, length - roff)
-                    if present:
-                        parts = builder.data(start + roff, data[roff : roff + rlen])
-                    else:
-                        parts = builder.zero(start + roff, rlen)
-                    for ext in parts:
-                        yield ext
+                    while got < run:
+                        piece: bytes | memoryview | int  # int: that many zeros (a hole)
+                        piece = (await anext(reads))[1] if is_data else run - got
+                        size = piece if isinstance(piece, int) else len(piece)
+                        got += size
+                        if block is None:  # still reading the bitmap
+                            take = min(size, bm_len - len(head))
+                            head += bytes(take) if isinstance(piece, int) else piece[:take]
+                            if len(head) < bm_len:
+                                continue
+                            block = _BlockBitmap(bitmap_runs(bytes(head), -(-length // SECTOR)))
+                            size -= take
+                            piece = size if isinstance(piece, int) else memoryview(piece)[take:]
+                        n = min(size, length - pos)
+                        if n > 0:
+                            for ext in block.emit(builder, start, pos, piece, n):
+                                yield ext
+                        pos += size
         finally:
             await reads.aclose()
         for ext in builder.finish():
             yield ext
 
 
-def _split_head(
-    pieces: list[bytes | memoryview | int], n: int
-) -> tuple[bytes, list[bytes | memoryview | int]]:
-    """The first ``n`` bytes of ``pieces`` (data, or an int for that many zeros) and the
-    pieces of the rest."""
-    head = bytearray()
-    rest: list[bytes | memoryview | int] = []
-    for piece in pieces:
-        need = n - len(head)
-        size = piece if isinstance(piece, int) else len(piece)
-        if need <= 0:
-            rest.append(piece)
-            continue
-        take = min(size, need)
-        head += bytes(take) if isinstance(piece, int) else piece[:take]
-        if size > take:
-            rest.append(piece - take if isinstance(piece, int) else memoryview(piece)[take:])
-    return bytes(head), rest
+class _BlockBitmap:
+    """A block's sector bitmap as runs, applied to the block's data piece by piece."""
+
+    def __init__(self, runs: list[tuple[int, int, bool]]) -> None:
+        self.runs = runs
+        self.all_present = len(runs) == 1 and runs[0][2]
+        self._starts = [first * SECTOR for first, _, _ in runs]
+
+    def emit(
+        self, builder: ExtentBuilder, start: int, pos: int, piece: bytes | memoryview | int,
+        n: int,
+    ) -> list[Extent]:
+        """Extents for ``n`` bytes of ``piece`` (data, or an int for a hole) at offset
+        ``pos`` of the block's data, which starts at virtual offset ``start``: bytes of
+        present sectors as data (holes as zeros), absent sectors as zeros."""
+        if self.all_present:
+            if isinstance(piece, int):
+                return builder.zero(start + pos, n)
+            return builder.data(start + pos, memoryview(piece)[:n])
+        out: list[Extent] = []
+        end = pos + n
+        i = max(bisect.bisect_right(self._starts, pos) - 1, 0)
+        while i < len(self.runs) and self._starts[i] < end:
+            first, count, present = self.runs[i]
+            i += 1
+            lo = max(first * SECTOR, pos)
+            hi = min((first + count) * SECTOR, end)
+            if hi <= lo:
+                continue
+            if present and not isinstance(piece, int):
+                out += builder.data(start + lo, memoryview(piece)[lo - pos : hi - pos])
+            else:
+                out += builder.zero(start + lo, hi - lo)
+        return out
 
 
 async def _read_footer(source: RandomAccessSource) -> tuple[Footer, bool]:

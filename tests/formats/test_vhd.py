@@ -389,6 +389,31 @@ async def test_dynamic_block_sizes(tmp_path: Path, block: int) -> None:
     assert await read_and_close(reader) == data
 
 
+async def test_large_blocks_stream_piece_by_piece(tmp_path: Path) -> None:
+    """A 64 MiB block is not gathered whole before its data goes out: the first extent
+    comes after a few chunk-sized reads, so memory stays at the reads in flight."""
+    block = 64 * MiB
+    size = block + 3 * MiB
+    data = random.Random(5).randbytes(size)
+    img = tmp_path / "big-blocks.vhd"
+    writer = vhd.create_writer(FileSink(img), size, WriterOptions(cluster_size=block))
+    await write_all(writer, extents_of(data))
+    source = oracle.RecordingSource(img)
+    reader = await vhd.open_reader(source)
+    assert reader.info.cluster_size == block
+    got = bytearray()
+    reads_at_first_extent = None
+    async for ext in reader.extents(1 * MiB):
+        if reads_at_first_extent is None:
+            reads_at_first_extent = len(source.reads)
+        got += ext.data if ext.data is not None else bytes(ext.length)
+    await reader.close()
+    assert bytes(got) == data
+    assert reads_at_first_extent is not None
+    assert reads_at_first_extent <= 4, reads_at_first_extent  # of 67 reads in all
+    assert len(source.reads) >= 64
+
+
 async def test_fixed_azure_alignment_and_streaming(tmp_path: Path) -> None:
     size = 30 * MiB + 4096 + 512
     data = bytearray(size)
