@@ -7,7 +7,7 @@ trigger takes a transaction-level advisory lock (held until the commit completes
 numbers the transaction's events from ``migration_events_position_seq``. Transactions
 that write events therefore commit them in position order, and a reader that has seen
 position P has seen every committed event below it. Rows written before this revision
-are numbered in id order.
+take their id as position (the SSE id they were streamed with).
 
 Only the commit itself is serialised (the lock is taken by the deferred trigger, at
 commit time), and the holder waits on nothing else, so this cannot deadlock.
@@ -43,11 +43,9 @@ $$
 def upgrade() -> None:
     op.add_column("migration_events", sa.Column("position", sa.BigInteger(), nullable=True))
     op.execute("CREATE SEQUENCE migration_events_position_seq OWNED BY migration_events.position")
-    op.execute(
-        "UPDATE migration_events m SET position = n.p FROM "
-        "(SELECT id, row_number() OVER (ORDER BY id) AS p FROM migration_events) n "
-        "WHERE m.id = n.id"
-    )
+    # Earlier events keep their id as position, so a Last-Event-ID sent by a client
+    # that connected before this revision (an event id then) resumes where it was.
+    op.execute("UPDATE migration_events SET position = id")
     op.execute(
         "SELECT setval('migration_events_position_seq', "
         "COALESCE((SELECT max(position) FROM migration_events), 0) + 1, false)"
