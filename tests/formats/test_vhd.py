@@ -28,6 +28,7 @@ from app.formats.vhd_meta import (
     FOOTER_CHECKSUM_AT,
     UNUSED_BAT,
     Footer,
+    bitmap_bytes,
     chs_geometry,
     vhd_checksum,
 )
@@ -234,6 +235,53 @@ async def test_dynamic_reader_does_not_read_holes_in_the_file(tmp_path: Path) ->
     assert await read_and_close(reader, 1 * MiB) == bytes(expected)
     # Nothing read outside the file's data (64 KiB-granular holes here).
     source.assert_read_only(file_ranges)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    block=st.sampled_from([64 * KiB, 512 * KiB, 2 * MiB]),
+    chunk=st.sampled_from([4 * KiB, 64 * KiB, 1 * MiB]),
+)
+async def test_holes_change_nothing_but_the_reads(
+    tmp_path: Path, seed: int, block: int, chunk: int
+) -> None:
+    """Differential: the same VHD bytes read from a file with holes (the reader skips
+    them) and from memory (the reader cannot know them) give the same disk, whatever
+    the data layout, block size, sector bitmaps and holes (64 KiB granules that happen
+    to be zero, including ones over bitmaps)."""
+    rng = random.Random(seed)
+    size = rng.choice([3 * MiB + 512, 4 * MiB, 5 * MiB - 1536])
+    data = bytearray(size)
+    for _ in range(rng.randint(0, 6)):
+        off = rng.randrange(size)
+        n = min(rng.choice([512, 70_000, 300 * KiB, MiB]), size - off)
+        data[off : off + n] = rng.randbytes(n)
+    img = tmp_path / f"d{seed}.vhd"
+    sink = FileSink(img)
+    writer = vhd.create_writer(sink, size, WriterOptions(cluster_size=block))
+    await write_all(writer, extents_of(bytes(data)))
+    buf = bytearray(img.read_bytes())
+    bat_off = struct.unpack_from(">Q", buf, 512 + 16)[0]
+    nblocks = -(-size // block)
+    for entry in struct.unpack_from(f">{nblocks}I", buf, bat_off):
+        if entry == UNUSED_BAT or rng.random() < 0.5:
+            continue
+        at = entry * 512
+        for _ in range(rng.randint(1, 4)):  # clear some bitmap bits, or all of them
+            i = rng.randrange(bitmap_bytes(block))
+            buf[at + i] = 0 if rng.random() < 0.5 else buf[at + i] & rng.randrange(256)
+        if rng.random() < 0.3:  # and wipe a data range (becomes a hole where 64 KiB-wide)
+            lo = at + rng.randrange(bitmap_bytes(block) + block)
+            hi = min(lo + rng.choice([4 * KiB, 64 * KiB, 200 * KiB]), len(buf) - 512)
+            buf[lo:hi] = bytes(max(hi - lo, 0))
+    assert len(buf) == img.stat().st_size
+    holey = tmp_path / f"h{seed}.vhd"
+    write_holey(holey, buf)
+    from_file = await read_and_close(await vhd.open_reader(FileSource(holey)), chunk)
+    in_memory = await read_and_close(await vhd.open_reader(BytesSource(bytes(buf))), chunk)
+    assert from_file == in_memory
 
 
 @settings(max_examples=200, deadline=None)
