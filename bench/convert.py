@@ -13,9 +13,9 @@ run (dropping caches needs root); outputs are written to the same directory and
 deleted after each run. Per path, each tool first runs once untimed (vmigrate's
 output of that run is checked with ``qemu-img compare``), then the timed runs
 alternate which tool goes first. On this kind of VM the first run after a pause is
-2-4x slower for either tool (the guest hands freed memory back to the host, and the
-next 2 GiB of page cache fault it back in), so always running one tool first would
-hand it that cost.
+2-4x slower for either tool (probably because the guest reports freed memory to the
+host, which the next 2 GiB of page cache then fault back in; not proven), so always
+running one tool first would hand it that cost.
 
     .venv/bin/python -m bench.convert [--quick] [--runs N] [--dir DIR] [--only NAME]
 """
