@@ -204,6 +204,23 @@ class VhdReader(ImageReader):
                     yield pos, min(step, end - pos)
                     pos += step
 
+    async def _block_pieces(
+        self, holes: HostHoles, b: int,
+        reads: AsyncIterator[tuple[int, bytes | memoryview]],
+    ) -> AsyncIterator[bytes | memoryview | int]:
+        """Allocated block ``b``'s file range in order (bitmap, then sectors): data as
+        :meth:`_block_reads` planned it, taken from ``reads``, and each hole as an int
+        (that many zero bytes)."""
+        for _, run, is_data in self._block_layout(holes, b):
+            if not is_data:
+                yield run
+                continue
+            got = 0
+            while got < run:
+                _, piece = await anext(reads)
+                got += len(piece)
+                yield piece
+
     async def _dynamic_extents(self, chunk_size: int) -> AsyncIterator[Extent]:
         assert self._dyn is not None
         assert self._bat is not None
@@ -228,26 +245,21 @@ class VhdReader(ImageReader):
                 head = bytearray()
                 block: _BlockBitmap | None = None
                 pos = 0  # offset in the block's data of the next piece
-                for _, run, is_data in self._block_layout(holes, b):
-                    got = 0
-                    while got < run:
-                        piece: bytes | memoryview | int  # int: that many zeros (a hole)
-                        piece = (await anext(reads))[1] if is_data else run - got
-                        size = piece if isinstance(piece, int) else len(piece)
-                        got += size
-                        if block is None:  # still reading the bitmap
-                            take = min(size, bm_len - len(head))
-                            head += bytes(take) if isinstance(piece, int) else piece[:take]
-                            if len(head) < bm_len:
-                                continue
-                            block = _BlockBitmap(bitmap_runs(bytes(head), -(-length // SECTOR)))
-                            size -= take
-                            piece = size if isinstance(piece, int) else memoryview(piece)[take:]
-                        n = min(size, length - pos)
-                        if n > 0:
-                            for ext in block.emit(builder, start, pos, piece, n):
-                                yield ext
-                        pos += size
+                async for piece in self._block_pieces(holes, b, reads):
+                    size = piece if isinstance(piece, int) else len(piece)
+                    if block is None:  # still reading the bitmap
+                        take = min(size, bm_len - len(head))
+                        head += bytes(take) if isinstance(piece, int) else piece[:take]
+                        if len(head) < bm_len:
+                            continue
+                        block = _BlockBitmap(bitmap_runs(bytes(head), -(-length // SECTOR)))
+                        size -= take
+                        piece = size if isinstance(piece, int) else memoryview(piece)[take:]
+                    n = min(size, length - pos)
+                    if n > 0:
+                        for ext in block.emit(builder, start, pos, piece, n):
+                            yield ext
+                    pos += size
         finally:
             await reads.aclose()
         for ext in builder.finish():
