@@ -114,20 +114,6 @@ class RandomAccessSource(Protocol):
     async def close(self) -> None: ...
 
 
-async def read_data_at(source: RandomAccessSource, offset: int, length: int) -> bytes | memoryview:
-    """Read disk data (not headers) for extents: up to ``length`` bytes at ``offset``.
-
-    Sources that can hand out their bytes without copying them (``read_view_at``, like
-    :class:`app.formats.io.FileSource` on a regular file) return a read-only
-    ``memoryview``; others return ``bytes``. Either way the result must not be mutated.
-    """
-    view_at = getattr(source, "read_view_at", None)
-    if view_at is not None:
-        data: bytes | memoryview = await view_at(offset, length)
-        return data
-    return await source.read_at(offset, length)
-
-
 @runtime_checkable
 class SequentialSource(Protocol):
     """Bytes that can only be read in order (a pipe, an HTTP body, an SSH channel)."""

@@ -49,7 +49,6 @@ from app.formats.base import (
     SequentialSink,
     SequentialSource,
     WriterOptions,
-    read_data_at,
 )
 from app.formats.qcow2_writer import Qcow2StreamWriter, Qcow2Writer, create_qcow2_writer
 from app.formats.raw import READ_DEPTH, prefetch_reads
@@ -434,7 +433,7 @@ class Qcow2Reader(ImageReader):
         are joined, so a fragmented image does not cost the pipeline per cluster."""
 
         async def one(host: int, length: int) -> bytes | memoryview:
-            data = await read_data_at(self._source, host, length)
+            data = await self._source.read_at(host, length)
             if len(data) != length:
                 raise FormatError("data cluster cut short by end of file", fmt=FMT, offset=host)
             return data

@@ -56,7 +56,6 @@ from app.formats.base import (
     SequentialSource,
     WriterOptions,
     immutable,
-    read_data_at,
 )
 from app.formats.buffers import Buffer, WriteBehind, first_bytes_nonzero, is_zero, zeros
 
@@ -151,13 +150,10 @@ async def prefetch_reads(
     *,
     depth: int = READ_DEPTH,
     fmt: str = FMT,
-    view: bool = False,
-) -> AsyncGenerator[tuple[int, bytes | memoryview], None]:
+) -> AsyncGenerator[tuple[int, bytes], None]:
     """Read ``(offset, length)`` ranges of ``source`` in order with up to ``depth`` reads
-    in flight; yields ``(offset, data)``. A short read is a :class:`FormatError`. With
-    ``view`` (disk data) the data may be a read-only view (:func:`read_data_at`)."""
-    read = (lambda o, n: read_data_at(source, o, n)) if view else source.read_at
-    pending: deque[tuple[int, int, asyncio.Future[bytes | memoryview]]] = deque()
+    in flight; yields ``(offset, data)``. A short read is a :class:`FormatError`."""
+    pending: deque[tuple[int, int, asyncio.Future[bytes]]] = deque()
     it = iter(plan)
     try:
         while True:
@@ -166,7 +162,7 @@ async def prefetch_reads(
                 if nxt is None:
                     break
                 off, ln = nxt
-                pending.append((off, ln, asyncio.ensure_future(read(off, ln))))
+                pending.append((off, ln, asyncio.ensure_future(source.read_at(off, ln))))
             if not pending:
                 return
             off, ln, task = pending.popleft()
@@ -260,7 +256,7 @@ class RawReader(ImageReader):
         plan = [piece for off, ln in ranges for piece in chunked(off, ln, chunk)]
         merger = ExtentMerger()
         pos = 0
-        async for off, data in prefetch_reads(source, plan, view=True):
+        async for off, data in prefetch_reads(source, plan):
             merger.zero(pos, off - pos)
             for ext in self._split(merger, off, data, chunk):
                 yield ext

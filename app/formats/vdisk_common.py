@@ -33,7 +33,6 @@ from app.formats.base import (
     RandomAccessSource,
     SequentialSource,
     immutable,
-    read_data_at,
 )
 from app.formats.buffers import is_zero
 
@@ -317,20 +316,6 @@ async def read_exact_at(
     source: RandomAccessSource, offset: int, length: int, fmt: str, what: str
 ) -> bytes:
     """Read exactly ``length`` bytes at ``offset`` or raise a :class:`FormatError`."""
-    return bytes(await read_exact_data_at(source, offset, length, fmt, what, view=False))
-
-
-async def read_exact_data_at(
-    source: RandomAccessSource,
-    offset: int,
-    length: int,
-    fmt: str,
-    what: str,
-    *,
-    view: bool = True,
-) -> bytes | memoryview:
-    """Like :func:`read_exact_at`; with ``view`` (disk data for extents) the result may
-    be a read-only view of the source (:func:`~app.formats.base.read_data_at`)."""
     if offset < 0 or length < 0:
         raise FormatError(f"{what} has a negative position or length", fmt=fmt, offset=offset)
     if offset + length > source.size:
@@ -339,13 +324,10 @@ async def read_exact_data_at(
             fmt=fmt,
             offset=offset,
         )
-    parts: list[bytes | memoryview] = []
+    parts: list[bytes] = []
     got = 0
     while got < length:
-        if view:
-            piece = await read_data_at(source, offset + got, length - got)
-        else:
-            piece = await source.read_at(offset + got, length - got)
+        piece = await source.read_at(offset + got, length - got)
         if not piece:
             raise FormatError(f"truncated {what}", fmt=fmt, offset=offset + got)
         parts.append(piece)

@@ -49,7 +49,6 @@ from app.formats.vdisk_common import (
     ExtentBuilder,
     HostHoles,
     read_exact_at,
-    read_exact_data_at,
 )
 from app.formats.vhd_meta import (
     FMT,
@@ -155,7 +154,7 @@ class VhdReader(ImageReader):
         pos = 0
         while pos < length:
             n = min(chunk_size, length - pos)
-            data = await read_exact_data_at(self._source, foff + pos, n, FMT, "disk data")
+            data = await read_exact_at(self._source, foff + pos, n, FMT, "disk data")
             for ext in builder.data(voff + pos, data):
                 yield ext
             pos += n
@@ -233,7 +232,7 @@ class VhdReader(ImageReader):
         # the file are not read at all. A block's data goes out piece by piece as it
         # arrives (never the whole block at once: blocks may be up to 256 MiB).
         plan = self._block_reads(holes, chunk_size)
-        reads = prefetch_reads(self._source, plan, fmt=FMT, view=True)
+        reads = prefetch_reads(self._source, plan, fmt=FMT)
         try:
             for b in range(-(-vsize // bs)):
                 start = b * bs

@@ -49,7 +49,6 @@ from app.formats.vdisk_common import (
     HostHoles,
     crc32c,
     read_exact_at,
-    read_exact_data_at,
 )
 from app.formats.vhdx_meta import (
     BAT_GUID,
@@ -247,7 +246,7 @@ class VhdxReader(ImageReader):
                     continue
                 for pos in range(0, run, chunk_size):
                     n = min(chunk_size, run - pos)
-                    data = await read_exact_data_at(
+                    data = await read_exact_at(
                         self._source, foff + pos, n, FMT, f"block {b} data"
                     )
                     for ext in builder.data(voff + pos, data):

@@ -50,13 +50,11 @@ from app.formats.base import (
     SequentialSink,
     SequentialSource,
     WriterOptions,
-    read_data_at,
 )
 from app.formats.vdisk_common import (
     ExtentBuilder,
     StreamReader,
     read_exact_at,
-    read_exact_data_at,
 )
 from app.formats.vmdk_flat import VmdkFlatReader, open_flat
 from app.formats.vmdk_meta import (
@@ -308,7 +306,7 @@ class VmdkSparseReader(ImageReader):
             while k < n and k - j < run_max and entries[k] == entries[k - 1] + gs:
                 k += 1
             end = min((first + k) * gb, vsize)
-            data = await read_exact_data_at(
+            data = await read_exact_at(
                 self._source, gte * SECTOR, end - off, FMT, f"grain {first + j}"
             )
             for ext in builder.data(off, data):
@@ -366,7 +364,7 @@ class VmdkSparseReader(ImageReader):
         hi = max(e for _, _, e in batch)
         span: memoryview | None = None
         if hi - lo <= 16 * 1024 * 1024:
-            span = memoryview(await read_data_at(self._source, lo, hi - lo))
+            span = memoryview(await self._source.read_at(lo, hi - lo))
         out: list[bytes | memoryview] = []
         for index, start, end in batch:
             window: bytes | memoryview

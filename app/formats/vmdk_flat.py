@@ -22,7 +22,7 @@ from app.formats.base import (
     RandomAccessSource,
 )
 from app.formats.io import FileSource
-from app.formats.vdisk_common import ExtentBuilder, read_exact_at, read_exact_data_at
+from app.formats.vdisk_common import ExtentBuilder, read_exact_at
 from app.formats.vmdk_meta import (
     FLAT_TYPES,
     FMT,
@@ -112,7 +112,7 @@ class VmdkFlatReader(ImageReader):
             end = off + length
             while pos < end:
                 n = min(chunk_size, end - pos)
-                data = await read_exact_data_at(
+                data = await read_exact_at(
                     self._extent, self._start + pos, n, FMT, "flat extent data"
                 )
                 for ext in builder.data(pos, data):

@@ -93,15 +93,15 @@ def assert_identical(a: Path, b: Path) -> None:
 
 
 class RecordingSource(FileSource):
-    """A FileSource that records the file ranges read for disk data (views)."""
+    """A FileSource that records the file ranges it reads."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.reads: list[tuple[int, int]] = []
 
-    def read_view_at_sync(self, offset: int, length: int) -> bytes | memoryview:
+    def read_at_sync(self, offset: int, length: int) -> bytes:
         self.reads.append((offset, length))
-        return super().read_view_at_sync(offset, length)
+        return super().read_at_sync(offset, length)
 
     def assert_read_only(self, ranges: list[tuple[int, int]]) -> None:
         """Every recorded read lies inside one of ``ranges`` (the file's data)."""

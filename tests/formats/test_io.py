@@ -1,103 +1,35 @@
-"""File sources and sinks: zero-copy views of regular files, one ordered write thread."""
+"""File sources and sinks: positional reads, one ordered write thread, ranges
+allocated before large writes."""
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 from pathlib import Path
 
 import pytest
 
-from app.formats.base import FormatError, read_data_at
-from app.formats.io import VIEW_MIN, BytesSource, FileSink, FileSource
-from app.formats.vdisk_common import read_exact_data_at
+from app.formats.base import FormatError
+from app.formats.io import FileSink, FileSource
+from app.formats.vdisk_common import read_exact_at
 
 MiB = 1024 * 1024
 
 
-def _mapped(path: Path) -> int:
-    """How many mappings of ``path`` this process has."""
-    with open("/proc/self/maps") as maps:
-        return sum(1 for line in maps if line.rstrip().endswith(str(path)))
-
-
-async def _settle() -> None:
-    """Let the loop run the executor's completion callback (it holds the result until
-    then) and collect garbage."""
-    await asyncio.sleep(0)
-    gc.collect()
-
-
-@pytest.fixture
-def image(tmp_path: Path) -> tuple[Path, bytes]:
-    data = os.urandom(5 * MiB + 12345)
-    path = tmp_path / "disk.raw"
-    path.write_bytes(data)
-    return path, data
-
-
-async def test_large_reads_of_a_regular_file_are_read_only_views(
-    image: tuple[Path, bytes],
-) -> None:
-    path, data = image
-    src = FileSource(path)
-    try:
-        offset = 4096 * 3 + 17  # not page aligned
-        view = await src.read_view_at(offset, 2 * MiB)
-        assert isinstance(view, memoryview)
-        assert view.readonly
-        assert view == data[offset : offset + 2 * MiB]
-        with pytest.raises(TypeError):
-            view[0] = 1
-        # Past the end: cut to the file, like pread.
-        tail = await src.read_view_at(len(data) - VIEW_MIN - 5, 4 * MiB)
-        assert bytes(tail) == data[len(data) - VIEW_MIN - 5 :]
-        assert await src.read_view_at(len(data), MiB) == b""
-        # Small reads are plain copies.
-        small = await src.read_view_at(100, VIEW_MIN - 1)
-        assert isinstance(small, bytes)
-        assert small == data[100 : 100 + VIEW_MIN - 1]
-        # The helper every reader uses picks the view when there is one...
-        assert isinstance(await read_data_at(src, 0, VIEW_MIN), memoryview)
-    finally:
-        await src.close()
-    # ...and falls back to read_at for sources without views.
-    assert await read_data_at(BytesSource(b"abc" * MiB), 1, MiB) == (b"abc" * MiB)[1 : MiB + 1]
-
-
-async def test_a_view_unmaps_when_its_last_reference_goes(image: tuple[Path, bytes]) -> None:
-    path, _ = image
-    src = FileSource(path)
-    before = _mapped(path)
-    view = await src.read_view_at(0, 2 * MiB)
-    part = view[MiB:]
-    await src.close()  # the mapping outlives the descriptor
-    assert _mapped(path) == before + 1
-    del view
-    await _settle()
-    assert _mapped(path) == before + 1  # `part` still refers to it
-    assert len(bytes(part)) == MiB
-    del part
-    await _settle()
-    assert _mapped(path) == before
-
-
-async def test_a_file_cut_short_after_opening_is_read_not_mapped(tmp_path: Path) -> None:
-    """The size is re-checked before mapping: a truncated input gives a short read and
-    then a FormatError, not a SIGBUS from touching pages past the new end."""
+async def test_a_file_cut_short_after_opening_gives_a_format_error(tmp_path: Path) -> None:
+    """Reads are copies, not mappings: an input truncated under a conversion comes back
+    short and then fails with a FormatError (a mapping would kill the process with
+    SIGBUS on the first page past the new end)."""
     path = tmp_path / "shrinks.raw"
     data = os.urandom(4 * MiB)
     path.write_bytes(data)
     src = FileSource(path)
     try:
         os.truncate(path, MiB)
-        short = await src.read_view_at(0, 4 * MiB)
-        assert isinstance(short, bytes)
+        short = await src.read_at(0, 4 * MiB)
         assert short == data[:MiB]
-        assert _mapped(path) == 0
         with pytest.raises(FormatError, match="truncated disk data"):
-            await read_exact_data_at(src, MiB, MiB, "raw", "disk data")
+            await read_exact_at(src, MiB, MiB, "raw", "disk data")
     finally:
         await src.close()
 
