@@ -100,7 +100,7 @@ class RandomAccessSource(Protocol):
         """Total size in bytes."""
         ...
 
-    async def read_at(self, offset: int, length: int) -> bytes:
+    def read_at(self, offset: int, length: int) -> Awaitable[bytes]:
         """Read up to ``length`` bytes at ``offset``; shorter only at end of data."""
         ...
 

@@ -4,13 +4,19 @@ allocated before large writes."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import gc
 import os
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from app.formats import io as io_mod
 from app.formats.base import FormatError
-from app.formats.io import FileSink, FileSource
+from app.formats.io import FileSink, FileSource, Lane
 from app.formats.vdisk_common import read_exact_at
 
 MiB = 1024 * 1024
@@ -64,3 +70,192 @@ async def test_file_sink_close_waits_for_writes_in_flight(tmp_path: Path) -> Non
     await sink.close()
     await asyncio.gather(*tasks)
     assert path.read_bytes() == b"\x01" * (8 * MiB)
+
+
+# -- Lane: the worker thread behind FileSource and FileSink ---------------------------
+
+
+def _lane_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "test-lane"]
+
+
+async def test_lane_runs_calls_in_order_and_returns_each_outcome() -> None:
+    lane = Lane("test-lane")
+    seen: list[int] = []
+
+    def work(i: int) -> int:
+        seen.append(i)
+        if i == 7:
+            raise ValueError("seven")
+        return i * i
+
+    futures = [lane.call(work, i) for i in range(20)]
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    await lane.stop()
+    assert seen == list(range(20))
+    assert [o for i, o in enumerate(outcomes) if i != 7] == [i * i for i in range(20) if i != 7]
+    assert isinstance(outcomes[7], ValueError)
+    assert str(outcomes[7]) == "seven"
+
+
+async def test_lane_wakes_a_busy_loop_once_for_many_results(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Calls that finish while the loop is busy come back with one wake-up, not one
+    per call (each wake-up is a write to the loop's self-pipe)."""
+    loop = asyncio.get_running_loop()
+    wakeups = 0
+    original = loop.call_soon_threadsafe
+
+    def counting(callback: Any, *args: Any, **kwargs: Any) -> asyncio.Handle:
+        nonlocal wakeups
+        wakeups += 1
+        return original(callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+    lane = Lane("test-lane")
+    ran = threading.Event()
+
+    def work(i: int) -> int:
+        if i == 49:
+            ran.set()
+        return i
+
+    futures = [lane.call(work, i) for i in range(50)]
+    assert ran.wait(10)  # the loop is blocked here while all 50 finish
+    time.sleep(0.05)  # let the thread hand over the last outcome
+    assert await asyncio.gather(*futures) == list(range(50))
+    assert wakeups == 1
+    await lane.stop()
+
+
+async def test_lane_skips_calls_cancelled_before_they_start() -> None:
+    lane = Lane("test-lane")
+    gate = threading.Event()
+    ran: list[str] = []
+    first = lane.call(gate.wait, 10)
+    second = lane.call(ran.append, "second")
+    third = lane.call(ran.append, "third")
+    second.cancel()
+    gate.set()
+    assert await first is True
+    await third
+    await lane.stop()
+    assert ran == ["third"]
+
+
+async def test_lane_stop_finishes_queued_calls_and_a_later_call_starts_again() -> None:
+    lane = Lane("test-lane")
+    done: list[int] = []
+
+    def slow(i: int) -> None:
+        time.sleep(0.01)
+        done.append(i)
+
+    futures = [lane.call(slow, i) for i in range(5)]
+    await lane.stop()
+    assert done == list(range(5))
+    assert all(f.done() for f in futures)
+    assert not _lane_threads()
+    assert await lane.call(lambda: 42) == 42
+    await lane.stop()
+    assert not _lane_threads()
+
+
+def test_lane_serves_one_loop_after_another_and_ends_when_dropped() -> None:
+    """A lane (a FileSource's, say) may be used from two event loops in turn; a lane
+    nobody stops ends its thread once it is garbage."""
+    lanes = [Lane("test-lane")]
+
+    async def use(n: int) -> int:
+        return int(await lanes[0].call(lambda: n + 1))
+
+    assert asyncio.run(use(1)) == 2
+    assert asyncio.run(use(2)) == 3
+    assert len(_lane_threads()) == 1
+    lanes.clear()
+    gc.collect()
+    for _ in range(200):
+        if not _lane_threads():
+            break
+        time.sleep(0.01)
+    assert not _lane_threads()
+
+
+async def test_file_source_close_waits_for_reads_in_flight(image_path: Path) -> None:
+    src = FileSource(image_path)
+    reads = [src.read_at(i * MiB, MiB) for i in range(4)]
+    await src.close()
+    assert [len(r) for r in await asyncio.gather(*reads)] == [MiB] * 4
+
+
+@pytest.fixture
+def image_path(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.raw"
+    path.write_bytes(os.urandom(4 * MiB))
+    return path
+
+
+# -- FileSink: ranges allocated before large writes -----------------------------------
+
+
+async def test_file_sink_allocates_large_writes_only_and_keeps_holes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert io_mod._fallocate is not None, "this libc has fallocate"
+    calls: list[tuple[int, int]] = []
+    real = io_mod._fallocate
+
+    def recording(fd: int, mode: int, offset: int, length: int) -> int:
+        calls.append((offset, length))
+        return real(fd, mode, offset, length)
+
+    monkeypatch.setattr(io_mod, "_fallocate", recording)
+    path = tmp_path / "sparse.raw"
+    sink = FileSink(path)
+    data = os.urandom(MiB)
+    await sink.write_at(64 * MiB, data)
+    await sink.write_at(200 * MiB, b"small")
+    await sink.truncate(256 * MiB)
+    await sink.close()
+    assert calls == [(64 * MiB, MiB)]
+    with path.open("rb") as f:
+        f.seek(64 * MiB)
+        assert f.read(MiB) == data
+    st = path.stat()
+    assert st.st_size == 256 * MiB
+    assert st.st_blocks * 512 <= 2 * MiB  # the data, not the 256 MiB around it
+
+
+async def test_file_sink_without_fallocate_support_just_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = 0
+
+    def unsupported(fd: int, mode: int, offset: int, length: int) -> int:
+        nonlocal calls
+        calls += 1
+        raise OSError(errno.EOPNOTSUPP, "not supported")
+
+    monkeypatch.setattr(io_mod, "_fallocate", unsupported)
+    path = tmp_path / "out.raw"
+    sink = FileSink(path)
+    for i in range(3):
+        await sink.write_at(i * MiB, bytes([i + 1]) * MiB)
+    await sink.close()
+    assert calls == 1  # asked once, then never again
+    assert path.read_bytes() == b"".join(bytes([i + 1]) * MiB for i in range(3))
+
+
+async def test_file_sink_out_of_space_from_fallocate_fails_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(fd: int, mode: int, offset: int, length: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(io_mod, "_fallocate", full)
+    sink = FileSink(tmp_path / "out.raw")
+    with pytest.raises(OSError, match="No space left") as info:
+        await sink.write_at(0, bytes(MiB))
+    assert info.value.errno == errno.ENOSPC
+    await sink.close()
