@@ -179,3 +179,25 @@ def test_image_commands_do_not_load_the_service(tmp_path: Path) -> None:
                               text=True, timeout=120, check=False)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip().splitlines()[-1] == "[]", (args, done.stdout)
+
+
+def test_image_commands_run_on_uvloop_where_installed() -> None:
+    """uvloop is a dependency (the API runs on it through uvicorn): the image commands
+    use it too, and fall back to asyncio's loop without it."""
+    from app.commands import images
+
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert images._event_loop_run(loop_module()).startswith("uvloop")
+    blocked = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; sys.modules['uvloop'] = None\n"
+         "import asyncio\n"
+         "from app.commands.images import _event_loop_run\n"
+         "async def m():\n"
+         "    return type(asyncio.get_running_loop()).__module__\n"
+         "print(_event_loop_run(m()))\n"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert blocked.returncode == 0, blocked.stderr
+    assert blocked.stdout.strip() == "asyncio.unix_events"
