@@ -246,7 +246,7 @@ class ZeroDetect(Stage):
         at the configured granularity."""
         g = self.granularity
         whole = [(ext.offset, ext.end, False)]
-        if g is None or ext.length <= g:
+        if g is None or ext.offset // g == (ext.end - 1) // g:  # inside one block
             return whole
         # A block whose first byte is non-zero is data: no memcmp needed. Ordinary
         # data takes this path for every block.

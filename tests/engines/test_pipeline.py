@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import random
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -256,6 +257,30 @@ async def test_zero_detect_splits_at_its_granularity() -> None:
     shape = [(e.offset // block, e.length // block, e.data is None) for e in sink.extents]
     assert shape == [(0, 2, False), (2, 3, True), (5, 3, False)]
     assert bytes(sink.device or b"") == bytes(data)
+
+
+async def test_zero_detect_splits_small_extents_that_cross_a_block_boundary() -> None:
+    """An extent shorter than a block still covers two blocks when it crosses a boundary
+    (the VHD reader's last piece of a data run: 512 bytes of data, then the zeros up to
+    the end of the file's page). The zero block's part becomes a zero run, so a raw
+    output gets no block allocated for it."""
+    block = 64 * 1024
+    tail = os.urandom(512) + bytes(1536)
+    end = block - 512 + len(tail)
+    extents = [Extent(0, block - 512), Extent(block - 512, len(tail), tail),
+               Extent(end, 2 * block - end)]
+
+    async def source() -> AsyncIterator[Extent]:
+        for ext in extents:
+            yield ext
+
+    sink = RecordingSink(bytearray(2 * block))
+    await Pipeline(source(), [ZeroDetect(block)], sink, virtual_size=2 * block).run()
+    shape = [(e.offset, e.length, e.data is None) for e in sink.extents]
+    assert shape == [(0, block - 512, True), (block - 512, 512, False), (block, block, True)]
+    inside = Extent(block + 100, 200, bytes(100) + b"\x01" * 100)  # one block: kept whole
+    runs = ZeroDetect(block)._split(inside, inside.data or b"")
+    assert runs == [(block + 100, block + 300, False)]
 
 
 async def test_stages_get_the_cpu_pool_and_it_is_shut_down() -> None:

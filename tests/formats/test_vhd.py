@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from app.engines.pipeline import convert
 from app.formats import registry, vhd
 from app.formats.base import Extent, FormatError, WriterOptions
 from app.formats.io import BytesSink, BytesSource, FileSink, FileSource, SequentialFileSource
@@ -584,3 +585,24 @@ async def test_probe() -> None:
     assert vhd.probe(image[:4096], image[-512:])
     assert registry.probe(image[:4096], image[-512:]) == "vhd"
     assert not vhd.probe(bytes(4096), bytes(512))
+
+
+async def test_vhd_to_raw_allocates_only_the_data(tmp_path: Path) -> None:
+    """qemu-img writes a block's data only as far as it goes, so a data run in the VHD
+    file ends in zeros up to the next page (here 1.5 KiB after the last 512 data
+    bytes), and the reader's last piece of the run crosses a 64 KiB boundary. Those
+    zeros must not cost the raw output a block: it holds exactly the 1 MiB of data."""
+    size = 16 * MiB
+    src = tmp_path / "src.raw"
+    make_raw(src, size, [(6 * MiB, MiB)], seed=11)
+    img = tmp_path / "in.vhd"
+    oracle.qemu_img(
+        "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=dynamic,force_size=on", src, img
+    )
+    out = tmp_path / "out.raw"
+    reader = await vhd.open_reader(FileSource(img))
+    writer = registry.create_writer("raw", FileSink(out), reader.virtual_size, WriterOptions())
+    await convert(reader, writer)
+    await reader.close()
+    oracle.assert_identical(out, src)
+    assert out.stat().st_blocks * 512 == MiB
