@@ -203,9 +203,9 @@ async def test_file_sink_allocates_large_writes_only_and_keeps_holes(
     calls: list[tuple[int, int]] = []
     real = io_mod._fallocate
 
-    def recording(fd: int, mode: int, offset: int, length: int) -> int:
+    def recording(fd: int, mode: int, offset: int, length: int) -> None:
         calls.append((offset, length))
-        return real(fd, mode, offset, length)
+        real(fd, mode, offset, length)
 
     monkeypatch.setattr(io_mod, "_fallocate", recording)
     path = tmp_path / "sparse.raw"
@@ -229,7 +229,7 @@ async def test_file_sink_without_fallocate_support_just_writes(
 ) -> None:
     calls = 0
 
-    def unsupported(fd: int, mode: int, offset: int, length: int) -> int:
+    def unsupported(fd: int, mode: int, offset: int, length: int) -> None:
         nonlocal calls
         calls += 1
         raise OSError(errno.EOPNOTSUPP, "not supported")
@@ -247,7 +247,7 @@ async def test_file_sink_without_fallocate_support_just_writes(
 async def test_file_sink_out_of_space_from_fallocate_fails_the_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def full(fd: int, mode: int, offset: int, length: int) -> int:
+    def full(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(io_mod, "_fallocate", full)
