@@ -352,11 +352,44 @@ class Qcow2Reader(ImageReader):
             runs.append((guest, length, kind, host, clen))
 
         v3 = self._hdr.version >= 3
-        for j in range(count):
+        # Standard entries come in runs: unallocated (0) or plain data clusters at
+        # consecutive host offsets. Such a run is taken whole (one check, one push);
+        # anything else goes entry by entry below. Parsing 8192 entries one at a time
+        # took about 5 ms, long enough to leave the file's reader thread idle.
+        odd = L.OFLAG_COMPRESSED | L.OFLAG_ZERO | L.L2_STD_RESERVED_MASK
+        j = 0
+        while j < count:
             guest = guest_base + j * cs
-            length = min(cs, vsize - guest)
-            where = table_off + j * width
             entry = values[j * 2] if self._extl2 else values[j]
+            if not self._extl2 and not entry & odd:
+                k = j + 1
+                if not entry:
+                    while k < count and not values[k]:
+                        k += 1
+                    push(guest, min((k - j) * cs, vsize - guest), ZERO, 0, 0)
+                    j = k
+                    continue
+                if entry & L.OFFSET_MASK:
+                    following = entry + cs
+                    while k < count and values[k] == following:
+                        k += 1
+                        following += cs
+                    host = entry & L.OFFSET_MASK
+                    length = min((k - j) * cs, vsize - guest)
+                    if host & (cs - 1) or host + length > self._file_size:
+                        for m in range(j, k):  # name the first bad entry
+                            self._check_data(
+                                host + (m - j) * cs,
+                                min(cs, vsize - guest_base - m * cs),
+                                table_off + m * width,
+                            )
+                    push(guest, length, DATA, host, 0)
+                    j = k
+                    continue
+            i = j
+            j += 1
+            length = min(cs, vsize - guest)
+            where = table_off + i * width
             if entry & L.OFLAG_COMPRESSED:
                 push(*self._compressed_run(entry, guest, length, where))
                 continue
@@ -368,7 +401,7 @@ class Qcow2Reader(ImageReader):
             if self._extl2:
                 if entry & L.OFLAG_ZERO:
                     raise FormatError("extended L2 entry has bit 0 set", fmt=FMT, offset=where)
-                bitmap = values[j * 2 + 1]
+                bitmap = values[i * 2 + 1]
                 alloc, zero = bitmap & 0xFFFF_FFFF, bitmap >> 32
                 if alloc & zero:
                     raise FormatError(

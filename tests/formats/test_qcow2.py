@@ -700,3 +700,40 @@ async def test_refuses_compressed_bombs_and_garbage(workdir: Path) -> None:
         garbage = image[:host] + rng.randbytes(clen) + image[host + clen :]
         with pytest.raises(FormatError):
             await read_bytes(garbage)
+
+
+async def test_l2_runs_match_entry_by_entry_reading(plain_image: bytes) -> None:
+    """The reader takes runs of L2 entries whole; a table mixing every kind of entry
+    must still read as each entry says, and a bad entry inside a run is named."""
+    l2 = struct.unpack_from(">Q", plain_image, l1_offset(plain_image))[0] & L.OFFSET_MASK
+    vsize = struct.unpack_from(">Q", plain_image, 24)[0]  # rounded up to 512 bytes
+    clusters = L.div_round_up(vsize, 64 * KiB)
+    entries = struct.unpack_from(f">{clusters}Q", plain_image, l2)
+    hosts = sorted(e & L.OFFSET_MASK for e in entries if e & L.OFFSET_MASK)
+    a, b, c = hosts[:3]
+    assert c == b + 64 * KiB == a + 128 * KiB  # qemu-img allocates clusters in order
+    cop = L.OFLAG_COPIED
+    table = [0] * clusters
+    table[0:2] = [a | cop, b | cop]  # a run
+    table[2] = c  # continues the run without the COPIED flag
+    table[5] = L.OFLAG_ZERO  # zero flag between unallocated entries
+    table[8:10] = [b | cop, b | cop]  # one cluster mapped twice
+    table[10:12] = [b, a]  # going backwards
+    table[-3:] = [a, b, c]  # a run ending in the disk's partial last cluster
+    image = bytearray(plain_image)
+    struct.pack_into(f">{clusters}Q", image, l2, *table)
+
+    expected = bytearray()
+    for index, entry in enumerate(table):
+        length = min(64 * KiB, vsize - index * 64 * KiB)
+        host = entry & L.OFFSET_MASK
+        expected += plain_image[host : host + length] if host else bytes(length)
+    assert await read_bytes(bytes(image)) == expected
+
+    # The third entry of a run points past the end of the file.
+    end = L.div_round_up(len(plain_image), 64 * KiB) * 64 * KiB
+    run = [(end - 2 * 64 * KiB) | cop, (end - 64 * KiB) | cop, end | cop]
+    struct.pack_into(">3Q", image, l2 + 16 * 8, *run)
+    with pytest.raises(FormatError, match="past the end") as caught:
+        await read_bytes(bytes(image))
+    assert caught.value.offset == l2 + 18 * 8
