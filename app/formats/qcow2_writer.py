@@ -50,7 +50,7 @@ from app.formats.base import (
     SequentialSink,
     WriterOptions,
 )
-from app.formats.buffers import Buffer, WriteBehind, is_zero, zeros
+from app.formats.buffers import Buffer, WriteBehind, first_bytes_nonzero, is_zero, zeros
 
 FMT = L.FMT
 DEFAULT_CLUSTER_SIZE = 64 * 1024
@@ -270,12 +270,28 @@ class Qcow2Writer(ImageWriter):
     # ----------------------------------------------------------------- L2
 
     async def _set_l2(self, cluster: int, entry: int) -> None:
-        index = cluster // self._l2_entries
+        index, pos = divmod(cluster, self._l2_entries)
         if index != self._l2_index:
-            await self._flush_l2()
-            self._l2_index = index
-            self._l2 = array("Q", bytes(8 * self._l2_entries))
-        self._l2[cluster % self._l2_entries] = entry
+            await self._switch_l2(index)
+        self._l2[pos] = entry
+
+    async def _map_plain(self, cluster: int, count: int, host: int) -> None:
+        """L2 entries for ``count`` clusters from ``cluster``, stored at consecutive host
+        clusters from ``host``: one slice per L2 table, not one call per cluster."""
+        cs = self._cs
+        entry = host | L.OFLAG_COPIED
+        while count:
+            index, pos = divmod(cluster, self._l2_entries)
+            if index != self._l2_index:
+                await self._switch_l2(index)
+            n = min(count, self._l2_entries - pos)
+            self._l2[pos : pos + n] = array("Q", range(entry, entry + n * cs, cs))
+            cluster, count, entry = cluster + n, count - n, entry + n * cs
+
+    async def _switch_l2(self, index: int) -> None:
+        await self._flush_l2()
+        self._l2_index = index
+        self._l2 = array("Q", bytes(8 * self._l2_entries))
 
     async def _flush_l2(self) -> None:
         if self._l2_index < 0:
@@ -290,7 +306,10 @@ class Qcow2Writer(ImageWriter):
     async def _write_plain(self, first: int, buf: Buffer) -> None:
         cs = self._cs
         count = len(buf) // cs
-        nonzero = [not is_zero(buf, k * cs, (k + 1) * cs) for k in range(count)]
+        if first_bytes_nonzero(buf, 0, cs):  # ordinary data: no cluster is all zeros
+            nonzero = [True] * count
+        else:
+            nonzero = [not is_zero(buf, k * cs, (k + 1) * cs) for k in range(count)]
         k = 0
         while k < count:
             if not nonzero[k]:
@@ -301,8 +320,7 @@ class Qcow2Writer(ImageWriter):
                 k += 1
             host = self._alloc_clusters(k - start)
             await self._wb.submit(self._sink.write_at(host, memoryview(buf)[start * cs : k * cs]))
-            for j in range(start, k):
-                await self._set_l2(first + j, (host + (j - start) * cs) | L.OFLAG_COPIED)
+            await self._map_plain(first + start, k - start, host)
         await self._finalize_refcount_blocks()
 
     async def _submit(self, first: int, buf: Buffer) -> None:
