@@ -12,17 +12,23 @@ Both tools read the same input files, which stay in the page cache after the fir
 run (dropping caches needs root); outputs are written to the same directory and
 deleted after each run. Per path, each tool first runs once untimed (vmigrate's
 output of that run is checked with ``qemu-img compare``), then the timed runs
-alternate which tool goes first. On this kind of VM the first run after a pause is
-2-4x slower for either tool (probably because the guest reports freed memory to the
-host, which the next 2 GiB of page cache then fault back in; not proven), so always
-running one tool first would hand it that cost.
+alternate which tool goes first. On a VM whose kernel reports
+freed memory to the host (virtio-balloon free page reporting), a run whose page cache
+lands on reported memory faults it back in from the host and takes 2-4x longer, for
+either tool; always running one tool first would hand it that cost. Each run records
+how much memory the guest reported meanwhile (where the kernel shows it), and as root
+``--hold-freed-memory`` asks the kernel to keep freed memory for 60 s before reporting
+it (``min_free_ms`` of the page_reporting module, put back afterwards), which takes
+that noise out of the comparison.
 
     .venv/bin/python -m bench.convert [--quick] [--runs N] [--dir DIR] [--only NAME]
+                                      [--hold-freed-memory]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -32,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -120,6 +127,37 @@ class Run:
     seconds: float
     max_rss_kib: int
     cpu_seconds: float
+    reported_mib: float | None = None  # freed memory the guest reported to the host meanwhile
+
+
+#: The page_reporting module's settings (a virtio-balloon guest with free page reporting).
+PAGE_REPORTING = Path("/sys/module/page_reporting/parameters")
+
+
+def reported_kib() -> int | None:
+    """KiB of free memory reported to the host since boot, where the kernel says."""
+    try:
+        return int((PAGE_REPORTING / "reported_kib").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def hold_freed_memory(hold_ms: int = 60_000) -> Iterator[None]:
+    """Keep freed memory in the guest for ``hold_ms`` before it is reported to the
+    host, so the outputs' page cache is not faulted back in from the host run after
+    run; the previous setting is put back afterwards."""
+    knob = PAGE_REPORTING / "min_free_ms"
+    try:
+        before = knob.read_text().strip()
+        knob.write_text(str(hold_ms))
+    except OSError as exc:
+        raise SystemExit(f"--hold-freed-memory: cannot set {knob} ({exc}); needs root") from exc
+    print(f"holding freed memory for {hold_ms} ms before it is reported (was {before})")
+    try:
+        yield
+    finally:
+        knob.write_text(before)
 
 
 @dataclass
@@ -170,15 +208,18 @@ def child_env(work: Path) -> dict[str, str]:
 def run_child(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> Run:
     """Run one process; wall time, peak RSS and CPU time of exactly that child."""
     with tempfile.TemporaryFile() as err:
+        reported = reported_kib()
         start = time.perf_counter()
         proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
+        after = reported_kib()
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
             err.seek(0)
             raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}): {err.read().decode()}")
-    return Run(seconds, usage.ru_maxrss, usage.ru_utime + usage.ru_stime)
+    mib = None if reported is None or after is None else (after - reported) / 1024
+    return Run(seconds, usage.ru_maxrss, usage.ru_utime + usage.ru_stime, mib)
 
 
 def qemu_img(*args: str | Path) -> None:
@@ -262,6 +303,12 @@ def bench_path(p: BenchPath, inputs: dict[str, Path], work: Path, runs: int) -> 
         f"rss {row.rss_mib('vmigrate'):6.0f} / {row.rss_mib('qemu'):4.0f} MiB",
         flush=True,
     )
+    for tool in ("vmigrate", "qemu"):
+        runs_of: list[Run] = getattr(row, tool)
+        times = " ".join(f"{r.seconds:.2f}" for r in runs_of)
+        reported = [r.reported_mib for r in runs_of if r.reported_mib is not None]
+        note = f"  ({sum(reported):.0f} MiB reported to the host meanwhile)" if reported else ""
+        print(f"    {tool:<8} runs: {times} s{note}", flush=True)
     return row
 
 
@@ -300,6 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", action="append", help="run paths whose name contains this")
     ap.add_argument("--no-sparse", action="store_true", help="skip the 32 GiB sparse row")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument(
+        "--hold-freed-memory",
+        action="store_true",
+        help="(root, VMs with free page reporting) keep freed memory in the guest for\n"
+        "60 s before reporting it to the host, for the duration of the benchmark",
+    )
     args = ap.parse_args(argv)
     runs = args.runs or (1 if args.quick else 3)
     size = (args.size_gib or (1 if args.quick else 4)) * GiB
@@ -308,8 +361,24 @@ def main(argv: list[str] | None = None) -> int:
     paths = [p for p in PATHS if not args.only or any(o in p.name for o in args.only)]
     with_sparse = not args.no_sparse and (not args.only or any("sparse" in o for o in args.only))
     work = Path(tempfile.mkdtemp(prefix="vmigrate-bench-", dir=args.dir))
+    with contextlib.ExitStack() as stack:
+        if args.hold_freed_memory:
+            stack.enter_context(hold_freed_memory())
+        elif reported_kib() is not None:
+            print("note: this guest reports freed memory to the host; see --hold-freed-memory")
+        rows = run_all(paths, work, size, runs, args.quick, with_sparse)
+    print()
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    return 0
+
+
+def run_all(
+    paths: list[BenchPath], work: Path, size: int, runs: int, quick: bool, with_sparse: bool
+) -> list[Row]:
     try:
-        inputs = prepare_inputs(work, size, args.quick, with_sparse)
+        inputs = prepare_inputs(work, size, quick, with_sparse)
         print(f"benchmark: {runs} run(s) per tool, medians; {os.cpu_count()} CPUs", flush=True)
         warm = [
             sys.executable,
@@ -323,11 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(bench_path(SPARSE_PATH, inputs, work, runs))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print()
-    print(table(rows))
-    if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
-    return 0
+    return rows
 
 
 if __name__ == "__main__":
