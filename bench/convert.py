@@ -18,8 +18,9 @@ lands on reported memory faults it back in from the host and takes 2-4x longer, 
 either tool; always running one tool first would hand it that cost. Each run records
 how much memory the guest reported meanwhile (where the kernel shows it), and as root
 ``--hold-freed-memory`` asks the kernel to keep freed memory for 60 s before reporting
-it (``min_free_ms`` of the page_reporting module, put back afterwards), which takes
-that noise out of the comparison.
+it, however much is waiting (``min_free_ms`` and ``max_waiting_mib`` of the
+page_reporting module, put back afterwards), which takes that noise out of the
+comparison.
 
     .venv/bin/python -m bench.convert [--quick] [--runs N] [--dir DIR] [--only NAME]
                                       [--hold-freed-memory]
@@ -143,21 +144,33 @@ def reported_kib() -> int | None:
 
 
 @contextlib.contextmanager
-def hold_freed_memory(hold_ms: int = 60_000) -> Iterator[None]:
+def hold_freed_memory(hold_ms: int = 60_000, waiting_mib: int = 1 << 20) -> Iterator[None]:
     """Keep freed memory in the guest for ``hold_ms`` before it is reported to the
-    host, so the outputs' page cache is not faulted back in from the host run after
-    run; the previous setting is put back afterwards."""
-    knob = PAGE_REPORTING / "min_free_ms"
+    host, however much of it is waiting (the module reports early once more than
+    ``max_waiting_mib`` waits, 1 GiB by default: less than one output), so the outputs'
+    page cache is not faulted back in from the host run after run. The previous
+    settings are put back afterwards."""
+    wanted = {"min_free_ms": hold_ms, "max_waiting_mib": waiting_mib}
+    before: dict[str, str] = {}
+
+    def restore() -> None:
+        for name, previous in before.items():
+            (PAGE_REPORTING / name).write_text(previous)
+
     try:
-        before = knob.read_text().strip()
-        knob.write_text(str(hold_ms))
+        for name, value in wanted.items():
+            knob = PAGE_REPORTING / name
+            previous = knob.read_text().strip()
+            knob.write_text(str(value))
+            before[name] = previous
     except OSError as exc:
-        raise SystemExit(f"--hold-freed-memory: cannot set {knob} ({exc}); needs root") from exc
-    print(f"holding freed memory for {hold_ms} ms before it is reported (was {before})")
+        restore()
+        raise SystemExit(f"--hold-freed-memory: cannot set {PAGE_REPORTING} ({exc})") from exc
+    print(f"holding freed memory in the guest: {wanted} (was {before})", flush=True)
     try:
         yield
     finally:
-        knob.write_text(before)
+        restore()
 
 
 @dataclass
@@ -351,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         "--hold-freed-memory",
         action="store_true",
         help="(root, VMs with free page reporting) keep freed memory in the guest for\n"
-        "60 s before reporting it to the host, for the duration of the benchmark",
+        "60 s before reporting it to the host, however much waits, for the duration\n"
+        "of the benchmark",
     )
     args = ap.parse_args(argv)
     runs = args.runs or (1 if args.quick else 3)
