@@ -23,6 +23,7 @@ page_reporting module, put back afterwards), which takes that noise out of the
 comparison.
 
     .venv/bin/python -m bench.convert [--quick] [--runs N] [--dir DIR] [--only NAME]
+                                      [--skip NAME]
                                       [--hold-freed-memory]
 """
 
@@ -358,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size-gib", type=int, help="image size (default 4, quick 1)")
     ap.add_argument("--dir", type=Path, help="work directory (default: a new temp dir)")
     ap.add_argument("--only", action="append", help="run paths whose name contains this")
+    ap.add_argument("--skip", action="append", help="leave out paths whose name contains this")
     ap.add_argument("--no-sparse", action="store_true", help="skip the 32 GiB sparse row")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument(
@@ -372,7 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     size = (args.size_gib or (1 if args.quick else 4)) * GiB
     if shutil.which("qemu-img") is None:
         raise SystemExit("qemu-img is not installed")
-    paths = [p for p in PATHS if not args.only or any(o in p.name for o in args.only)]
+    paths = [
+        p
+        for p in PATHS
+        if (not args.only or any(o in p.name for o in args.only))
+        and not any(o in p.name for o in args.skip or ())
+    ]
     with_sparse = not args.no_sparse and (not args.only or any("sparse" in o for o in args.only))
     work = Path(tempfile.mkdtemp(prefix="vmigrate-bench-", dir=args.dir))
     with contextlib.ExitStack() as stack:
