@@ -355,7 +355,7 @@ class Qcow2Reader(ImageReader):
         # Standard entries come in runs: unallocated (0) or plain data clusters at
         # consecutive host offsets. Such a run is taken whole (one check, one push);
         # anything else goes entry by entry below. Parsing 8192 entries one at a time
-        # took about 5 ms, long enough to leave the file's reader thread idle.
+        # took about 5 ms of the event loop, during which it queued no reads.
         odd = L.OFLAG_COMPRESSED | L.OFLAG_ZERO | L.L2_STD_RESERVED_MASK
         j = 0
         while j < count:
