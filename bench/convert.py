@@ -9,7 +9,7 @@ the vmigrate/qemu-img throughput ratio, and the peak RSS of each child process
 32 GiB sparse image to show that memory does not grow with disk size.
 
 Both tools read the same input files, which stay in the page cache after the first
-run (dropping caches needs root); outputs are written to the same directory and
+run (the caches are not dropped); outputs are written to the same directory and
 deleted after each run. Per path, each tool first runs once untimed (vmigrate's
 output of that run is checked with ``qemu-img compare``), then the timed runs
 alternate which tool goes first. On a VM whose kernel reports
