@@ -157,6 +157,44 @@ def test_main_cli_converts_without_a_database(tmp_path: Path) -> None:
     assert "vmdk" in info.stdout
 
 
+def test_the_command_ends_at_once_after_an_image_command_only(tmp_path: Path) -> None:
+    """`run` (the console script) skips the interpreter's teardown after a finished
+    convert or info, and nowhere else: an atexit handler shows which way it went."""
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(os.urandom(64 * 1024) + bytes(64 * 1024))
+    script = (
+        "import atexit, sys\n"
+        "atexit.register(print, 'torn down')\n"
+        "sys.argv = ['vmigrate', *sys.argv[1:]]\n"
+        "from app.cli import run\n"
+        "run()\n"
+    )
+
+    def vmigrate(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
+                              text=True, timeout=120, check=False)
+
+    out = tmp_path / "disk.qcow2"
+    done = vmigrate("convert", str(raw), str(out), "--to", "qcow2")
+    assert done.returncode == 0, done.stderr
+    assert "torn down" not in done.stdout
+    cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(raw), str(out)],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert cmp.returncode == 0, cmp.stdout
+    info = vmigrate("info", str(out))
+    assert info.returncode == 0, info.stderr
+    assert "qcow2" in info.stdout  # printed before the process ended
+    assert "torn down" not in info.stdout
+
+    failed = vmigrate("convert", str(tmp_path / "missing.raw"), str(out), "--to", "raw")
+    assert failed.returncode == 2, failed.stderr  # the source cannot be read
+    assert "missing.raw" in failed.stderr
+    assert failed.stdout.strip() == "torn down"
+    helped = vmigrate("--help")
+    assert helped.returncode == 0
+    assert helped.stdout.rstrip().endswith("torn down")
+
+
 def test_image_commands_do_not_load_the_service(tmp_path: Path) -> None:
     """`vmigrate info`/`convert` import neither the settings model, the database layer
     nor the web app: they cost about 0.6 s of start-up, more than qemu-img needs for a

@@ -106,6 +106,16 @@ class _TtyProgress:
             self.stream.flush()
 
 
+#: Set when an image command has done all it will do (output published, files closed,
+#: no task or thread busy): :func:`app.cli.run` may then end the process at once.
+finished = False
+
+
+def _finished() -> None:
+    global finished
+    finished = True
+
+
 def _fail(message: str, code: int) -> NoReturn:
     one_line = " ".join(message.split())
     click.echo(f"vmigrate: error: {one_line}", err=True)
@@ -287,6 +297,7 @@ def convert_command(
             bar.close()
     if result is not None:
         click.echo(result)
+    _finished()
 
 
 # --------------------------------------------------------------------------- info
@@ -388,6 +399,7 @@ def info_command(image: Path, from_fmt: str | None, as_json: bool, digest: bool)
     """Show format, virtual size and allocation of a disk image."""
     info = _run(lambda: image_info(image, from_fmt, digest=digest))
     click.echo(json.dumps(info, indent=2) if as_json else _render_info(info))
+    _finished()
 
 
 images_commands: list[click.Command] = [convert_command, info_command]
