@@ -251,6 +251,7 @@ def _add_image_commands() -> None:
 
 _add_image_commands()
 
+
 def run() -> NoReturn:
     """The ``vmigrate`` command: :func:`main` as a program. After ``convert`` or
     ``info`` has finished its work, the process ends without the interpreter's

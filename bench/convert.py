@@ -374,19 +374,19 @@ def main(argv: list[str] | None = None) -> int:
     size = (args.size_gib or (1 if args.quick else 4)) * GiB
     if shutil.which("qemu-img") is None:
         raise SystemExit("qemu-img is not installed")
-    paths = [
-        p
-        for p in PATHS
-        if (not args.only or any(o in p.name for o in args.only))
-        and not any(o in p.name for o in args.skip or ())
-    ]
-    with_sparse = not args.no_sparse and (not args.only or any("sparse" in o for o in args.only))
+
+    def wanted(name: str) -> bool:
+        return (not args.only or any(o in name for o in args.only)) and not any(
+            o in name for o in args.skip or ()
+        )
+
+    paths = [p for p in PATHS if wanted(p.name)]
+    with_sparse = not args.no_sparse and wanted(SPARSE_PATH.name)
     work = Path(tempfile.mkdtemp(prefix="vmigrate-bench-", dir=args.dir))
-    with contextlib.ExitStack() as stack:
-        if args.hold_freed_memory:
-            stack.enter_context(hold_freed_memory())
-        elif reported_kib() is not None:
-            print("note: this guest reports freed memory to the host; see --hold-freed-memory")
+    if not args.hold_freed_memory and reported_kib() is not None:
+        print("note: this guest reports freed memory to the host; see --hold-freed-memory")
+    hold = hold_freed_memory() if args.hold_freed_memory else contextlib.nullcontext()
+    with hold:
         rows = run_all(paths, work, size, runs, args.quick, with_sparse)
     print()
     print(table(rows))

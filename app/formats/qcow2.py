@@ -369,12 +369,12 @@ class Qcow2Reader(ImageReader):
                     push(guest, min((k - j) * cs, vsize - guest), ZERO, 0, 0)
                     j = k
                     continue
-                if entry & L.OFFSET_MASK:
+                host = entry & L.OFFSET_MASK
+                if host:
                     following = entry + cs
                     while k < count and values[k] == following:
                         k += 1
                         following += cs
-                    host = entry & L.OFFSET_MASK
                     length = min((k - j) * cs, vsize - guest)
                     if host & (cs - 1) or host + length > self._file_size:
                         for m in range(j, k):  # name the first bad entry
