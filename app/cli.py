@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -231,6 +230,8 @@ def openapi(as_json: bool) -> None:
 
     spec = create_app(_settings()).openapi()
     if as_json:
+        import json
+
         click.echo(json.dumps(spec, indent=2, sort_keys=False))
     else:
         sys.stdout.write(render_openapi_yaml(spec))

@@ -17,10 +17,8 @@ Run standalone with ``python -m app.commands.images convert ...``.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
-import secrets
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -192,7 +190,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _temp_path(dst: Path) -> Path:
-    return dst.with_name(f".{dst.name}.{secrets.token_hex(6)}.part")
+    return dst.with_name(f".{dst.name}.{os.urandom(6).hex()}.part")
 
 
 async def convert_file(
@@ -398,7 +396,12 @@ def _render_info(info: dict[str, Any]) -> str:
 def info_command(image: Path, from_fmt: str | None, as_json: bool, digest: bool) -> None:
     """Show format, virtual size and allocation of a disk image."""
     info = _run(lambda: image_info(image, from_fmt, digest=digest))
-    click.echo(json.dumps(info, indent=2) if as_json else _render_info(info))
+    if as_json:
+        import json  # here only: the image commands import what they use (start-up)
+
+        click.echo(json.dumps(info, indent=2))
+    else:
+        click.echo(_render_info(info))
     _finished()
 
 

@@ -37,14 +37,13 @@ from app.drivers.vmware_lease import LeaseKeeper, NfcDownload, device_url, uploa
 from app.drivers.vmware_ovf import OvfDisk, OvfVm, build_ovf
 from app.errors import AppError, InvalidInput, NotFound
 from app.formats.base import ImageReader
+from app.formats.probes import VMDK_MAGIC
 from app.models.enums import ImageFormat
 
 if TYPE_CHECKING:
     from app.drivers.vmware import VmwareDriver
 
 log = logging.getLogger(__name__)
-
-VMDK_MAGIC = b"KDMV"
 
 
 def _reason(driver: VmwareDriver, exc: BaseException) -> str:

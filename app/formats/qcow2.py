@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
+from app.formats import probes
 from app.formats import qcow2_layout as L
 from app.formats.base import (
     DEFAULT_CHUNK,
@@ -82,10 +83,7 @@ _INFLATE_DEPTH = max(READ_DEPTH, os.cpu_count() or 1)
 _OWN_EXTENT = 256 * 1024
 
 
-def probe(head: bytes, tail: bytes = b"") -> bool:
-    """A qcow image starts with ``QFI\\xfb``. Every version is claimed, so that a qcow v1
-    or a future version is refused by :func:`open_reader` instead of passing for raw."""
-    return head[:4] == L.MAGIC
+probe = probes.qcow2
 
 
 def _be64(data: bytes) -> array[int]:

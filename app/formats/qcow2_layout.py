@@ -19,9 +19,9 @@ import zstandard as _zstd
 from isal import isal_zlib as _isal_zlib
 
 from app.formats.base import FormatError
+from app.formats.probes import QCOW2_MAGIC
 
 FMT = "qcow2"
-MAGIC = b"QFI\xfb"
 
 V2_HEADER_LENGTH = 72
 V3_MIN_HEADER_LENGTH = 104
@@ -127,7 +127,7 @@ class Header:
             nb_snapshots,
             snapshots_offset,
         ) = _HEADER_V2.unpack_from(data)
-        if magic != MAGIC:
+        if magic != QCOW2_MAGIC:
             raise FormatError(f"bad magic {magic!r}, not a qcow2 image", fmt=FMT, offset=0)
         if version not in (2, 3):
             raise FormatError(f"unsupported qcow2 version {version}", fmt=FMT, offset=4)
@@ -163,7 +163,7 @@ class Header:
 
     def pack(self) -> bytes:
         out = _HEADER_V2.pack(
-            MAGIC,
+            QCOW2_MAGIC,
             self.version,
             self.backing_file_offset,
             self.backing_file_size,

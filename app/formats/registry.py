@@ -4,7 +4,8 @@ Every format module (``app/formats/<name>.py``) exposes:
 
 - ``probe(head: bytes, tail: bytes) -> bool``: do these bytes look like this format?
   ``head`` is the first :data:`~app.formats.base.PROBE_SIZE` bytes, ``tail`` the last
-  512 (VHD fixed keeps its only footer at the end).
+  512 (VHD fixed keeps its only footer at the end). The probes are defined in
+  :mod:`app.formats.probes`, which :func:`probe` uses without importing the modules.
 - ``async open_reader(source, *, max_virtual_size) -> ImageReader``
 - ``create_writer(sink, virtual_size, options) -> ImageWriter``
 """
@@ -27,9 +28,7 @@ from app.formats.base import (
     SequentialSource,
     WriterOptions,
 )
-
-#: Probe order: most specific magic first; raw matches anything and comes last.
-_PROBE_ORDER = ("qcow2", "vhdx", "vmdk", "vhd")
+from app.formats.probes import PROBES
 
 
 def format_module(fmt: str) -> ModuleType:
@@ -39,9 +38,11 @@ def format_module(fmt: str) -> ModuleType:
 
 
 def probe(head: bytes, tail: bytes = b"") -> str:
-    """Name the format of an image from its first and last bytes ('raw' if none match)."""
-    for fmt in _PROBE_ORDER:
-        if format_module(fmt).probe(head, tail):
+    """Name the format of an image from its first and last bytes ('raw' if none match).
+    Only the signatures are looked at (:mod:`app.formats.probes`): no format module is
+    imported until one is opened."""
+    for fmt, looks_like in PROBES.items():
+        if looks_like(head, tail):
             return fmt
     return "raw"
 

@@ -29,6 +29,7 @@ import struct
 from collections.abc import AsyncIterator, Iterator
 from typing import ClassVar
 
+from app.formats import probes
 from app.formats.base import (
     DEFAULT_CHUNK,
     DEFAULT_MAX_VIRTUAL_SIZE,
@@ -44,6 +45,7 @@ from app.formats.base import (
     SequentialSource,
     WriterOptions,
 )
+from app.formats.probes import VHD_COOKIE
 from app.formats.raw import prefetch_reads
 from app.formats.vdisk_common import (
     ExtentBuilder,
@@ -52,7 +54,6 @@ from app.formats.vdisk_common import (
 )
 from app.formats.vhd_meta import (
     FMT,
-    FOOTER_COOKIE,
     NO_DATA_OFFSET,
     TYPE_DIFFERENCING,
     TYPE_DYNAMIC,
@@ -80,9 +81,7 @@ MIN_BLOCK = SECTOR
 MAX_BLOCK = 256 * 1024 * 1024
 
 
-def probe(head: bytes, tail: bytes = b"") -> bool:
-    """Footer cookie at the start (dynamic) or in the last sector (fixed)."""
-    return head[:8] == FOOTER_COOKIE or tail[-SECTOR:][:8] == FOOTER_COOKIE
+probe = probes.vhd
 
 
 class VhdReader(ImageReader):
@@ -311,7 +310,7 @@ async def _read_footer(source: RandomAccessSource) -> tuple[Footer, bool]:
         return Footer.parse(tail, offset=size - SECTOR), True
     except FormatError as tail_error:
         head = await read_exact_at(source, 0, SECTOR, FMT, "footer copy")
-        if head[:8] != FOOTER_COOKIE:
+        if head[:8] != VHD_COOKIE:
             raise
         try:
             copy = Footer.parse(head, offset=0, what="footer copy")

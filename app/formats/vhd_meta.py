@@ -13,10 +13,10 @@ import uuid
 from dataclasses import dataclass, replace
 
 from app.formats.base import SECTOR, FormatError
+from app.formats.probes import VHD_COOKIE
 
 FMT = "vhd"
 
-FOOTER_COOKIE = b"conectix"
 DYN_COOKIE = b"cxsparse"
 FILE_VERSION = 0x00010000
 HEADER_VERSION = 0x00010000
@@ -102,7 +102,7 @@ class Footer:
             raise FormatError(f"truncated {what}", fmt=FMT, offset=offset)
         (cookie, features, version, data_offset, ts, app, app_ver, host, orig, cur, cyl,
          heads, spt, dtype, checksum, uid, saved) = _FOOTER.unpack_from(data, 0)  # fmt: skip
-        if cookie != FOOTER_COOKIE:
+        if cookie != VHD_COOKIE:
             raise FormatError(f"bad {what} cookie {cookie!r}", fmt=FMT, offset=offset)
         if vhd_checksum(data[:SECTOR], FOOTER_CHECKSUM_AT) != checksum:
             raise FormatError(f"{what} checksum mismatch", fmt=FMT, offset=offset + 64)
@@ -115,7 +115,7 @@ class Footer:
     def pack(self) -> bytes:
         raw = bytearray(
             _FOOTER.pack(
-                FOOTER_COOKIE, self.features, self.version, self.data_offset, self.timestamp,
+                VHD_COOKIE, self.features, self.version, self.data_offset, self.timestamp,
                 self.creator_app, self.creator_version, self.creator_os, self.original_size,
                 self.current_size, self.cylinders, self.heads, self.sectors, self.disk_type, 0,
                 self.unique_id, self.saved_state,

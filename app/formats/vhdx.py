@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import ClassVar
 
+from app.formats import probes
 from app.formats.base import (
     DEFAULT_CHUNK,
     DEFAULT_MAX_VIRTUAL_SIZE,
@@ -44,6 +45,7 @@ from app.formats.base import (
     SequentialSource,
     WriterOptions,
 )
+from app.formats.probes import VHDX_SIGNATURE
 from app.formats.vdisk_common import (
     ExtentBuilder,
     HostHoles,
@@ -53,7 +55,6 @@ from app.formats.vdisk_common import (
 from app.formats.vhdx_meta import (
     BAT_GUID,
     FILE_PARAMETERS,
-    FILE_SIGNATURE,
     FMT,
     HEADER_OFFSETS,
     HEADER_SIGNATURE,
@@ -90,8 +91,7 @@ __all__ = ["VhdxReader", "VhdxWriter", "VhdxWriterOptions", "create_writer", "op
 _BAT_WINDOW = 8192  # entries read at once (64 KiB)
 
 
-def probe(head: bytes, tail: bytes = b"") -> bool:
-    return head[:8] == FILE_SIGNATURE
+probe = probes.vhdx
 
 
 def _checked(data: bytes) -> bool:
@@ -406,7 +406,7 @@ async def open_reader(
     if not isinstance(source, RandomAccessSource):
         raise FormatError("reading a VHDX needs random access", fmt=FMT)
     ident = await source.read_at(0, 520)
-    if len(ident) < 8 or ident[:8] != FILE_SIGNATURE:
+    if len(ident) < 8 or ident[:8] != VHDX_SIGNATURE:
         raise FormatError("not a VHDX file (bad file type identifier)", fmt=FMT, offset=0)
     creator = ident[8:520].decode("utf-16-le", errors="replace").split("\0", 1)[0]
     header = await _read_headers(source)

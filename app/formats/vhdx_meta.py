@@ -12,7 +12,6 @@ from app.formats.base import MiB
 FMT = "vhdx"
 KiB = 1024
 
-FILE_SIGNATURE = b"vhdxfile"
 HEADER_SIGNATURE = b"head"
 REGION_SIGNATURE = b"regi"
 METADATA_SIGNATURE = b"metadata"

@@ -41,11 +41,11 @@ from app.formats.base import (
     WriterOptions,
 )
 from app.formats.buffers import WriteBehind, is_zero, zeros
+from app.formats.probes import VHDX_SIGNATURE
 from app.formats.vdisk_common import BlockedWriter, crc32c
 from app.formats.vhdx_meta import (
     BAT_GUID,
     FILE_PARAMETERS,
-    FILE_SIGNATURE,
     FMT,
     HEADER_OFFSETS,
     HEADER_SIGNATURE,
@@ -165,7 +165,7 @@ class VhdxWriter(BlockedWriter, ImageWriter):
     def _metadata_head(self) -> bytes:
         """Identifier, both headers, both region tables: the first MiB of the file."""
         out = bytearray(LOG_OFFSET)
-        out[:8] = FILE_SIGNATURE
+        out[:8] = VHDX_SIGNATURE
         creator = "vmigrate".encode("utf-16-le")
         out[8 : 8 + len(creator)] = creator
         file_write, data_write, _ = self._ids

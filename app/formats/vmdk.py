@@ -36,6 +36,7 @@ import struct
 from collections.abc import AsyncIterator
 from typing import ClassVar
 
+from app.formats import probes
 from app.formats.base import (
     DEFAULT_CHUNK,
     DEFAULT_MAX_VIRTUAL_SIZE,
@@ -51,6 +52,7 @@ from app.formats.base import (
     SequentialSource,
     WriterOptions,
 )
+from app.formats.probes import VMDK_COWD_MAGIC, VMDK_MAGIC, vmdk_descriptor
 from app.formats.vdisk_common import (
     ExtentBuilder,
     StreamReader,
@@ -58,17 +60,14 @@ from app.formats.vdisk_common import (
 )
 from app.formats.vmdk_flat import VmdkFlatReader, open_flat
 from app.formats.vmdk_meta import (
-    COWD_MAGIC_BYTES,
     FMT,
     GD_AT_END,
     GRAIN_MARKER_SIZE,
-    MAGIC_BYTES,
     MARKER_EOS,
     MARKER_FOOTER,
     Descriptor,
     SparseHeader,
     check_create_type,
-    looks_like_descriptor,
     parse_descriptor,
     unpack_grain_marker,
     unpack_meta_marker,
@@ -95,9 +94,7 @@ __all__ = [
 ]
 
 
-def probe(head: bytes, tail: bytes = b"") -> bool:
-    """Sparse extent magic (KDMV, or COWD to refuse it clearly) or a text descriptor."""
-    return head[:4] in (MAGIC_BYTES, COWD_MAGIC_BYTES) or looks_like_descriptor(head)
+probe = probes.vmdk
 
 
 # --- sparse extents (monolithicSparse, streamOptimized) ------------------------------
@@ -477,8 +474,8 @@ async def _open_sparse_random(
 async def _open_stream(source: SequentialSource, max_virtual_size: int) -> ImageReader:
     rd = StreamReader(source, FMT)
     head = await rd.read_exact(SECTOR, "header")
-    if head[:4] not in (MAGIC_BYTES, COWD_MAGIC_BYTES):
-        if looks_like_descriptor(head):
+    if head[:4] not in (VMDK_MAGIC, VMDK_COWD_MAGIC):
+        if vmdk_descriptor(head):
             raise FormatError(
                 "a VMDK descriptor file refers to extent files; open it from a local file",
                 fmt=FMT,
@@ -509,9 +506,9 @@ async def open_reader(
     """Open a VMDK (see the module docstring for what is supported)."""
     if isinstance(source, RandomAccessSource):
         head = await source.read_at(0, 4096)
-        if head[:4] in (MAGIC_BYTES, COWD_MAGIC_BYTES):
+        if head[:4] in (VMDK_MAGIC, VMDK_COWD_MAGIC):
             return await _open_sparse_random(source, head, max_virtual_size)
-        if looks_like_descriptor(head):
+        if vmdk_descriptor(head):
             return await open_flat(source, max_virtual_size)
         raise FormatError("not a VMDK: no sparse extent magic and no descriptor", fmt=FMT, offset=0)
     return await _open_stream(source, max_virtual_size)

@@ -13,12 +13,11 @@ import struct
 from dataclasses import dataclass, field, replace
 
 from app.formats.base import SECTOR, FormatError
+from app.formats.probes import VMDK_COWD_MAGIC
 
 FMT = "vmdk"
 
-MAGIC = 0x564D444B  # "KDMV" on disk
-MAGIC_BYTES = b"KDMV"
-COWD_MAGIC_BYTES = b"COWD"  # ESX sparse extents (delta disks of ESX 2/3)
+MAGIC = 0x564D444B  # "KDMV" on disk (probes.VMDK_MAGIC)
 
 FLAG_NL_DETECT = 1 << 0
 FLAG_RGD = 1 << 1
@@ -101,7 +100,7 @@ class SparseHeader:
     ) -> SparseHeader:
         if len(data) < SECTOR:
             raise FormatError(f"truncated sparse extent {what}", fmt=FMT, offset=offset)
-        if data[:4] == COWD_MAGIC_BYTES:
+        if data[:4] == VMDK_COWD_MAGIC:
             raise FormatError(
                 "ESX sparse (COWD) extents are delta disks and are not supported; "
                 "consolidate the snapshot chain first",
@@ -246,19 +245,6 @@ class Descriptor:
                 fmt=FMT,
                 offset=offset,
             )
-
-
-def looks_like_descriptor(head: bytes) -> bool:
-    """Cheap test for a text descriptor at the start of ``head``."""
-    text = head[:4096].split(b"\0", 1)[0]
-    stripped = text.lstrip()
-    if stripped[:21].lower() == b"# disk descriptorfile":
-        return True
-    if not text or any(b < 9 or 13 < b < 32 for b in text if b < 32):
-        return False
-    return re.search(rb"(?m)^\s*createType\s*=", text) is not None and (
-        re.search(rb"(?m)^\s*(RW|RDONLY|NOACCESS)\s+\d+\s+\w+", text) is not None
-    )
 
 
 def parse_descriptor(raw: bytes, *, offset: int = 0) -> Descriptor:
