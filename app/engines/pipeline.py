@@ -32,6 +32,7 @@ import contextlib
 import ctypes
 import functools
 import logging
+import os
 import sys
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +43,7 @@ from app.engines.throttle import SYSTEM_CLOCK, Clock, TokenBucket
 from app.errors import AppError
 from app.formats.base import DEFAULT_CHUNK, Extent, FormatError, ImageReader, ImageWriter
 from app.formats.buffers import first_bytes_nonzero, is_zero
-from app.formats.digest import DiskDigest
+from app.formats.digest import ParallelDigest
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,9 @@ T = TypeVar("T")
 
 #: End-of-stream marker passed through the queues after the last extent.
 _END: Final = object()
-#: Zero runs up to this size are fed to the digest on the event loop (a 64 GiB run is
-#: 64k block hashes fed in batches: about a millisecond); larger ones go to a thread.
-_INLINE_ZEROS = 64 * 1024 * DEFAULT_CHUNK
+#: Default size of a pipeline's thread pool: every core, from 2 (a hash overlaps the
+#: loop's own work even on one core) to 8 (each thread may hold an extent in flight).
+CPU_THREADS = min(max(os.cpu_count() or 1, 2), 8)
 
 
 class PipelineError(AppError):
@@ -102,9 +103,11 @@ class PipelineStats:
 class PipelineContext:
     """What a stage or sink may use from the pipeline: the CPU thread pool and the clock."""
 
-    def __init__(self, executor: ThreadPoolExecutor, clock: Clock) -> None:
+    def __init__(self, executor: ThreadPoolExecutor, clock: Clock, cpu_threads: int) -> None:
         self.executor = executor
         self.clock = clock
+        #: Threads of :attr:`executor`: how much CPU work is worth keeping in flight.
+        self.cpu_threads = cpu_threads
 
     async def run_cpu(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` in the pipeline's bounded thread pool."""
@@ -298,36 +301,42 @@ class ZeroDetect(Stage):
 class DigestStage(Stage):
     """Computes the ``vmd1`` disk digest (:mod:`app.formats.digest`) of the stream.
 
-    Data is hashed in the pipeline's thread pool; zero runs cost no hashing. Extents
-    pass through unchanged. :attr:`hexdigest` is available after the run.
+    Data is hashed in the pipeline's thread pool, whole blocks up to ``depth`` extents
+    ahead (default: one more than the pool has threads) and fed in disk order
+    (:class:`~app.formats.digest.ParallelDigest`), so hashing uses every thread of the
+    pool; zero runs cost no hashing. Extents pass through unchanged. :attr:`hexdigest`
+    is available after the run.
     """
 
     name = "digest"
 
-    def __init__(self, virtual_size: int) -> None:
-        self._digest = DiskDigest(virtual_size)
-        self._ctx: PipelineContext | None = None
+    def __init__(self, virtual_size: int, *, depth: int | None = None) -> None:
+        if depth is not None and depth < 1:
+            raise ValueError("depth must be at least 1")
+        self._virtual_size = virtual_size
+        self._depth = depth
+        self._digest: ParallelDigest | None = None
         self.hexdigest: str | None = None
 
     async def start(self, ctx: PipelineContext) -> None:
-        self._ctx = ctx
+        self._digest = ParallelDigest(
+            self._virtual_size, ctx.executor, self._depth or ctx.cpu_threads + 1
+        )
 
     async def process(self, extent: Extent) -> AsyncIterator[Extent]:
-        if extent.data is None:
-            if extent.length <= _INLINE_ZEROS:
-                self._digest.update_zeros(extent.length, extent.offset)
-            else:
-                assert self._ctx is not None
-                await self._ctx.run_cpu(self._digest.update_zeros, extent.length, extent.offset)
-        else:
-            assert self._ctx is not None
-            await self._ctx.run_cpu(self._digest.update, extent.data, extent.offset)
+        assert self._digest is not None
+        await self._digest.feed(extent)
         yield extent
 
     async def finish(self) -> AsyncIterator[Extent]:
-        self.hexdigest = self._digest.hexdigest()
+        assert self._digest is not None
+        self.hexdigest = await self._digest.hexdigest()
         return
         yield  # pragma: no cover
+
+    async def close(self) -> None:
+        if self._digest is not None:
+            self._digest.cancel()
 
 
 class SkipBelow(Stage):
@@ -402,7 +411,8 @@ class Pipeline:
     - ``on_progress``: called at most ``progress_hz`` times per second, plus once at the end.
     - ``checkpoint_every``: call ``sink.checkpoint()`` after this many data bytes.
     - ``on_checkpoint``: called with the new durable offset each time it advances.
-    - ``cpu_threads``: size of the thread pool for :meth:`PipelineContext.run_cpu`.
+    - ``cpu_threads``: size of the thread pool for :meth:`PipelineContext.run_cpu`
+      (default: :data:`CPU_THREADS`).
     """
 
     def __init__(
@@ -413,7 +423,7 @@ class Pipeline:
         *,
         virtual_size: int | None = None,
         queue_depth: int = 4,
-        cpu_threads: int = 2,
+        cpu_threads: int | None = None,
         resume_from: int = 0,
         clock: Clock | None = None,
         on_progress: Callable[[Progress], None] | None = None,
@@ -431,7 +441,7 @@ class Pipeline:
         self.sink = sink
         self.virtual_size = virtual_size
         self.queue_depth = queue_depth
-        self.cpu_threads = cpu_threads
+        self.cpu_threads = cpu_threads or CPU_THREADS
         self.resume_from = resume_from
         self.clock = clock or SYSTEM_CLOCK
         self.on_progress = on_progress
@@ -636,7 +646,7 @@ class Pipeline:
         executor = ThreadPoolExecutor(
             max_workers=self.cpu_threads, thread_name_prefix="pipeline-cpu"
         )
-        ctx = PipelineContext(executor, self.clock)
+        ctx = PipelineContext(executor, self.clock, self.cpu_threads)
         # One task for the source and one for each stage that is not inline; inline
         # stages ride in the task before them.
         segments: list[tuple[Stage | None, list[Stage]]] = [(None, [])]

@@ -27,6 +27,7 @@ import hashlib
 import os
 import stat
 import sys
+from collections import deque
 from collections.abc import AsyncIterable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import Protocol
@@ -60,6 +61,21 @@ def _block_hash(block: Buffer) -> bytes:
     if len(block) == BLOCK_SIZE and _ZERO_BLOCK.startswith(block):
         return ZERO_BLOCK_HASH
     return hashlib.sha256(block).digest()
+
+
+def block_hashes(data: Buffer) -> bytes:
+    """The hashes of the whole blocks that make up ``data`` (a multiple of
+    :data:`BLOCK_SIZE` bytes), concatenated as the outer hash takes them.
+
+    A pure function, safe in any thread: blocks do not depend on each other, so the
+    blocks of a disk can be hashed in parallel and fed in order with
+    :meth:`DiskDigest.update_hashed`.
+    """
+    view = memoryview(data).cast("B")
+    if len(view) % BLOCK_SIZE:
+        raise DigestError(f"{len(view)} bytes are not whole {BLOCK_SIZE}-byte blocks")
+    return b"".join([_block_hash(view[i : i + BLOCK_SIZE])
+                     for i in range(0, len(view), BLOCK_SIZE)])
 
 
 class DiskDigest:
@@ -108,12 +124,24 @@ class DiskDigest:
             if len(self._buf) == BLOCK_SIZE:
                 self._outer.update(_block_hash(self._buf))
                 self._buf.clear()
-        while len(view) >= BLOCK_SIZE:
-            self._outer.update(_block_hash(view[:BLOCK_SIZE]))
-            view = view[BLOCK_SIZE:]
-        if len(view):
-            self._buf += view
+        whole = len(view) - len(view) % BLOCK_SIZE
+        if whole:
+            self._outer.update(block_hashes(view[:whole]))
+        if whole < len(view):
+            self._buf += view[whole:]
         self._pos += n
+
+    def update_hashed(self, hashes: bytes, offset: int | None = None) -> None:
+        """Feed the next whole blocks by their hashes (:func:`block_hashes` of their
+        bytes). The position must be at a block boundary."""
+        count, rest = divmod(len(hashes), len(ZERO_BLOCK_HASH))
+        if rest:
+            raise DigestError(f"{len(hashes)} bytes are not whole block hashes")
+        if self._buf:
+            raise DigestError(f"block hashes fed at offset {self._pos}, inside a block")
+        self._check(offset, count * BLOCK_SIZE)
+        self._outer.update(hashes)
+        self._pos += count * BLOCK_SIZE
 
     def update_zeros(self, length: int, offset: int | None = None) -> None:
         """Feed a run of ``length`` zero bytes without materialising it."""
@@ -269,25 +297,103 @@ class ExtentLike(Protocol):
     def data(self) -> bytes | memoryview | None: ...
 
 
+#: Zero runs up to this size are fed on the event loop (a 64 GiB run is 64k block
+#: hashes fed in batches: about a millisecond); larger ones go to the executor.
+_INLINE_ZEROS = 64 * 1024 * BLOCK_SIZE
+
+
+class ParallelDigest:
+    """A :class:`DiskDigest` fed from an event loop, with the hashing in ``executor``.
+
+    The block hashes do not depend on each other; only the outer hash needs them in
+    order. So the whole blocks of a data extent that starts on a block boundary are
+    hashed (:func:`block_hashes`) as soon as :meth:`feed` gets it, up to ``depth``
+    extents ahead, and fed in disk order as they finish: with ``depth`` at least the
+    executor's threads, hashing uses all of them. Other extents are fed in the
+    executor in their turn (their first bytes complete a block begun before), zero
+    runs on the loop (no hashing). Held data: at most ``depth`` extents.
+    """
+
+    def __init__(self, virtual_size: int, executor: Executor | None, depth: int) -> None:
+        if depth < 1:
+            raise ValueError("depth must be at least 1")
+        self._digest = DiskDigest(virtual_size)
+        self._executor = executor
+        self._depth = depth
+        #: Extents taken but not fed yet, in order, each with its hashing started ahead.
+        self._pending: deque[tuple[ExtentLike, asyncio.Future[bytes] | None]] = deque()
+
+    async def feed(self, extent: ExtentLike) -> None:
+        """Take the next extent; returns once at most ``depth`` extents are held."""
+        ahead: asyncio.Future[bytes] | None = None
+        if extent.data is not None and extent.offset % BLOCK_SIZE == 0:
+            whole = extent.length - extent.length % BLOCK_SIZE
+            if whole:
+                ahead = asyncio.get_running_loop().run_in_executor(
+                    self._executor, block_hashes, memoryview(extent.data)[:whole]
+                )
+        self._pending.append((extent, ahead))
+        while self._pending and (
+            len(self._pending) > self._depth
+            or self._pending[0][1] is None
+            or self._pending[0][1].done()
+        ):
+            await self._feed_first()
+
+    async def _feed_first(self) -> None:
+        extent, ahead = self._pending[0]
+        d = self._digest
+        if ahead is not None:
+            assert extent.data is not None
+            hashes = await ahead
+            d.update_hashed(hashes, extent.offset)
+            whole = len(hashes) // len(ZERO_BLOCK_HASH) * BLOCK_SIZE
+            if whole < extent.length:  # the tail starts a block: kept, not hashed yet
+                d.update(memoryview(extent.data)[whole:])
+        elif extent.data is None and extent.length <= _INLINE_ZEROS:
+            d.update_zeros(extent.length, extent.offset)
+        else:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(
+                self._executor, d.feed, extent.offset, extent.length, extent.data
+            )
+        self._pending.popleft()
+
+    async def hexdigest(self) -> str:
+        """Feed what is held, then the printed digest (the whole disk must be fed)."""
+        while self._pending:
+            await self._feed_first()
+        return self._digest.hexdigest()
+
+    def cancel(self) -> None:
+        """Drop what is held (after a failure): a hash already running finishes in its
+        thread; its result is not used."""
+        for _, ahead in self._pending:
+            if ahead is not None:
+                ahead.cancel()
+        self._pending.clear()
+
+
 async def digest_extents(
     extents: AsyncIterable[ExtentLike],
     virtual_size: int,
     *,
     executor: Executor | None = None,
+    depth: int = (os.cpu_count() or 1) + 1,
 ) -> str:
     """``vmd1`` digest of an async stream of extents covering ``[0, virtual_size)``.
 
-    Data is hashed in ``executor`` (default: the loop's default executor) so the
-    event loop stays responsive; hashlib releases the GIL for large buffers.
+    Data is hashed in ``executor`` (default: the loop's default executor), up to
+    ``depth`` extents at once (:class:`ParallelDigest`), so the event loop stays
+    responsive; hashlib releases the GIL for large buffers.
     """
-    loop = asyncio.get_running_loop()
-    d = DiskDigest(virtual_size)
-    async for ext in extents:
-        if ext.data is None:
-            d.update_zeros(ext.length, ext.offset)
-        else:
-            await loop.run_in_executor(executor, d.feed, ext.offset, ext.length, ext.data)
-    return d.hexdigest()
+    digest = ParallelDigest(virtual_size, executor, depth)
+    try:
+        async for ext in extents:
+            await digest.feed(ext)
+        return await digest.hexdigest()
+    finally:
+        digest.cancel()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

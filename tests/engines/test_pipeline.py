@@ -35,7 +35,7 @@ from app.engines.pipeline import (
 from app.engines.throttle import TokenBucket
 from app.formats import raw, registry
 from app.formats.base import Extent, FormatError, GiB, MiB, WriterOptions
-from app.formats.digest import DiskDigest, digest_bytes, digest_file
+from app.formats.digest import DiskDigest, digest_bytes, digest_extents, digest_file
 from app.formats.io import FileSink, FileSource
 from tests.formats.oracle import assert_identical, make_sparse_raw, qemu_img, random_layout
 
@@ -243,6 +243,83 @@ async def test_zero_runs_never_travel_as_bytes() -> None:
         expected.update_zeros(size // 8 - MiB)
         expected.update(data)
     assert digest.hexdigest == expected.hexdigest()
+
+
+def mixed_extents(size: int, seed: int) -> tuple[bytes, list[Extent]]:
+    """A disk cut into extents of every kind the digest stage tells apart: whole blocks
+    from a block boundary (with and without a tail), pieces inside a block, pieces
+    that cross a boundary from inside a block, data that is all zeros, zero runs."""
+    rng = random.Random(seed)
+    disk = bytearray()
+    extents: list[Extent] = []
+    while len(disk) < size:
+        pos = len(disk)
+        n = min(size - pos, rng.choice([MiB, 2 * MiB, 3 * MiB + 7, 64 * 1024, 333,
+                                        MiB - pos % MiB, MiB + 5000]))
+        kind = rng.random()
+        if kind < 0.15:
+            extents.append(Extent(pos, n))
+            disk += bytes(n)
+        else:
+            piece = bytes(n) if kind < 0.25 else rng.randbytes(n)
+            extents.append(Extent(pos, n, piece if kind < 0.6 else memoryview(piece)))
+            disk += piece
+    return bytes(disk), extents
+
+
+@pytest.mark.parametrize("depth", [None, 1, 2, 5])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_digest_stage_hashes_ahead_and_feeds_in_order(seed: int, depth: int | None) -> None:
+    """Whatever the extents and however many blocks are hashed ahead, the stage's
+    digest is the digest of the disk."""
+    disk, extents = mixed_extents(40 * MiB + 1234, seed)
+
+    async def source() -> AsyncIterator[Extent]:
+        for ext in extents:
+            yield ext
+
+    stage = DigestStage(len(disk), depth=depth)
+    sink = RecordingSink(bytearray(len(disk)))
+    await Pipeline(source(), [stage], sink, virtual_size=len(disk), cpu_threads=3).run()
+    assert bytes(sink.device or b"") == disk
+    assert stage.hexdigest == digest_bytes(disk)
+
+
+@pytest.mark.parametrize("depth", [1, 4])
+async def test_digest_extents_hashes_ahead_and_feeds_in_order(depth: int) -> None:
+    """The library's and the engines' digest of a stream (the same helper as the stage)."""
+    disk, extents = mixed_extents(30 * MiB + 77, seed=4)
+
+    async def source() -> AsyncIterator[Extent]:
+        for ext in extents:
+            yield ext
+
+    assert await digest_extents(source(), len(disk), depth=depth) == digest_bytes(disk)
+
+
+async def test_digest_stage_hashes_blocks_in_parallel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two extents' blocks are hashed at the same time: the first hash waits until a
+    second one has started (a barrier that a stage hashing one extent at a time would
+    never pass: it times out and the digest fails)."""
+    from app.formats import digest as digest_module
+
+    barrier = threading.Barrier(2, timeout=20)
+    real = digest_module.block_hashes
+    met: list[bool] = []
+
+    def meeting(data: Any) -> bytes:
+        if not met:
+            barrier.wait()
+            met.append(True)
+        return real(data)
+
+    monkeypatch.setattr(digest_module, "block_hashes", meeting)
+    disk = random.Random(9).randbytes(8 * MiB)
+    stage = DigestStage(len(disk))
+    await Pipeline(disk_extents(disk, zero_runs=False), [stage], RecordingSink(),
+                   virtual_size=len(disk), cpu_threads=2).run()
+    assert met
+    assert stage.hexdigest == digest_bytes(disk)
 
 
 async def test_zero_detect_splits_at_its_granularity() -> None:

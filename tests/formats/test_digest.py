@@ -23,6 +23,7 @@ from app.formats.digest import (
     ZERO_BLOCK_HASH,
     DigestError,
     DiskDigest,
+    block_hashes,
     digest_bytes,
     digest_extents,
     digest_file,
@@ -142,6 +143,30 @@ def test_misuse_is_an_error() -> None:
     assert d.hexdigest() == reference_digest(b"abc" + bytes(7))
     with pytest.raises(DigestError):
         DiskDigest(-1)
+
+
+def test_blocks_hashed_apart_and_fed_by_their_hashes() -> None:
+    """Whole blocks hashed on their own (as the pipeline does, in parallel) and fed by
+    their hashes give the same digest; hashes fed inside a block, or bytes that are not
+    whole blocks, are errors."""
+    disk = DISK
+    d = DiskDigest(len(disk))
+    d.update(disk[:100])
+    d.update(disk[100:BLOCK_SIZE])
+    d.update_hashed(block_hashes(disk[BLOCK_SIZE : 3 * BLOCK_SIZE]), offset=BLOCK_SIZE)
+    d.update_hashed(b"")
+    d.update(disk[3 * BLOCK_SIZE : 3 * BLOCK_SIZE + 5])
+    with pytest.raises(DigestError, match="inside a block"):
+        d.update_hashed(block_hashes(bytes(BLOCK_SIZE)))
+    d.update(disk[3 * BLOCK_SIZE + 5 :])
+    assert d.hexdigest() == reference_digest(disk)
+    assert block_hashes(bytes(2 * BLOCK_SIZE)) == ZERO_BLOCK_HASH * 2
+    with pytest.raises(DigestError, match="whole"):
+        block_hashes(bytes(BLOCK_SIZE + 1))
+    with pytest.raises(DigestError, match="whole block hashes"):
+        DiskDigest(BLOCK_SIZE).update_hashed(bytes(31))
+    with pytest.raises(DigestError, match="past virtual size"):
+        DiskDigest(BLOCK_SIZE).update_hashed(ZERO_BLOCK_HASH * 2)
 
 
 def test_parse_digest() -> None:
