@@ -309,9 +309,9 @@ class ParallelDigest:
     order. So the whole blocks of a data extent that starts on a block boundary are
     hashed (:func:`block_hashes`) as soon as :meth:`feed` gets it, up to ``depth``
     extents ahead, and fed in disk order as they finish: with ``depth`` at least the
-    executor's threads, hashing uses all of them. Other extents are fed in the
-    executor in their turn (their first bytes complete a block begun before), zero
-    runs on the loop (no hashing). Held data: at most ``depth`` extents.
+    executor's threads, hashing uses all of them. Other data extents are fed in the
+    executor in their turn (their bytes may complete a block begun before), zero runs
+    on the loop (no hashing). Held data: at most ``depth`` extents.
     """
 
     def __init__(self, virtual_size: int, executor: Executor | None, depth: int) -> None:
@@ -325,6 +325,9 @@ class ParallelDigest:
 
     async def feed(self, extent: ExtentLike) -> None:
         """Take the next extent; returns once at most ``depth`` extents are held."""
+        if extent.data is not None and len(extent.data) != extent.length:
+            raise DigestError(f"extent at {extent.offset}: {len(extent.data)} bytes, "
+                              f"length says {extent.length}")
         ahead: asyncio.Future[bytes] | None = None
         if extent.data is not None and extent.offset % BLOCK_SIZE == 0:
             whole = extent.length - extent.length % BLOCK_SIZE

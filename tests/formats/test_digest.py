@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -23,6 +24,7 @@ from app.formats.digest import (
     ZERO_BLOCK_HASH,
     DigestError,
     DiskDigest,
+    ParallelDigest,
     block_hashes,
     digest_bytes,
     digest_extents,
@@ -167,6 +169,16 @@ def test_blocks_hashed_apart_and_fed_by_their_hashes() -> None:
         DiskDigest(BLOCK_SIZE).update_hashed(bytes(31))
     with pytest.raises(DigestError, match="past virtual size"):
         DiskDigest(BLOCK_SIZE).update_hashed(ZERO_BLOCK_HASH * 2)
+
+
+async def test_parallel_digest_refuses_an_extent_whose_data_is_not_its_length() -> None:
+    """`Extent` checks its length itself; any other extent-like object is checked here."""
+    digest = ParallelDigest(2 * BLOCK_SIZE, None, depth=2)
+    with pytest.raises(DigestError, match="length says"):
+        await digest.feed(SimpleNamespace(offset=0, length=BLOCK_SIZE, data=bytes(10)))
+    await digest.feed(Extent(0, BLOCK_SIZE, bytes(BLOCK_SIZE)))
+    await digest.feed(Extent(BLOCK_SIZE, BLOCK_SIZE))
+    assert await digest.hexdigest() == reference_digest(bytes(2 * BLOCK_SIZE))
 
 
 def test_parse_digest() -> None:
