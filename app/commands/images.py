@@ -31,7 +31,7 @@ from app.engines.pipeline import PipelineError, Progress, convert, tune_allocato
 from app.errors import AppError
 from app.formats import registry
 from app.formats.base import FORMATS, FormatError, ImageReader, WriterOptions
-from app.formats.digest import DiskDigest
+from app.formats.digest import ParallelDigest
 from app.formats.io import FileSink, FileSource
 
 T = TypeVar("T")
@@ -315,21 +315,24 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 async def _scan(reader: ImageReader, digest: bool) -> tuple[list[tuple[int, int]], str | None]:
-    """Read every extent: the data ranges, and the digest when asked for."""
-    d = DiskDigest(reader.virtual_size) if digest else None
+    """Read every extent: the data ranges, and the digest when asked for (hashed on
+    every core, :class:`~app.formats.digest.ParallelDigest`)."""
+    d = ParallelDigest(reader.virtual_size) if digest else None
     ranges: list[tuple[int, int]] = []
-    async for ext in reader.extents():
-        if ext.data is None:
+    try:
+        async for ext in reader.extents():
             if d is not None:
-                d.update_zeros(ext.length, ext.offset)
-            continue
+                await d.feed(ext)
+            if ext.data is None:
+                continue
+            if ranges and ranges[-1][0] + ranges[-1][1] == ext.offset:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + ext.length)
+            else:
+                ranges.append((ext.offset, ext.length))
+        return ranges, (await d.hexdigest() if d is not None else None)
+    finally:
         if d is not None:
-            await asyncio.to_thread(d.update, ext.data, ext.offset)
-        if ranges and ranges[-1][0] + ranges[-1][1] == ext.offset:
-            ranges[-1] = (ranges[-1][0], ranges[-1][1] + ext.length)
-        else:
-            ranges.append((ext.offset, ext.length))
-    return ranges, (d.hexdigest() if d is not None else None)
+            d.cancel()
 
 
 async def image_info(path: Path, fmt: str | None = None, *, digest: bool = False) -> dict[str, Any]:
@@ -395,6 +398,8 @@ def _render_info(info: dict[str, Any]) -> str:
 @click.option("--digest", is_flag=True, help="Read the whole disk and add its vmd1 digest.")
 def info_command(image: Path, from_fmt: str | None, as_json: bool, digest: bool) -> None:
     """Show format, virtual size and allocation of a disk image."""
+    if digest:
+        tune_allocator()  # the whole disk is read, a fresh 1 MiB buffer per read
     info = _run(lambda: image_info(image, from_fmt, digest=digest))
     if as_json:
         import json  # here only: the image commands import what they use (start-up)

@@ -303,23 +303,27 @@ _INLINE_ZEROS = 64 * 1024 * BLOCK_SIZE
 
 
 class ParallelDigest:
-    """A :class:`DiskDigest` fed from an event loop, with the hashing in ``executor``.
+    """A :class:`DiskDigest` fed from an event loop, with the hashing in ``executor``
+    (default: the loop's default executor).
 
     The block hashes do not depend on each other; only the outer hash needs them in
     order. So the whole blocks of a data extent that starts on a block boundary are
     hashed (:func:`block_hashes`) as soon as :meth:`feed` gets it, up to ``depth``
-    extents ahead, and fed in disk order as they finish: with ``depth`` at least the
-    executor's threads, hashing uses all of them. Other data extents are fed in the
+    extents ahead (default: one more than there are cores), and fed in disk order as
+    they finish: with ``depth`` at least the executor's threads, hashing uses all of
+    them. Other data extents are fed in the
     executor in their turn (their bytes may complete a block begun before), zero runs
     on the loop (no hashing). Held data: at most ``depth`` extents.
     """
 
-    def __init__(self, virtual_size: int, executor: Executor | None, depth: int) -> None:
-        if depth < 1:
+    def __init__(
+        self, virtual_size: int, executor: Executor | None = None, depth: int | None = None
+    ) -> None:
+        if depth is not None and depth < 1:
             raise ValueError("depth must be at least 1")
         self._digest = DiskDigest(virtual_size)
         self._executor = executor
-        self._depth = depth
+        self._depth = depth or (os.cpu_count() or 1) + 1
         #: Extents taken but not fed yet, in order, each with its hashing started ahead.
         self._pending: deque[tuple[ExtentLike, asyncio.Future[bytes] | None]] = deque()
 
@@ -382,13 +386,14 @@ async def digest_extents(
     virtual_size: int,
     *,
     executor: Executor | None = None,
-    depth: int = (os.cpu_count() or 1) + 1,
+    depth: int | None = None,
 ) -> str:
     """``vmd1`` digest of an async stream of extents covering ``[0, virtual_size)``.
 
     Data is hashed in ``executor`` (default: the loop's default executor), up to
-    ``depth`` extents at once (:class:`ParallelDigest`), so the event loop stays
-    responsive; hashlib releases the GIL for large buffers.
+    ``depth`` extents at once (default: one more than there are cores;
+    :class:`ParallelDigest`), so the event loop stays responsive; hashlib releases the
+    GIL for large buffers.
     """
     digest = ParallelDigest(virtual_size, executor, depth)
     try:
