@@ -398,8 +398,7 @@ def _render_info(info: dict[str, Any]) -> str:
 @click.option("--digest", is_flag=True, help="Read the whole disk and add its vmd1 digest.")
 def info_command(image: Path, from_fmt: str | None, as_json: bool, digest: bool) -> None:
     """Show format, virtual size and allocation of a disk image."""
-    if digest:
-        tune_allocator()  # the whole disk is read, a fresh 1 MiB buffer per read
+    tune_allocator()  # a scan reads the whole disk, a fresh 1 MiB buffer per read
     info = _run(lambda: image_info(image, from_fmt, digest=digest))
     if as_json:
         import json  # here only: the image commands import what they use (start-up)

@@ -78,6 +78,11 @@ def block_hashes(data: Buffer) -> bytes:
                      for i in range(0, len(view), BLOCK_SIZE)])
 
 
+def _check_extent(offset: int, length: int, data: Buffer | None) -> None:
+    if data is not None and len(data) != length:
+        raise DigestError(f"extent at {offset}: {len(data)} bytes, length says {length}")
+
+
 class DiskDigest:
     """Incremental ``vmd1`` digest of a disk fed front to back in pieces of any size.
 
@@ -167,11 +172,10 @@ class DiskDigest:
 
     def feed(self, offset: int, length: int, data: Buffer | None) -> None:
         """Feed one extent: ``data`` is None for a zero run of ``length`` bytes."""
+        _check_extent(offset, length, data)
         if data is None:
             self.update_zeros(length, offset)
         else:
-            if len(data) != length:
-                raise DigestError(f"extent at {offset}: {len(data)} bytes, length says {length}")
             self.update(data, offset)
 
     def digest(self) -> bytes:
@@ -311,9 +315,9 @@ class ParallelDigest:
     hashed (:func:`block_hashes`) as soon as :meth:`feed` gets it, up to ``depth``
     extents ahead (default: one more than there are cores), and fed in disk order as
     they finish: with ``depth`` at least the executor's threads, hashing uses all of
-    them. Other data extents are fed in the
-    executor in their turn (their bytes may complete a block begun before), zero runs
-    on the loop (no hashing). Held data: at most ``depth`` extents.
+    them. Other data extents are fed in the executor in their turn (their bytes may
+    complete a block begun before), zero runs on the loop (no hashing). Held data: at
+    most ``depth`` extents.
     """
 
     def __init__(
@@ -329,9 +333,7 @@ class ParallelDigest:
 
     async def feed(self, extent: ExtentLike) -> None:
         """Take the next extent; returns once at most ``depth`` extents are held."""
-        if extent.data is not None and len(extent.data) != extent.length:
-            raise DigestError(f"extent at {extent.offset}: {len(extent.data)} bytes, "
-                              f"length says {extent.length}")
+        _check_extent(extent.offset, extent.length, extent.data)
         ahead: asyncio.Future[bytes] | None = None
         if extent.data is not None and extent.offset % BLOCK_SIZE == 0:
             whole = extent.length - extent.length % BLOCK_SIZE

@@ -40,7 +40,12 @@ def vhdx(head: bytes, tail: bytes = b"") -> bool:
 
 def vmdk(head: bytes, tail: bytes = b"") -> bool:
     """Sparse extent magic (KDMV, or COWD to refuse it clearly) or a text descriptor."""
-    return head[:4] in (VMDK_MAGIC, VMDK_COWD_MAGIC) or vmdk_descriptor(head)
+    return vmdk_sparse(head) or vmdk_descriptor(head)
+
+
+def vmdk_sparse(head: bytes) -> bool:
+    """A VMDK sparse extent header (KDMV), or an ESX one (COWD), at the start of ``head``."""
+    return head[:4] in (VMDK_MAGIC, VMDK_COWD_MAGIC)
 
 
 def vmdk_descriptor(head: bytes) -> bool:

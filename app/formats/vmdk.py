@@ -52,7 +52,7 @@ from app.formats.base import (
     SequentialSource,
     WriterOptions,
 )
-from app.formats.probes import VMDK_COWD_MAGIC, VMDK_MAGIC, vmdk_descriptor
+from app.formats.probes import vmdk_descriptor, vmdk_sparse
 from app.formats.vdisk_common import (
     ExtentBuilder,
     StreamReader,
@@ -474,7 +474,7 @@ async def _open_sparse_random(
 async def _open_stream(source: SequentialSource, max_virtual_size: int) -> ImageReader:
     rd = StreamReader(source, FMT)
     head = await rd.read_exact(SECTOR, "header")
-    if head[:4] not in (VMDK_MAGIC, VMDK_COWD_MAGIC):
+    if not vmdk_sparse(head):
         if vmdk_descriptor(head):
             raise FormatError(
                 "a VMDK descriptor file refers to extent files; open it from a local file",
@@ -506,7 +506,7 @@ async def open_reader(
     """Open a VMDK (see the module docstring for what is supported)."""
     if isinstance(source, RandomAccessSource):
         head = await source.read_at(0, 4096)
-        if head[:4] in (VMDK_MAGIC, VMDK_COWD_MAGIC):
+        if vmdk_sparse(head):
             return await _open_sparse_random(source, head, max_virtual_size)
         if vmdk_descriptor(head):
             return await open_flat(source, max_virtual_size)
