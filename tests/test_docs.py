@@ -103,3 +103,23 @@ def test_config_prints_the_values_in_effect_with_secrets_masked() -> None:
     assert values["VMIGRATE_DATABASE_URL"] == "(secret)"
     assert key not in result.output
     assert "hunter2" not in result.output
+
+
+def test_readme_names_every_format_convert_writes() -> None:
+    from app.formats.base import FORMATS
+    from app.formats.registry import format_module
+
+    text = " ".join(README.read_text().split())
+    writes = re.search(r"`convert` reads (.*?), and writes (.*?); no database needed", text)
+    assert writes is not None, "the README's sentence on what `vmigrate convert` does is gone"
+    for fmt in FORMATS:
+        assert hasattr(format_module(fmt), "create_writer")
+        assert re.search(rf"\b{fmt}\b", writes.group(2)), f"README: convert also writes {fmt}"
+        assert re.search(rf"\b{fmt}\b", writes.group(1)), f"README: convert also reads {fmt}"
+    assert f"all {('', 'one', 'two', 'three', 'four', 'five', 'six')[len(FORMATS)]}:" in (
+        writes.group(2))
+
+
+def test_readme_keeps_a_what_works_section() -> None:
+    inner = between(README.read_text(), "<!-- what-works:start -->", "<!-- what-works:end -->")
+    assert inner.strip()
