@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -65,9 +66,11 @@ async def test_alembic_upgrade_head_from_the_checkout(scratch: Database) -> None
 
     status, output = await alembic("upgrade", "head", url=scratch.url)
 
+    head = head_revision()
     assert status == 0, output
-    assert "Running upgrade 0002 -> 0003" in output
-    assert await current_revision(scratch) == head_revision() == "0003"
+    assert "Running upgrade  -> 0001" in output
+    assert f"-> {head}," in output
+    assert await current_revision(scratch) == head
     assert await schema_drift(scratch) == []
     async with scratch.engine.connect() as conn:
         tables = set((await conn.execute(text(
@@ -76,7 +79,7 @@ async def test_alembic_upgrade_head_from_the_checkout(scratch: Database) -> None
 
     status, output = await alembic("current", url=scratch.url)
     assert status == 0, output
-    assert "0003 (head)" in output
+    assert f"{head} (head)" in output
 
 
 async def test_alembic_from_elsewhere_with_the_config_named(
@@ -104,7 +107,8 @@ async def test_alembic_sql_prints_the_schema_without_touching_a_database() -> No
         "upgrade", "head", "--sql", url="postgresql+asyncpg://nobody@127.0.0.1:1/none")
     assert status == 0, output
     assert "CREATE TABLE clouds" in output
-    assert "UPDATE alembic_version SET version_num='0003'" in output
+    stamps = re.findall(r"alembic_version SET version_num='(\w+)'", output)
+    assert stamps[-1] == head_revision()
 
 
 async def test_an_installed_app_finds_the_scripts_under_share_vmigrate(
@@ -121,7 +125,7 @@ async def test_an_installed_app_finds_the_scripts_under_share_vmigrate(
 
     assert alembic_ini() == share / "alembic.ini"
     await app.db.upgrade(scratch)
-    assert await current_revision(scratch) == "0003"
+    assert await current_revision(scratch) == head_revision()
     assert await schema_drift(scratch) == []
 
 
