@@ -160,9 +160,11 @@ class _Scanner:
         self.source = source
         self.pending_heredocs: list[tuple[Command, str, bool, bool]] = []
 
+    def line(self, pos: int | None = None) -> int:
+        return self.first_line + self.s.count("\n", 0, self.i if pos is None else pos)
+
     def where(self, pos: int | None = None) -> str:
-        pos = self.i if pos is None else pos
-        return f"{self.source}:{self.first_line + self.s.count(chr(10), 0, pos)}"
+        return f"{self.source}:{self.line(pos)}"
 
     def fail(self, message: str, pos: int | None = None) -> DocError:
         return DocError(f"{self.where(pos)}: {message}")
@@ -246,7 +248,7 @@ class _Scanner:
 
     def _command(self, closing: str | None) -> Command:
         self._blank()
-        cmd = Command([], int(self.where().rsplit(":", 1)[1]))
+        cmd = Command([], self.line())
         while True:
             self._blank()
             if self.i >= len(self.s):
@@ -397,7 +399,6 @@ def _expand_heredoc(text: str) -> Text:
 def parse_shell(text: str, first_line: int, source: str) -> list[Step]:
     scanner = _Scanner(text, first_line, source)
     steps = scanner.steps()
-    scanner._read_heredocs()
     scanner.finish()
     return steps
 

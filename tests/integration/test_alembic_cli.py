@@ -9,7 +9,7 @@ import os
 import re
 import shutil
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -127,6 +127,18 @@ async def test_an_installed_app_finds_the_scripts_under_share_vmigrate(
     await app.db.upgrade(scratch)
     assert await current_revision(scratch) == head_revision()
     assert await schema_drift(scratch) == []
+
+
+def test_the_dockerfile_puts_the_scripts_where_the_installed_app_looks() -> None:
+    # No image is built here; this ties the Dockerfile to ALEMBIC_INI_PLACES instead.
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    runtime = dockerfile.rsplit("\nFROM ", 1)[1]
+    assert runtime.startswith("python:3"), "the official Python images install under /usr/local"
+    installed = app.db.ALEMBIC_INI_PLACES[-1].relative_to(sys.prefix)
+    ini = PurePosixPath("/usr/local", *installed.parts)
+    assert f"COPY alembic.ini {ini}\n" in runtime
+    assert f"COPY alembic {ini.parent / 'alembic'}\n" in runtime
+    assert f"ALEMBIC_CONFIG={ini}" in runtime
 
 
 def test_missing_scripts_are_reported_with_the_places_looked_at(
