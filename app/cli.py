@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import click
@@ -220,6 +221,65 @@ def keys_rotate(batch_size: int) -> None:
     if report.unreadable:
         rows = ", ".join(f"{column} {row_id}" for column, row_id in report.unreadable)
         raise click.ClickException(f"no configured key opens: {rows}")
+
+
+SETTINGS_START = "<!-- settings:start -->"
+SETTINGS_END = "<!-- settings:end -->"
+
+
+@main.command("config")
+@click.option("--markdown", is_flag=True,
+              help="Print the reference table of every setting (env var, default, "
+              "description) instead of the values in effect.")
+@click.option("--readme", type=click.Path(exists=True, dir_okay=False, writable=True,
+                                          path_type=Path),
+              help="With --markdown: write the table into this file between "
+              f"'{SETTINGS_START}' and '{SETTINGS_END}' instead of printing it.")
+def config(markdown: bool, readme: Path | None) -> None:
+    """Show the settings (VMIGRATE_* environment variables): the values this process would
+    use (secrets masked), or with --markdown the reference table the README holds."""
+    from app.config import settings_in_effect, settings_markdown
+
+    if not markdown:
+        if readme is not None:
+            raise click.UsageError("--readme goes with --markdown")
+        rows = settings_in_effect(_settings())
+        width = max(len(name) for name, _ in rows)
+        for name, value in rows:
+            click.echo(f"{name:<{width}}  {value}")
+        return
+    table = settings_markdown()
+    if readme is None:
+        click.echo(table, nl=False)
+        return
+    try:
+        text = replace_between(readme.read_text(), SETTINGS_START, SETTINGS_END, table)
+    except ValueError as exc:
+        raise click.ClickException(f"{readme}: {exc}") from exc
+    readme.write_text(text)
+    click.echo(f"{readme}: settings table written ({table.count(chr(10)) - 2} settings)")
+
+
+def replace_between(text: str, start: str, end: str, body: str) -> str:
+    """``text`` with what lies between the lines ``start`` and ``end`` replaced by
+    ``body``. Raises ValueError unless each marker occurs exactly once, start first."""
+    head, _, tail = _split_markers(text, start, end)
+    return f"{head}{start}\n{body}{end}{tail}"
+
+
+def between(text: str, start: str, end: str) -> str:
+    """What lies between the markers (as :func:`replace_between` writes it)."""
+    return _split_markers(text, start, end)[1].removeprefix("\n")
+
+
+def _split_markers(text: str, start: str, end: str) -> tuple[str, str, str]:
+    if text.count(start) != 1 or text.count(end) != 1:
+        raise ValueError(f"needs exactly one {start!r} and one {end!r}")
+    if text.index(end) < text.index(start):
+        raise ValueError(f"{end!r} comes before {start!r}")
+    head, rest = text.split(start, 1)
+    inner, tail = rest.split(end, 1)
+    return head, inner, tail
 
 
 @main.command()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -18,52 +19,73 @@ class Settings(BaseSettings):
 
     database_url: SecretStr | None = Field(
         default=None,
-        description="postgresql+asyncpg://user:pass@host/db. Unset: start an embedded "
-        "PostgreSQL under data_dir/postgres.",
+        description="`postgresql+asyncpg://user:pass@host:5432/db`. Unset: an embedded "
+        "PostgreSQL is started under `DATA_DIR/postgres`.",
     )
     data_dir: Path = Field(
         default=Path(".vmigrate"),
-        description="Where the embedded database, the key file and the local image "
-        "library live.",
+        description="Where the embedded database, the generated key file and the local "
+        "image library live.",
     )
-    host: str = Field(default="127.0.0.1", description="Address `vmigrate serve` binds.")
-    port: int = Field(default=8080, ge=1, le=65535, description="Port `vmigrate serve` binds.")
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address `vmigrate serve` binds; `vmigrate serve --host` overrides it.",
+    )
+    port: int = Field(
+        default=8080, ge=1, le=65535,
+        description="Port `vmigrate serve` binds; `vmigrate serve --port` overrides it.",
+    )
     encryption_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
-        description="Comma-separated Fernet keys for cloud credentials, newest first: the "
-        "first encrypts, all decrypt (rotation). Unset: a key file is generated under "
-        "data_dir with mode 0600.",
+        description="Comma-separated Fernet keys for credentials at rest, newest first: the "
+        "first encrypts, all decrypt (rotation: `vmigrate keys rotate`). Unset: "
+        "`DATA_DIR/secret.key` is generated with mode 0600.",
     )
     max_body_bytes: int = Field(
-        default=1024 * 1024, ge=1024, description="Largest JSON request body accepted."
+        default=1024 * 1024, ge=1024,
+        description="Largest JSON request body accepted (bytes); a larger one gets a 413 "
+        "problem.",
     )
     idempotency_ttl_seconds: int = Field(
-        default=24 * 3600, ge=60, description="How long an Idempotency-Key is remembered."
+        default=24 * 3600, ge=60,
+        description="How long an `Idempotency-Key` is remembered (seconds).",
     )
-    db_pool_size: int = Field(default=10, ge=1, description="Database connection pool size.")
+    db_pool_size: int = Field(
+        default=10, ge=1, description="Database connections per process (pool size)."
+    )
     library_s3_bucket: str | None = Field(
         default=None,
-        description="Keep library images in this S3 bucket instead of data_dir/library.",
+        description="Keep library images in this S3 bucket instead of `DATA_DIR/library`.",
     )
-    library_s3_prefix: str = Field(default="images", description="Key prefix in the bucket.")
+    library_s3_prefix: str = Field(
+        default="images", description="Key prefix of library images in the bucket."
+    )
     library_s3_endpoint_url: str | None = Field(
-        default=None, description="S3-compatible endpoint (MinIO, Ceph); unset: AWS."
+        default=None, description="An S3-compatible endpoint (MinIO, Ceph RGW); unset: AWS."
     )
-    library_s3_region: str | None = Field(default=None, description="S3 region.")
-    library_s3_access_key_id: SecretStr | None = Field(default=None, description="S3 key id.")
+    library_s3_region: str | None = Field(
+        default=None, description="S3 region; unset: the AWS SDK's default."
+    )
+    library_s3_access_key_id: SecretStr | None = Field(
+        default=None, description="S3 access key id; unset: the usual AWS credential chain."
+    )
     library_s3_secret_access_key: SecretStr | None = Field(
-        default=None, description="S3 secret key."
+        default=None, description="S3 secret access key, with the key id."
     )
     max_image_bytes: int = Field(
-        default=2 * 1024**4, ge=1, description="Largest image upload accepted (bytes)."
+        default=2 * 1024**4, ge=1,
+        description="Largest image upload accepted (bytes; the default is 2 TiB).",
     )
-    log_level: str = Field(default="INFO", description="Python log level.")
+    log_level: str = Field(
+        default="INFO", description="Python log level: DEBUG, INFO, WARNING, ERROR."
+    )
     worker_concurrency: int = Field(
         default=4, ge=1, description="Migrations one worker process runs at once."
     )
     worker_per_source_limit: int = Field(
         default=2, ge=1,
-        description="Migrations running at once against one source host (all workers).",
+        description="Migrations running at once against one source host, across all "
+        "workers.",
     )
     worker_lease_seconds: float = Field(
         default=30.0, gt=0, description="A worker that stops heartbeating loses its "
@@ -89,7 +111,8 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="Bound on connecting and logging in to an SSH host."
     )
     step_max_attempts: int = Field(
-        default=5, ge=1, description="Tries per step for transient errors."
+        default=5, ge=1,
+        description="Tries per step for transient errors (exponential backoff with jitter).",
     )
 
     events_keepalive_seconds: float = Field(
@@ -166,3 +189,59 @@ class Settings(BaseSettings):
     @property
     def library_dir(self) -> Path:
         return self.data_dir / "library"
+
+
+# --- the reference table (README "Configuration", `vmigrate config --markdown`) ----------
+
+
+def env_var(name: str, model: type[BaseSettings] = Settings) -> str:
+    """The environment variable that sets the field ``name`` (``VMIGRATE_<NAME>``)."""
+    field = model.model_fields[name]
+    if field.alias is not None or field.validation_alias is not None:
+        raise ValueError(f"{name}: aliased settings are not described by env_var()")
+    return f"{model.model_config.get('env_prefix', '')}{name}".upper()
+
+
+def _shown(value: object) -> str:
+    """A value as it is written in the environment (lists comma-separated)."""
+    if value is None or value == []:
+        return "unset"
+    if isinstance(value, SecretStr):
+        return "(secret)"
+    if isinstance(value, list):
+        return ",".join(_shown(item) for item in value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _description(model: type[BaseSettings], name: str, field: FieldInfo) -> str:
+    if not (field.description or "").strip():
+        raise ValueError(f"{model.__name__}.{name} has no Field(description=...)")
+    return _cell(field.description or "")
+
+
+def settings_markdown(model: type[BaseSettings] = Settings) -> str:
+    """Every setting as one Markdown table: environment variable, default, description.
+
+    The README holds this table between ``<!-- settings:start -->`` and
+    ``<!-- settings:end -->``; ``vmigrate config --markdown --readme README.md`` rewrites
+    it. Raises ``ValueError`` for a field without a description."""
+    rows = ["| env var | default | description |", "|---|---|---|"]
+    for name, field in model.model_fields.items():
+        default = _shown(field.get_default(call_default_factory=True))
+        shown = default if default == "unset" else f"`{_cell(default)}`"
+        rows.append(f"| `{env_var(name, model)}` | {shown} | "
+                    f"{_description(model, name, field)} |")
+    return "\n".join(rows) + "\n"
+
+
+def settings_in_effect(settings: Settings) -> list[tuple[str, str]]:
+    """``(env var, value)`` for every setting as ``settings`` holds it; secrets masked."""
+    return [(env_var(name), _shown(getattr(settings, name))) for name in Settings.model_fields]

