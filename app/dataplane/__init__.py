@@ -7,6 +7,6 @@
 - :mod:`app.dataplane.convert`: one image into another (:func:`~app.dataplane.convert.convert`).
 - :mod:`app.dataplane.throttle`: clocks and the token bucket.
 
-It imports only formats, transports-free helpers and :mod:`app.errors`; it never
-touches the database, the drivers or the engines.
+It imports only :mod:`app.formats` and :mod:`app.errors`: no database, no driver, no
+engine (the layers contract in pyproject.toml holds it there).
 """
