@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import os
 import random
@@ -1007,3 +1008,41 @@ async def test_interrupted_digest_stage_does_not_leak_when_cancelled_early() -> 
     with contextlib.suppress(asyncio.CancelledError):
         await task
     assert pipeline_threads() == []
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_options_are_validated_when_the_pipeline_is_built() -> None:
+    with pytest.raises(ValueError, match="queue_depth"):
+        Pipeline(disk_extents(b"x" * 10), [], RecordingSink(), PipelineOptions(queue_depth=0))
+    with pytest.raises(ValueError, match="outside the disk"):
+        Pipeline(disk_extents(b"x" * 10), [], RecordingSink(),
+                 PipelineOptions(resume_from=11), virtual_size=10)
+
+
+async def test_one_convert_options_value_drives_the_pipeline_it_builds(tmp_path: Path) -> None:
+    """The run fields of ConvertOptions reach the Pipeline unchanged (it is one value,
+    not a second list of arguments), and the conversion fields choose the stages."""
+    src = tmp_path / "src.raw"
+    make_sparse_raw(src, 4 * MiB, [(0, MiB)], seed=31)
+    clock = FakeClock()
+    options = ConvertOptions(queue_depth=2, cpu_threads=3, clock=clock, digest=False,
+                             detect_zeroes=False, throttle_bps=1 << 30)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.queue_depth = 5  # type: ignore[misc]
+    source = FileSource(src)
+    sink = FileSink(tmp_path / "out.raw")
+    try:
+        reader = await raw.open_reader(source)
+        conv = Converter(reader, raw.create_writer(sink, 4 * MiB), options)
+        assert conv.pipeline.options is options
+        assert (conv.pipeline.queue_depth, conv.pipeline.cpu_threads) == (2, 3)
+        assert conv.pipeline.clock is clock
+        assert [type(s) for s in conv.pipeline.stages] == [Throttle]
+        result = await conv.run()
+    finally:
+        await source.close()
+        await sink.close()
+    assert result.digest is None
+    assert_identical(src, tmp_path / "out.raw")
