@@ -22,7 +22,8 @@ from app.api.limits import BodyLimit
 from app.config import Settings
 from app.crypto import SecretBox, load_keys
 from app.db import Database, embedded_postgres_url, upgrade
-from app.engines.registry import EngineDeps, default_engines
+from app.engines.deps import EngineDeps
+from app.engines.registry import default_engines
 from app.engines.worker import Worker, WorkerConfig
 from app.events.bus import EventBus
 from app.storage import build_store

@@ -5,7 +5,7 @@ real OpenSSH sshd, veth pairs), each with a loop device on a tmpfs file (so the
 figure measures the transport, not this machine's disk), and copies the source device
 onto the destination device two ways, over the same hosts:
 
-* vmigrate: :func:`app.engines.live_stream_data.stream`, as the transfer step runs it
+* vmigrate: :func:`app.engines.live_stream.data.stream`, as the transfer step runs it
   (source helper -> service -> destination helper: zero blocks skipped at the source,
   ``vmd1`` digest, durable offsets), in a child process so its peak RSS is its own;
 * reference: ``dd if=SRC bs=4M | ssh -c aes128-gcm@openssh.com DEST 'dd of=DEV bs=4M'``
@@ -182,7 +182,7 @@ def _rss(field: str) -> int:
 
 async def _child(argv: list[str]) -> None:
     """In the child: connect both hosts and stream (argv from :func:`_host_args`)."""
-    from app.engines.live_stream_data import Endpoint, stream
+    from app.engines.live_stream import HostDevice, stream
     from app.transports.ssh import SshOptions, SshTarget, ssh_session
 
     (sh, sp, sfp, sdev, dh, dp, dfp, ddev, key, size) = argv
@@ -192,7 +192,7 @@ async def _child(argv: list[str]) -> None:
     async with ssh_session(src, options) as a, ssh_session(dst, options) as b:
         before = _rss("VmRSS")
         started = time.monotonic()
-        result = await stream(Endpoint(a, sdev), Endpoint(b, ddev), int(size))
+        result = await stream(HostDevice(a, sdev), HostDevice(b, ddev), int(size))
         seconds = time.monotonic() - started
     me = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"seconds": seconds, "digest": result.digest, "rss_before": before,

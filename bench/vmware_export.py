@@ -292,9 +292,9 @@ def child_download(job: Job) -> Sample:
 
 async def child_vmigrate(job: Job) -> Sample:
     """The export step of a hypervisor migration (app/engines/hypervisor.py), one disk."""
+    from app.dataplane.convert import Converter
     from app.drivers.base import ServerRef
     from app.drivers.vmware import VmwareDriver
-    from app.engines.pipeline import Converter
     from app.formats.base import WriterOptions
     from app.formats.io import FileSink
     from app.formats.registry import create_writer, open_reader

@@ -17,8 +17,8 @@ from app.api.pagination import Limit
 from app.api.problems import problem_responses
 from app.api.sse import STREAM_CONTENT, LastEventId, stream_response, wants_stream
 from app.errors import InvalidInput
+from app.models.event_filter import EventFilter
 from app.models.schemas.migrations import EventPage
-from app.repositories.events import EventFilter
 from app.services import events as service
 from app.services.events import StreamStart
 from app.services.tokens import SCOPES, Principal

@@ -38,8 +38,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.api.deps import AppContext
 from app.api.problems import problem_response
 from app.crypto import SecretBox
-from app.repositories import idempotency as repo
-from app.services.tokens import hash_token
+from app.models.idempotency import Claimed, StoredKey
+from app.services import idempotency as service
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class Idempotency:
         if scheme.lower() != "bearer" or not token.strip():
             return None
         async with ctx.db.session() as session:
-            return await repo.tenant_for_token(session, hash_token(token.strip()))
+            return await service.tenant_for_token(session, token.strip())
 
     async def _handle(
         self, ctx: AppContext, tenant: str, key: str, body: bytes,
@@ -125,13 +125,13 @@ class Idempotency:
         method, path = scope["method"], scope["path"]
         request_hash = _request_hash(method, path, scope.get("query_string", b""), body)
         async with ctx.db.session() as session:
-            outcome = await repo.claim(
+            outcome = await service.claim(
                 session, tenant=tenant, key=key, method=method, path=path,
                 request_hash=request_hash,
                 ttl=timedelta(seconds=ctx.settings.idempotency_ttl_seconds),
                 in_flight_timeout=self.in_flight_timeout,
             )
-        if isinstance(outcome, repo.StoredKey):
+        if isinstance(outcome, StoredKey):
             await _answer_repeat(outcome, method, path, request_hash, ctx.box, scope, receive,
                                  send)
             return
@@ -147,7 +147,7 @@ class Idempotency:
             return
         try:
             async with ctx.db.session() as session:
-                await repo.complete(
+                await service.complete(
                     session, tenant=tenant, key=key, held=outcome,
                     status_code=status, response=captured.stored(ctx.box),
                 )
@@ -157,12 +157,12 @@ class Idempotency:
             log.exception("could not store the response for an Idempotency-Key")
 
     async def _release(
-        self, ctx: AppContext, tenant: str, key: str, held: repo.Claimed
+        self, ctx: AppContext, tenant: str, key: str, held: Claimed
     ) -> None:
         with anyio.CancelScope(shield=True):  # also when the request was cancelled
             try:
                 async with ctx.db.session() as session:
-                    await repo.release(session, tenant=tenant, key=key, held=held)
+                    await service.release(session, tenant=tenant, key=key, held=held)
             except Exception:
                 log.exception("could not release an Idempotency-Key claim")
 
@@ -242,7 +242,7 @@ class _Capture:
 
 
 async def _answer_repeat(
-    stored: repo.StoredKey, method: str, path: str, request_hash: str, box: SecretBox,
+    stored: StoredKey, method: str, path: str, request_hash: str, box: SecretBox,
     scope: Scope, receive: Receive, send: Send,
 ) -> None:
     if (stored.method, stored.path, stored.request_hash) != (method, path, request_hash):

@@ -22,7 +22,6 @@ from app.errors import AppError
 from app.formats.base import FORMATS, RandomAccessSource
 from app.models.schemas.images import ImageOut
 from app.models.schemas.migrations import MigrationOut, MigrationView
-from app.repositories import images as repo
 from app.services import images as service
 from app.services.tokens import Principal
 
@@ -80,8 +79,8 @@ async def list_images(
     principal: Reader, session: Session, limit: Limit = 50, cursor: Cursor = None,
 ) -> Page[ImageOut]:
     """The tenant's library images, newest first."""
-    rows = await repo.list_images(session, principal.tenant, limit=limit + 1,
-                                  after=after_uuid(cursor))
+    rows = await service.list_images(session, principal.tenant, limit=limit + 1,
+                                     after=after_uuid(cursor))
     more = len(rows) > limit
     rows = rows[:limit]
     last = rows[-1] if more else None

@@ -18,8 +18,8 @@ from app.api.pagination import Cursor, Limit, Page, decode_cursor, encode_cursor
 from app.api.problems import problem_responses
 from app.errors import InvalidInput
 from app.models.enums import MigrationStatus, MigrationType
+from app.models.event_filter import EventFilter
 from app.models.schemas.migrations import EventPage, MigrationCreate, MigrationOut, MigrationView
-from app.repositories.events import EventFilter
 from app.services import migrations as service
 from app.services.events import StreamStart
 from app.services.migrations import PageKey

@@ -20,8 +20,8 @@ from starlette.types import Receive, Scope, Send
 
 from app.api.deps import AppContext
 from app.events.bus import EventBus
+from app.models.event_filter import EventFilter
 from app.models.schemas.migrations import EventOut
-from app.repositories.events import EventFilter
 from app.services import events as service
 from app.services.events import StreamLimits, StreamStart
 

@@ -27,7 +27,8 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from app.engines.pipeline import PipelineError, Progress, convert, tune_allocator
+from app.dataplane.convert import ConvertOptions, convert, tune_allocator
+from app.dataplane.core import PipelineError, TransferProgress
 from app.errors import AppError
 from app.formats import registry
 from app.formats.base import FORMATS, FormatError, ImageReader, WriterOptions
@@ -74,7 +75,7 @@ def human_size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def progress_line(p: Progress) -> str:
+def progress_line(p: TransferProgress) -> str:
     """One status line: percentage (when the total is known), bytes and rate."""
     done = human_size(p.bytes_done)
     rate = f"{human_size(p.rate)}/s"
@@ -91,7 +92,7 @@ class _TtyProgress:
         self.stream = stream
         self._width = 0
 
-    def __call__(self, p: Progress) -> None:
+    def __call__(self, p: TransferProgress) -> None:
         line = progress_line(p)
         pad = " " * max(self._width - len(line), 0)
         self._width = len(line)
@@ -194,7 +195,7 @@ def _temp_path(dst: Path) -> Path:
 
 
 async def convert_file(
-    req: ConvertRequest, on_progress: Callable[[Progress], None] | None = None
+    req: ConvertRequest, on_progress: Callable[[TransferProgress], None] | None = None
 ) -> str | None:
     """Convert ``req.src`` to ``req.dst`` atomically; returns the digest when asked for."""
     source = FileSource(req.src)
@@ -205,14 +206,13 @@ async def convert_file(
         sink = _DeferredSyncSink(tmp)
         try:
             writer = registry.create_writer(req.to_fmt, sink, reader.virtual_size, req.options)
-            result = await convert(
-                reader,
-                writer,
+            options = ConvertOptions(
                 throttle_bps=req.throttle,
                 on_progress=on_progress,
                 progress_hz=4.0,
                 digest=req.digest,
             )
+            result = await convert(reader, writer, options)
             if req.sync:
                 await sink.sync()
             await sink.close()

@@ -397,7 +397,7 @@ def filler_from_reader(reader: ImageReader, fmt: ImageFormat) -> DiskFiller:
     """
 
     async def fill(sink: SequentialSink) -> None:
-        from app.engines.pipeline import convert
+        from app.dataplane.convert import convert
         from app.formats.registry import create_writer
 
         writer = create_writer(fmt.value, sink, reader.virtual_size)

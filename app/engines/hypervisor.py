@@ -37,6 +37,8 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from app.dataplane.convert import Converter, ConvertOptions
+from app.dataplane.core import TransferProgress
 from app.drivers import registry as drivers
 from app.drivers.base import (
     DestinationDriver,
@@ -48,8 +50,7 @@ from app.drivers.base import (
     ServerRef,
     SourceDriver,
 )
-from app.engines.pipeline import Converter, Progress
-from app.engines.registry import EngineDeps
+from app.engines.deps import EngineDeps
 from app.engines.runner import Engine, JSONDict, MigrationView, StepContext
 from app.errors import AppError, NotFound
 from app.formats.base import ImageReader, SequentialSink, WriterOptions
@@ -261,8 +262,8 @@ class HypervisorEngine(Engine):
             writer = create_writer(fmt, sink, reader.virtual_size,
                                    WriterOptions(subformat=_subformat(fmt)))
             async with _reporter(ctx, base, total) as report:
-                result = await Converter(reader, writer, throttle_bps=throttle,
-                                         on_progress=report).run()
+                result = await Converter(reader, writer, ConvertOptions(
+                    throttle_bps=throttle, on_progress=report)).run()
         finally:
             await sink.close()
         await ctx.event("migration.disk.exported", {
@@ -428,13 +429,13 @@ def _file_filler(path: Path) -> Callable[[SequentialSink], Any]:
 
 @contextlib.asynccontextmanager
 async def _reporter(ctx: StepContext, base: int, total: int
-                    ) -> AsyncIterator[Callable[[Progress], None]]:
+                    ) -> AsyncIterator[Callable[[TransferProgress], None]]:
     """Bridge the pipeline's synchronous progress callback to the step's (async,
     persisted at most once a second) progress, without blocking the pipeline."""
     latest: list[int] = []
     wake = asyncio.Event()
 
-    def report(p: Progress) -> None:
+    def report(p: TransferProgress) -> None:
         latest[:] = [p.bytes_done]
         wake.set()
 

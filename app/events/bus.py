@@ -30,9 +30,9 @@ import asyncpg
 from sqlalchemy.engine import make_url
 
 from app.db import Database
+from app.models.event_filter import EventFilter
 from app.models.schemas.migrations import EventOut
 from app.repositories import events as repo
-from app.repositories.events import EventFilter
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Typed ORM tables. Alembic (``app/migrations``) is the only way the schema changes;
+"""Typed ORM tables. Alembic (``alembic/``) is the only way the schema changes;
 ``tests/integration/test_schema.py`` proves these models and the migrations agree."""
 
 from __future__ import annotations

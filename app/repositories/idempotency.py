@@ -8,8 +8,7 @@ claim, so they never block a key for good.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
@@ -17,25 +16,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models.db import ApiToken, IdempotencyKey
-
-
-@dataclass(frozen=True, slots=True)
-class Claimed:
-    """This request holds the key. ``created_at`` identifies the claim: completing or
-    releasing it never touches a later claim of the same key."""
-
-    created_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class StoredKey:
-    """An existing claim: who made it, for what request, and its response if done."""
-
-    method: str
-    path: str
-    request_hash: str
-    status_code: int | None
-    response: dict[str, Any] | None
+from app.models.idempotency import Claimed, StoredKey
 
 
 async def tenant_for_token(session: AsyncSession, token_hash: str) -> str | None:

@@ -17,9 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db import Database
 from app.errors import TransientError
 from app.events.bus import EventBus, Signal, Subscription
+from app.models.event_filter import EventFilter
 from app.models.schemas.migrations import EventOut, EventPage
 from app.repositories import events as repo
-from app.repositories.events import EventFilter
 from app.services.tokens import SCOPES, Principal
 
 log = logging.getLogger(__name__)

@@ -12,6 +12,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -110,6 +111,15 @@ def image_event(image: VirtualImage) -> dict[str, object]:
     """The payload of ``image.created``: what a consumer needs without another call."""
     return {"image_id": str(image.id), "name": image.name, "format": image.format,
             "virtual_size": image.virtual_size, "size": image.size, "digest": image.digest}
+
+
+async def list_images(
+    session: AsyncSession, tenant: str, *, limit: int,
+    after: tuple[datetime, uuid.UUID] | None = None,
+) -> list[VirtualImage]:
+    """Up to ``limit`` of the tenant's images, newest first, after the (created_at, id)
+    of the last one of the previous page."""
+    return await repo.list_images(session, tenant, limit=limit, after=after)
 
 
 async def get(session: AsyncSession, tenant: str, image_id: uuid.UUID) -> VirtualImage:

@@ -31,7 +31,7 @@ from app.models.schemas.webhooks import (
 from app.repositories import webhooks as repo
 from app.services.clouds import PreconditionFailed
 from app.webhooks.policy import TargetPolicy
-from app.webhooks.signing import new_secret
+from app.webhooks.signing import new_secret, seal
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,24 +39,6 @@ class Page:
     items: list[Any]
     #: (created_at, id) of the last item when more follow.
     next_key: tuple[datetime, uuid.UUID] | None
-
-
-def seal(box: SecretBox, current: str, previous: str | None = None) -> bytes:
-    token = box.seal({"current": current, "previous": previous})
-    assert token is not None  # current is never None
-    return token
-
-
-def signing_secrets(box: SecretBox, sealed: bytes, previous_expires_at: datetime | None,
-                    now: datetime) -> list[str]:
-    """The secrets to sign with now: the current one, plus the previous one during a
-    rotation's overlap."""
-    opened = box.open(sealed)
-    out = [str(opened["current"])]
-    previous = opened.get("previous")
-    if previous and previous_expires_at is not None and now < previous_expires_at:
-        out.append(str(previous))
-    return out
 
 
 async def create(

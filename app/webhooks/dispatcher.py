@@ -42,9 +42,9 @@ from app.models.schemas.migrations import EventOut
 from app.repositories import events as events_repo
 from app.repositories import webhooks as repo
 from app.repositories.webhooks import Claimed
-from app.services.webhooks import signing_secrets
 from app.webhooks import signing
 from app.webhooks.policy import TargetPolicy, TargetRefused
+from app.webhooks.signing import signing_secrets
 
 log = logging.getLogger(__name__)
 

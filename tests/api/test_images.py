@@ -13,7 +13,8 @@ import pytest
 from app.config import Settings
 from app.crypto import SecretBox
 from app.db import Database
-from app.engines.registry import EngineDeps, default_engines
+from app.engines.deps import EngineDeps
+from app.engines.registry import default_engines
 from app.engines.worker import Worker, WorkerConfig
 from app.formats.digest import digest_file
 from app.storage.local import LocalStore

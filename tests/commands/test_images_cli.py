@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from app.commands.images import images_commands, main, parse_size, progress_line
-from app.engines import pipeline as pipeline_module
-from app.engines.pipeline import Progress
+from app.dataplane import stages as stages_module
+from app.dataplane.core import TransferProgress
 from app.formats.base import Extent, MiB
 from app.formats.digest import digest_file
 from tests.formats.oracle import make_sparse_raw, qemu_img, random_layout
@@ -204,16 +204,16 @@ def test_a_failure_midway_keeps_the_old_output_and_removes_the_partial(
     out = tmp_path / "out.qcow2"
     out.write_bytes(b"previous content")
     partial_seen: list[str] = []
-    original = pipeline_module.ZeroDetect.process
+    original = stages_module.ZeroDetect.process
 
-    async def failing(self: pipeline_module.ZeroDetect, extent: Extent) -> AsyncIterator[Extent]:
+    async def failing(self: stages_module.ZeroDetect, extent: Extent) -> AsyncIterator[Extent]:
         if extent.offset >= SIZE // 2:
             partial_seen.extend(leftovers(tmp_path))
             raise OSError(5, "Input/output error")
         async for ext in original(self, extent):
             yield ext
 
-    monkeypatch.setattr(pipeline_module.ZeroDetect, "process", failing)
+    monkeypatch.setattr(stages_module.ZeroDetect, "process", failing)
     fds = len(os.listdir("/proc/self/fd"))
     result = run("convert", source, out, "--to", "qcow2")
     assert_one_line_error(result, 1)
@@ -275,8 +275,8 @@ def test_parse_size_rejects(text: str) -> None:
 
 
 def test_progress_line() -> None:
-    line = progress_line(Progress(MiB, 4 * MiB, 2.0 * MiB, 0))
+    line = progress_line(TransferProgress(MiB, 4 * MiB, 2.0 * MiB, 0))
     assert line.startswith(" 25.0%")
     assert "1.0 MiB / 4.0 MiB" in line
     assert "2.0 MiB/s" in line
-    assert progress_line(Progress(MiB, None, 0.0, 0)) == "1.0 MiB  0 B/s"
+    assert progress_line(TransferProgress(MiB, None, 0.0, 0)) == "1.0 MiB  0 B/s"

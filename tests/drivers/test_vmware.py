@@ -19,6 +19,7 @@ from typing import Any, cast
 import httpx
 import pytest
 
+from app.dataplane.convert import convert
 from app.drivers.base import (
     CloudAuthError,
     CloudStateError,
@@ -36,7 +37,6 @@ from app.drivers.base import (
 from app.drivers.capabilities import IMPORT_FORMATS, MATRIX
 from app.drivers.vmware import VMWARE_CAPABILITIES, VmwareDriver, VmwareOptions
 from app.drivers.vmware_lease import NfcDownload
-from app.engines.pipeline import convert
 from app.errors import AppError, InvalidInput, NotFound
 from app.formats.base import SequentialSink
 from app.formats.digest import digest_extents, digest_file

@@ -14,7 +14,8 @@ import httpx
 
 from app.crypto import SecretBox
 from app.db import Database
-from app.engines.registry import EngineDeps, default_engines
+from app.engines.deps import EngineDeps
+from app.engines.registry import default_engines
 from app.engines.retry import RetryPolicy
 from app.engines.worker import Worker, WorkerConfig
 from app.storage.base import ImageStore

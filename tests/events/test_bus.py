@@ -12,9 +12,9 @@ from sqlalchemy import text
 
 from app.db import Database
 from app.events.bus import EventBus, Signal
+from app.models.event_filter import EventFilter
 from app.models.schemas.migrations import EventOut
 from app.repositories import events as events_repo
-from app.repositories.events import EventFilter
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.engines.pipeline import convert
+from app.dataplane.convert import convert
 from app.formats import registry, vhd
 from app.formats.base import Extent, FormatError, WriterOptions
 from app.formats.io import BytesSink, BytesSource, FileSink, FileSource, SequentialFileSource

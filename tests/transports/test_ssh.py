@@ -20,7 +20,7 @@ from app.transports.ssh import (
     quote_argv,
     ssh_session,
 )
-from tests.engines.live_stream_support import SSH, target
+from tests.engines.live_stream.support import SSH, target
 from tests.infra import free_tcp_port
 from tests.infra.nshost import NsHost
 

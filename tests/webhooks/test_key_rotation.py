@@ -9,8 +9,7 @@ from app.crypto import SecretBox
 from app.db import Database
 from app.models.db import Webhook
 from app.services.keys import rotate_keys
-from app.services.webhooks import seal, signing_secrets
-from app.webhooks.signing import new_secret
+from app.webhooks.signing import new_secret, seal, signing_secrets
 
 
 async def test_webhook_secrets_are_sealed_and_rotated(db: Database) -> None:

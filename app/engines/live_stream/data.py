@@ -13,7 +13,7 @@ metering (no throttle), the stream is handed over instead (:func:`_handed_over`)
 source's ``ssh`` writes into a pipe the destination's ``ssh`` reads, the service holds
 neither end, and the same back-pressure runs through that pipe.
 
-Each end is a helper (``python3``, :mod:`app.engines.live_stream_remote`: zero blocks
+Each end is a helper (``python3``, :mod:`app.engines.live_stream.remote`: zero blocks
 detected at the source and never sent, zeros written at the destination only where it
 does not already read as zeros, durable offsets reported as it goes) or, on a host
 without python3, plain ``dd`` (every byte crosses the network; the destination is
@@ -33,17 +33,16 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.engines import live_stream_wire as wire
-from app.engines.pipeline import (
-    DigestStage,
+from app.dataplane.core import (
     ExtentSink,
     Pipeline,
     PipelineContext,
     PipelineError,
+    PipelineOptions,
     Stage,
-    Throttle,
-    ZeroDetect,
 )
+from app.dataplane.stages import DigestStage, Throttle, ZeroDetect
+from app.engines.live_stream import wire
 from app.errors import AppError
 from app.formats.base import Extent
 from app.transports.ssh import (
@@ -76,8 +75,9 @@ class SourceReadError(SshError):
 
 
 @dataclass(frozen=True, slots=True)
-class Endpoint:
-    """One end of a stream: a session, the device, and whether the helper can run."""
+class HostDevice:
+    """A block device on an SSH host, one end of a stream: the session, the device's
+    path, and whether the python3 helper can run there (else plain ``dd``)."""
 
     session: SshSession
     device: str
@@ -117,7 +117,7 @@ class HelperSource:
 
     name = "source"
 
-    def __init__(self, end: Endpoint, size: int, start: int, digest: bool) -> None:
+    def __init__(self, end: HostDevice, size: int, start: int, digest: bool) -> None:
         self.end = end
         self.size = size
         self.start = start
@@ -170,7 +170,7 @@ class DdSource:
 
     name = "source (dd)"
 
-    def __init__(self, end: Endpoint, size: int, start: int, chunk: int = 1024 * 1024) -> None:
+    def __init__(self, end: HostDevice, size: int, start: int, chunk: int = 1024 * 1024) -> None:
         if start % wire.DD_BLOCK:
             raise ValueError("dd sources start on a dd block boundary")
         self.end = end
@@ -203,7 +203,7 @@ class HelperSink(ExtentSink):
 
     name = "destination"
 
-    def __init__(self, end: Endpoint, size: int, start: int, *, exclusive: bool,
+    def __init__(self, end: HostDevice, size: int, start: int, *, exclusive: bool,
                  sync_bytes: int = SYNC_BYTES, sparse: bool = False) -> None:
         self.end = end
         self.sparse = sparse
@@ -298,7 +298,7 @@ class DdSink(ExtentSink):
 
     name = "destination (dd)"
 
-    def __init__(self, end: Endpoint, size: int, start: int,
+    def __init__(self, end: HostDevice, size: int, start: int,
                  segment: int = DD_SEGMENT) -> None:
         if start % wire.DD_BLOCK or segment % wire.DD_BLOCK:
             raise ValueError("dd segments start on dd block boundaries")
@@ -373,7 +373,7 @@ class StreamResult:
     compressed: bool = False
 
 
-def resume_point(source: Endpoint, dest: Endpoint, durable: int) -> int:
+def resume_point(source: HostDevice, dest: HostDevice, durable: int) -> int:
     """Where a stream resumes given the last durable offset: dd ends work in whole dd
     blocks, so the offset is rounded down (re-writing a little is always safe)."""
     if source.helper and dest.helper:
@@ -412,7 +412,7 @@ class _NoHandOver(Exception):
     """The stream cannot be handed over after all (raised before anything started)."""
 
 
-def can_hand_over(source: Endpoint, dest: Endpoint, throttle_bps: float | None) -> bool:
+def can_hand_over(source: HostDevice, dest: HostDevice, throttle_bps: float | None) -> bool:
     """Whether :func:`stream` pipes the source's ``ssh`` straight into the destination's
     (both ends helpers over the OpenSSH client, no throttle)."""
     return (source.helper and dest.helper and throttle_bps is None
@@ -426,7 +426,7 @@ async def has_zstd(session: SshSession) -> bool:
     return result.exit_status == 0
 
 
-async def _handed_over(source: Endpoint, dest: Endpoint, size: int, start: int, *,
+async def _handed_over(source: HostDevice, dest: HostDevice, size: int, start: int, *,
                        exclusive: bool, compress: bool,
                        on_durable: Callable[[int], None] | None,
                        on_progress: Callable[[int, int], None] | None) -> StreamResult:
@@ -506,7 +506,7 @@ async def _handed_over(source: Endpoint, dest: Endpoint, size: int, start: int, 
                         handed_over=True, compressed=bool(done.get("zstd")))
 
 
-async def _read_lines(dest: Endpoint, process: Process, size: int,
+async def _read_lines(dest: HostDevice, process: Process, size: int,
                       on_durable: Callable[[int], None] | None,
                       on_progress: Callable[[int, int], None] | None,
                       ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -535,7 +535,7 @@ async def _read_lines(dest: Endpoint, process: Process, size: int,
                 return info, json.loads(rest)
 
 
-async def _handover_error(source: Endpoint, dest: Endpoint, src: Process, dst: Process,
+async def _handover_error(source: HostDevice, dest: HostDevice, src: Process, dst: Process,
                           exits: _Exits, culprit: str | None) -> AppError:
     """The error of a handed-over stream that did not finish: the first process to fail
     names it. A destination that ran out of input blames the source (it ended first,
@@ -574,7 +574,7 @@ def _helper_error(session: SshSession, process: Process, what: str, text: str,
                               text if failure is None else failure.message)
 
 
-async def stream(source: Endpoint, dest: Endpoint, size: int, *, resume_from: int = 0,
+async def stream(source: HostDevice, dest: HostDevice, size: int, *, resume_from: int = 0,
                  throttle_bps: float | None = None, exclusive: bool = True,
                  on_durable: Callable[[int], None] | None = None,
                  on_progress: Callable[[int, int], None] | None = None,
@@ -612,10 +612,11 @@ async def stream(source: Endpoint, dest: Endpoint, size: int, *, resume_from: in
         stages.append(Throttle(throttle_bps))
     sink: ExtentSink = (HelperSink(dest, size, start, exclusive=exclusive) if dest.helper
                         else DdSink(dest, size, start))
-    pipeline = Pipeline(
-        src, stages, sink, virtual_size=size, resume_from=start, queue_depth=queue_depth,
-        on_checkpoint=on_durable, checkpoint_every=None, source_name=src.name,
+    options = PipelineOptions(
+        resume_from=start, queue_depth=queue_depth, on_checkpoint=on_durable,
+        checkpoint_every=None,
         on_progress=(lambda p: on_progress(p.bytes_done, size)) if on_progress else None)
+    pipeline = Pipeline(src, stages, sink, options, virtual_size=size, source_name=src.name)
     started = time.monotonic()
     try:
         stats = await pipeline.run()

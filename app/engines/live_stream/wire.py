@@ -1,8 +1,8 @@
-"""The service's side of the live-stream helper protocol (``live_stream_remote``).
+"""The service's side of the live-stream helper protocol (:mod:`.remote`).
 
 How a helper is started (:func:`helper_command`), how its frames are encoded and parsed,
 and how its errors are read back. The frame format is defined once, in
-:mod:`app.engines.live_stream_remote` (the file shipped to the hosts); this module
+:mod:`app.engines.live_stream.remote` (the file shipped to the hosts); this module
 imports its constants so the two ends cannot drift apart.
 """
 
@@ -17,7 +17,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from app.engines import live_stream_remote as remote
+from app.engines.live_stream import remote
 from app.transports.ssh import quote_argv
 
 HEAD = remote.HEAD

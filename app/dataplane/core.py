@@ -1,4 +1,4 @@
-"""The extent pipeline: source -> stages -> sink over bounded queues.
+"""The extent pipeline's core: source -> stages -> sink over bounded queues.
 
 A disk travels as an async stream of :class:`~app.formats.base.Extent` values. The
 source (usually an image reader: the *decode* stage), every :class:`Stage` and the
@@ -18,6 +18,11 @@ pipeline keeps the highest one (:attr:`Pipeline.durable_offset`) and a resumed r
 passes it as ``resume_from``: the source is read again from its start (so the digest
 covers the whole disk) but nothing below ``resume_from`` reaches the sink again.
 
+How a run behaves (resume point, queue depth, threads, clock, progress and checkpoint
+callbacks) is one :class:`PipelineOptions` value. The stages themselves live in
+:mod:`app.dataplane.stages`; :mod:`app.dataplane.convert` builds the usual
+``reader -> stages -> writer`` run from a :class:`~app.dataplane.convert.ConvertOptions`.
+
 Cancelling :meth:`Pipeline.run` cancels every task, closes every stage, the sink and
 the source, and shuts the thread pool down before ``CancelledError`` propagates. A
 stage that fails cancels the others, and :meth:`Pipeline.run` raises a
@@ -29,26 +34,19 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import ctypes
 import functools
 import logging
 import os
-import sys
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, TypeVar
 
-from app.engines.throttle import SYSTEM_CLOCK, Clock, TokenBucket
+from app.dataplane.throttle import SYSTEM_CLOCK, Clock
 from app.errors import AppError
-from app.formats.base import DEFAULT_CHUNK, Extent, FormatError, ImageReader, ImageWriter
-from app.formats.buffers import first_bytes_nonzero, is_zero
-from app.formats.digest import ParallelDigest
+from app.formats.base import DEFAULT_CHUNK, Extent, FormatError
 
 log = logging.getLogger(__name__)
-
-_M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
-_M_MMAP_THRESHOLD = -3
 
 T = TypeVar("T")
 
@@ -80,8 +78,10 @@ class PipelineError(AppError):
 
 
 @dataclass(frozen=True, slots=True)
-class Progress:
-    """A progress report: virtual bytes done out of total, and the average rate."""
+class TransferProgress:
+    """A pipeline's progress report: virtual bytes done out of total, and the average
+    rate. (The API's per-migration figure is :class:`app.models.schemas.migrations.Progress`.)
+    """
 
     bytes_done: int
     bytes_total: int | None
@@ -173,187 +173,35 @@ class ExtentSink(abc.ABC):
         """Release resources; called exactly once, whatever happened."""
 
 
-class WriterSink(ExtentSink):
-    """Adapts an :class:`~app.formats.base.ImageWriter` to :class:`ExtentSink`.
 
-    ``checkpoint`` calls the writer's ``flush()`` coroutine when it has one (writers
-    that can resume, such as raw). When the run ends without ``finish`` (failure or
-    cancel), ``close`` calls the writer's ``abort()`` coroutine when it has one, so
-    writes still in flight stop before the caller closes the byte sink. The byte sink
-    itself is not closed: whoever created it owns it.
+@dataclass(frozen=True, slots=True)
+class PipelineOptions:
+    """How a :class:`Pipeline` runs. :class:`~app.dataplane.convert.ConvertOptions`
+    extends it with what a conversion also chooses (its stages, the read size).
+
+    - ``resume_from``: nothing below it reaches the sink; the durable offset starts there.
+    - ``queue_depth``: extents each queue between two tasks holds (at least 1).
+    - ``cpu_threads``: size of the thread pool for :meth:`PipelineContext.run_cpu`
+      (None: :data:`CPU_THREADS`).
+    - ``clock``: where time is read and waited on (None: the system clock).
+    - ``on_progress``: called at most ``progress_hz`` times per second, plus once at the end.
+    - ``checkpoint_every``: call ``sink.checkpoint()`` after this many data bytes (None:
+      never).
+    - ``on_checkpoint``: called with the new durable offset each time it advances.
     """
 
-    name = "encode"
-
-    def __init__(self, writer: ImageWriter) -> None:
-        self.writer = writer
-        self.name = f"encode ({writer.format})"
-        self._finished = False
-
-    async def write(self, extent: Extent) -> None:
-        await self.writer.write(extent)
-
-    async def finish(self) -> None:
-        await self.writer.finish()
-        self._finished = True
-
-    async def close(self) -> None:
-        if self._finished:
-            return
-        abort: Callable[[], Awaitable[None]] | None = getattr(self.writer, "abort", None)
-        if abort is not None and callable(abort):
-            await abort()
-
-    def durable_offset(self) -> int:
-        return self.writer.durable_offset()
-
-    async def checkpoint(self) -> None:
-        flush: Callable[[], Awaitable[None]] | None = getattr(self.writer, "flush", None)
-        if flush is not None and callable(flush):
-            await flush()
+    resume_from: int = 0
+    queue_depth: int = 4
+    cpu_threads: int | None = None
+    clock: Clock | None = None
+    on_progress: Callable[[TransferProgress], None] | None = None
+    progress_hz: float = 2.0
+    checkpoint_every: int | None = 256 * DEFAULT_CHUNK
+    on_checkpoint: Callable[[int], None] | None = None
 
 
-class ZeroDetect(Stage):
-    """Turns data that is all zeros into zero runs and merges adjacent zero runs.
-
-    With ``granularity`` set, each block of that size (aligned on the virtual disk)
-    inside a data extent is checked on its own, so a chunk that is mostly zeros keeps
-    only its non-zero blocks as data (like ``qemu-img convert -S``). The checks are a
-    memcmp that stops at the first non-zero byte, so random data costs almost nothing.
-    """
-
-    name = "zero-detect"
-    inline = True
-
-    def __init__(self, granularity: int | None = 64 * 1024) -> None:
-        if granularity is not None and granularity <= 0:
-            raise ValueError("granularity must be positive")
-        self.granularity = granularity
-        self._zero_start: int | None = None  # pending zero run [start, _zero_end)
-        self._zero_end = 0
-
-    def _take_zero(self) -> Extent | None:
-        if self._zero_start is None:
-            return None
-        ext = Extent(self._zero_start, self._zero_end - self._zero_start)
-        self._zero_start = None
-        return ext
-
-    def _add_zero(self, offset: int, end: int) -> None:
-        if self._zero_start is None:
-            self._zero_start = offset
-        self._zero_end = end
-
-    def _split(self, ext: Extent, data: bytes | memoryview) -> list[tuple[int, int, bool]]:
-        """``(start, end, is_zero)`` runs of a data extent (known not to be all zeros)
-        at the configured granularity."""
-        g = self.granularity
-        whole = [(ext.offset, ext.end, False)]
-        if g is None or ext.offset // g == (ext.end - 1) // g:  # inside one block
-            return whole
-        # A block whose first byte is non-zero is data: no memcmp needed. Ordinary
-        # data takes this path for every block.
-        if first_bytes_nonzero(data, ext.offset, g):
-            return whole
-        view = memoryview(data)
-        starts = [0, *range((ext.offset // g + 1) * g - ext.offset, ext.length, g)]
-        runs: list[tuple[int, int, bool]] = []
-        for k, rel in enumerate(starts):
-            rel_end = starts[k + 1] if k + 1 < len(starts) else ext.length
-            zero = is_zero(view, rel, rel_end)
-            start, end = ext.offset + rel, ext.offset + rel_end
-            if runs and runs[-1][2] == zero:
-                runs[-1] = (runs[-1][0], end, zero)
-            else:
-                runs.append((start, end, zero))
-        return runs
-
-    async def process(self, extent: Extent) -> AsyncIterator[Extent]:
-        if extent.data is None:
-            self._add_zero(extent.offset, extent.end)
-            return
-        data = extent.data
-        if is_zero(data):
-            self._add_zero(extent.offset, extent.end)
-            return
-        for start, end, zero in self._split(extent, data):
-            if zero:
-                self._add_zero(start, end)
-                continue
-            pending = self._take_zero()
-            if pending is not None:
-                yield pending
-            if start == extent.offset and end == extent.end:
-                yield extent
-            else:
-                yield Extent(
-                    start,
-                    end - start,
-                    memoryview(data)[start - extent.offset : end - extent.offset],
-                )
-
-    async def finish(self) -> AsyncIterator[Extent]:
-        pending = self._take_zero()
-        if pending is not None:
-            yield pending
-
-
-class DigestStage(Stage):
-    """Computes the ``vmd1`` disk digest (:mod:`app.formats.digest`) of the stream.
-
-    Data is hashed in the pipeline's thread pool, whole blocks up to ``depth`` extents
-    ahead (default: one more than the pool has threads) and fed in disk order
-    (:class:`~app.formats.digest.ParallelDigest`), so hashing uses every thread of the
-    pool; zero runs cost no hashing. Extents pass through unchanged. :attr:`hexdigest`
-    is available after the run.
-    """
-
-    name = "digest"
-
-    def __init__(self, virtual_size: int, *, depth: int | None = None) -> None:
-        if depth is not None and depth < 1:
-            raise ValueError("depth must be at least 1")
-        self._virtual_size = virtual_size
-        self._depth = depth
-        self._digest: ParallelDigest | None = None
-        self.hexdigest: str | None = None
-
-    async def start(self, ctx: PipelineContext) -> None:
-        self._digest = ParallelDigest(
-            self._virtual_size, ctx.executor, self._depth or ctx.cpu_threads + 1
-        )
-
-    async def process(self, extent: Extent) -> AsyncIterator[Extent]:
-        assert self._digest is not None
-        await self._digest.feed(extent)
-        yield extent
-
-    async def finish(self) -> AsyncIterator[Extent]:
-        assert self._digest is not None
-        self.hexdigest = await self._digest.hexdigest()
-        return
-        yield  # pragma: no cover
-
-    async def close(self) -> None:
-        if self._digest is not None:
-            self._digest.cancel()
-
-
-class SkipBelow(Stage):
-    """Drops everything below ``offset`` (the part a resumed run already wrote)."""
-
-    name = "resume-skip"
-    inline = True
-
-    def __init__(self, offset: int) -> None:
-        self.offset = offset
-
-    async def process(self, extent: Extent) -> AsyncIterator[Extent]:
-        for part in _trim_below(extent, self.offset):
-            yield part
-
-
-def _trim_below(extent: Extent, offset: int) -> tuple[Extent, ...]:
+def trim_below(extent: Extent, offset: int) -> tuple[Extent, ...]:
+    """The part of ``extent`` at or above ``offset`` (nothing, all of it, or its tail)."""
     if extent.end <= offset:
         return ()
     if extent.offset >= offset:
@@ -363,56 +211,12 @@ def _trim_below(extent: Extent, offset: int) -> tuple[Extent, ...]:
     return (Extent(offset, extent.length - cut, data),)
 
 
-class Throttle(Stage):
-    """Limits data bytes per second with a :class:`~app.engines.throttle.TokenBucket`.
-
-    Data extents are split into pieces of at most the bucket's burst size, so over
-    any 1 s window at most ``rate * 1.05`` bytes pass (default burst). Zero runs do
-    not count: they are never sent as bytes.
-    """
-
-    name = "throttle"
-
-    def __init__(
-        self, rate: float, *, clock: Clock | None = None, burst: float | None = None
-    ) -> None:
-        self.rate = rate
-        self._explicit_clock = clock
-        self._burst = burst
-        self.bucket: TokenBucket | None = None
-
-    async def start(self, ctx: PipelineContext) -> None:
-        self.bucket = TokenBucket(
-            self.rate, burst=self._burst, clock=self._explicit_clock or ctx.clock
-        )
-
-    async def process(self, extent: Extent) -> AsyncIterator[Extent]:
-        assert self.bucket is not None
-        if extent.data is None:
-            yield extent
-            return
-        piece = self.bucket.piece
-        if extent.length <= piece:
-            await self.bucket.acquire(extent.length)
-            yield extent
-            return
-        view = memoryview(extent.data)
-        for start in range(0, extent.length, piece):
-            part = view[start : start + piece]
-            await self.bucket.acquire(len(part))
-            yield Extent(extent.offset + start, len(part), part)
-
-
 class Pipeline:
     """Runs ``source -> stages -> sink`` once; see the module docstring.
 
+    - ``options``: how it runs (:class:`PipelineOptions`).
     - ``virtual_size``: when given, the stream must cover exactly ``[0, virtual_size)``.
-    - ``resume_from``: nothing below it reaches the sink; the durable offset starts there.
-    - ``on_progress``: called at most ``progress_hz`` times per second, plus once at the end.
-    - ``checkpoint_every``: call ``sink.checkpoint()`` after this many data bytes.
-    - ``on_checkpoint``: called with the new durable offset each time it advances.
-    - ``cpu_threads``: size of the thread pool for :meth:`PipelineContext.run_cpu`
-      (default: :data:`CPU_THREADS`).
+    - ``source_name``: what a :class:`PipelineError` from the source calls it.
     """
 
     def __init__(
@@ -420,34 +224,31 @@ class Pipeline:
         source: AsyncIterable[Extent],
         stages: Sequence[Stage],
         sink: ExtentSink,
+        options: PipelineOptions | None = None,
         *,
         virtual_size: int | None = None,
-        queue_depth: int = 4,
-        cpu_threads: int | None = None,
-        resume_from: int = 0,
-        clock: Clock | None = None,
-        on_progress: Callable[[Progress], None] | None = None,
-        progress_hz: float = 2.0,
-        checkpoint_every: int | None = 256 * DEFAULT_CHUNK,
-        on_checkpoint: Callable[[int], None] | None = None,
         source_name: str = "decode",
     ) -> None:
-        if queue_depth < 1:
+        options = options or PipelineOptions()
+        resume_from = options.resume_from
+        if options.queue_depth < 1:
             raise ValueError("queue_depth must be at least 1")
         if resume_from < 0 or (virtual_size is not None and resume_from > virtual_size):
             raise ValueError(f"resume_from {resume_from} outside the disk")
+        self.options = options
         self._source = source
         self.stages = list(stages)
         self.sink = sink
         self.virtual_size = virtual_size
-        self.queue_depth = queue_depth
-        self.cpu_threads = cpu_threads or CPU_THREADS
+        self.queue_depth = options.queue_depth
+        self.cpu_threads = options.cpu_threads or CPU_THREADS
         self.resume_from = resume_from
-        self.clock = clock or SYSTEM_CLOCK
-        self.on_progress = on_progress
-        self.progress_interval = 1.0 / progress_hz if progress_hz > 0 else float("inf")
-        self.checkpoint_every = checkpoint_every
-        self.on_checkpoint = on_checkpoint
+        self.clock = options.clock or SYSTEM_CLOCK
+        self.on_progress = options.on_progress
+        hz = options.progress_hz
+        self.progress_interval = 1.0 / hz if hz > 0 else float("inf")
+        self.checkpoint_every = options.checkpoint_every
+        self.on_checkpoint = options.on_checkpoint
         self.source_name = source_name
         self._durable = resume_from
         self._done = resume_from
@@ -590,7 +391,9 @@ class Pipeline:
             if self.on_progress is not None:
                 elapsed = now - start_time
                 rate = (self._done - start_done) / elapsed if elapsed > 0 else 0.0
-                self.on_progress(Progress(self._done, self.virtual_size, rate, self._data_bytes))
+                self.on_progress(
+                    TransferProgress(self._done, self.virtual_size, rate, self._data_bytes)
+                )
 
         try:
             await sink.start(ctx)
@@ -599,7 +402,7 @@ class Pipeline:
                 if item is _END:
                     break
                 assert isinstance(item, Extent)
-                for ext in _trim_below(item, self.resume_from):
+                for ext in trim_below(item, self.resume_from):
                     offset = ext.offset
                     if ext.offset != expected:
                         raise FormatError(
@@ -726,171 +529,3 @@ class Pipeline:
         await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
 
 
-def tune_allocator(
-    *, mmap_threshold: int = 32 * DEFAULT_CHUNK, trim_threshold: int = 256 * DEFAULT_CHUNK
-) -> bool:
-    """Keep freed chunk-sized buffers in the malloc heap for reuse (glibc only).
-
-    Every chunk read is a new ``bytes`` object of about 1 MiB. With glibc's defaults
-    such buffers are mmap'ed or trimmed back to the kernel as soon as they are freed,
-    so the next one costs 256 fresh page faults: measured, the 4 GiB benchmark
-    conversion took ~190k minor faults and 40 % more system time than with these
-    settings (~15k faults). Fixing the mmap threshold above the chunk size and raising
-    the trim threshold lets the heap reuse the memory; peak RSS stays bounded by the
-    pipeline's queues. Process-wide: call once at program start (the CLI does); a
-    long-running service may prefer to leave the allocator alone. Returns False when
-    the C library has no ``mallopt``.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, trim_threshold)
-    )
-
-
-# -- convenience: one image to another --------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ConvertResult:
-    """What :func:`convert` did."""
-
-    virtual_size: int
-    data_bytes: int  # data bytes handed to the writer in this run
-    digest: str | None  # vmd1 digest of the whole virtual disk (None when disabled)
-    duration: float  # seconds
-    resumed_from: int
-
-
-class Converter:
-    """One conversion ``reader -> writer``; :func:`convert` is the one-call form.
-
-    Keep the object to read :attr:`durable_offset` while it runs or after it was
-    cancelled; that is the ``resume_from`` of the next attempt. A resumed attempt
-    needs a writer that continues the same output (the raw writer in resume mode).
-
-    ``stream_output`` says the writer was given a :class:`~app.formats.base.SequentialSink`:
-    then a writer that ``needs_allocation_map`` gets the reader's allocation map
-    before any data (the whole disk when the reader has none). On a seekable sink no
-    map is given: writers such as VHD dynamic and VHDX would otherwise switch to their
-    streaming layout (whole blocks written, zeros included).
-    """
-
-    def __init__(
-        self,
-        reader: ImageReader,
-        writer: ImageWriter,
-        *,
-        throttle_bps: float | None = None,
-        on_progress: Callable[[Progress], None] | None = None,
-        progress_hz: float = 2.0,
-        resume_from: int = 0,
-        digest: bool = True,
-        detect_zeroes: bool = True,
-        chunk_size: int = DEFAULT_CHUNK,
-        queue_depth: int = 4,
-        clock: Clock | None = None,
-        checkpoint_every: int | None = 256 * DEFAULT_CHUNK,
-        on_checkpoint: Callable[[int], None] | None = None,
-        extra_stages: Sequence[Stage] = (),
-        stream_output: bool = False,
-    ) -> None:
-        if writer.virtual_size != reader.virtual_size:
-            raise FormatError(
-                f"writer is for {writer.virtual_size} bytes, the image has {reader.virtual_size}"
-            )
-        self.reader = reader
-        self.writer = writer
-        self.resume_from = resume_from
-        self.stream_output = stream_output
-        self.digest_stage = DigestStage(reader.virtual_size) if digest else None
-        stages: list[Stage] = []
-        if detect_zeroes:
-            stages.append(ZeroDetect())
-        if self.digest_stage is not None:
-            stages.append(self.digest_stage)
-        if resume_from:
-            stages.append(SkipBelow(resume_from))
-        stages.extend(extra_stages)
-        if throttle_bps is not None:
-            stages.append(Throttle(throttle_bps))
-        self.pipeline = Pipeline(
-            reader.extents(chunk_size),
-            stages,
-            WriterSink(writer),
-            virtual_size=reader.virtual_size,
-            queue_depth=queue_depth,
-            resume_from=resume_from,
-            clock=clock,
-            on_progress=on_progress,
-            progress_hz=progress_hz,
-            checkpoint_every=checkpoint_every,
-            on_checkpoint=on_checkpoint,
-            source_name=f"decode ({reader.format})",
-        )
-
-    @property
-    def durable_offset(self) -> int:
-        return self.pipeline.durable_offset
-
-    async def run(self) -> ConvertResult:
-        if self.stream_output and self.writer.needs_allocation_map:
-            ranges = await self.reader.allocation_map()
-            await self.writer.set_allocation_map(
-                ranges if ranges is not None else [(0, self.reader.virtual_size)]
-            )
-        stats = await self.pipeline.run()
-        return ConvertResult(
-            virtual_size=self.reader.virtual_size,
-            data_bytes=stats.data_bytes,
-            digest=self.digest_stage.hexdigest if self.digest_stage is not None else None,
-            duration=stats.duration,
-            resumed_from=self.resume_from,
-        )
-
-
-async def convert(
-    reader: ImageReader,
-    writer: ImageWriter,
-    *,
-    throttle_bps: float | None = None,
-    on_progress: Callable[[Progress], None] | None = None,
-    progress_hz: float = 2.0,
-    resume_from: int = 0,
-    digest: bool = True,
-    detect_zeroes: bool = True,
-    chunk_size: int = DEFAULT_CHUNK,
-    queue_depth: int = 4,
-    clock: Clock | None = None,
-    on_checkpoint: Callable[[int], None] | None = None,
-    stream_output: bool = False,
-) -> ConvertResult:
-    """Copy the virtual disk of ``reader`` into ``writer`` through a :class:`Pipeline`.
-
-    Stages: zero detection, the ``vmd1`` digest, the resume skip (when
-    ``resume_from`` > 0) and the throttle (when ``throttle_bps`` is set). Pass
-    ``stream_output=True`` when the writer writes to a sequential sink (see
-    :class:`Converter`). The caller owns ``reader`` and ``writer`` and closes them.
-    Raises :class:`PipelineError`.
-    """
-    return await Converter(
-        reader,
-        writer,
-        throttle_bps=throttle_bps,
-        on_progress=on_progress,
-        progress_hz=progress_hz,
-        resume_from=resume_from,
-        digest=digest,
-        detect_zeroes=detect_zeroes,
-        chunk_size=chunk_size,
-        queue_depth=queue_depth,
-        clock=clock,
-        on_checkpoint=on_checkpoint,
-        stream_output=stream_output,
-    ).run()

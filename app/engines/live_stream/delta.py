@@ -24,18 +24,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from app.engines import live_stream_remote as remote
-from app.engines import live_stream_wire as wire
-from app.engines.live_stream_data import (
+from app.dataplane.throttle import TokenBucket
+from app.engines.live_stream import remote, wire
+from app.engines.live_stream.data import (
     GRANULARITY,
-    Endpoint,
     HelperSink,
+    HostDevice,
     Process,
     SourceReadError,
     ended_badly,
     stop_process,
 )
-from app.engines.throttle import TokenBucket
 from app.errors import AppError
 from app.formats.base import Extent
 from app.transports.ssh import RemoteCommandError, SshSession
@@ -73,7 +72,7 @@ async def _pump_hashes(session: SshSession, hashes: Process, source: Process,
         source.stdin.write_eof()
 
 
-async def delta_stream(source: Endpoint, dest: Endpoint, size: int, *, start: int = 0,
+async def delta_stream(source: HostDevice, dest: HostDevice, size: int, *, start: int = 0,
                        throttle_bps: float | None = None, exclusive: bool = True,
                        on_durable: Callable[[int], None] | None = None,
                        on_progress: Callable[[int, int], None] | None = None) -> DeltaResult:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import os
 import random
@@ -18,21 +19,18 @@ from typing import Any
 
 import pytest
 
-from app.engines.pipeline import (
-    Converter,
-    DigestStage,
+from app.dataplane.convert import Converter, ConvertOptions, convert
+from app.dataplane.core import (
     ExtentSink,
     Pipeline,
     PipelineContext,
     PipelineError,
-    Progress,
-    SkipBelow,
+    PipelineOptions,
     Stage,
-    Throttle,
-    ZeroDetect,
-    convert,
+    TransferProgress,
 )
-from app.engines.throttle import TokenBucket
+from app.dataplane.stages import DigestStage, SkipBelow, Throttle, ZeroDetect
+from app.dataplane.throttle import TokenBucket
 from app.formats import raw, registry
 from app.formats.base import Extent, FormatError, GiB, MiB, WriterOptions
 from app.formats.digest import DiskDigest, digest_bytes, digest_extents, digest_file
@@ -280,7 +278,9 @@ async def test_digest_stage_hashes_ahead_and_feeds_in_order(seed: int, depth: in
 
     stage = DigestStage(len(disk), depth=depth)
     sink = RecordingSink(bytearray(len(disk)))
-    await Pipeline(source(), [stage], sink, virtual_size=len(disk), cpu_threads=3).run()
+    await Pipeline(
+        source(), [stage], sink, PipelineOptions(cpu_threads=3), virtual_size=len(disk)
+    ).run()
     assert bytes(sink.device or b"") == disk
     assert stage.hexdigest == digest_bytes(disk)
 
@@ -317,7 +317,7 @@ async def test_digest_stage_hashes_blocks_in_parallel(monkeypatch: pytest.Monkey
     disk = random.Random(9).randbytes(8 * MiB)
     stage = DigestStage(len(disk))
     await Pipeline(disk_extents(disk, zero_runs=False), [stage], RecordingSink(),
-                   virtual_size=len(disk), cpu_threads=2).run()
+                   PipelineOptions(cpu_threads=2), virtual_size=len(disk)).run()
     assert met
     assert stage.hexdigest == digest_bytes(disk)
 
@@ -404,7 +404,7 @@ async def test_a_stalled_sink_stops_the_source() -> None:
 
     stages: list[Stage] = [ZeroDetect(), Watch("a"), Watch("b")]
     depth = 3
-    pipe = Pipeline(endless(), stages, RecordingSink(gate=gate), queue_depth=depth)
+    pipe = Pipeline(endless(), stages, RecordingSink(gate=gate), PipelineOptions(queue_depth=depth))
     task = asyncio.create_task(pipe.run())
     await settle()
     # queues hold (stages + 1) * depth; each stage and the sink hold one in hand,
@@ -468,7 +468,9 @@ async def test_throttle_holds_the_rate_over_any_second(rate: int) -> None:
             return None
 
     sink = Stamp()
-    await Pipeline(disk_extents(disk), [Throttle(rate)], sink, virtual_size=size, clock=clock).run()
+    await Pipeline(
+        disk_extents(disk), [Throttle(rate)], sink, PipelineOptions(clock=clock), virtual_size=size
+    ).run()
     assert sum(n for _, n in sink.sent) == size
     assert_rate_within(sink.sent, rate, 0.10)
     assert clock.now == pytest.approx(size / rate, rel=0.10)
@@ -482,7 +484,11 @@ async def test_throttle_lets_zero_runs_through_free() -> None:
         yield Extent(100 * GiB, 1000, b"x" * 1000)
 
     await Pipeline(
-        source(), [Throttle(1000)], RecordingSink(), virtual_size=100 * GiB + 1000, clock=clock
+        source(),
+        [Throttle(1000)],
+        RecordingSink(),
+        PipelineOptions(clock=clock),
+        virtual_size=100 * GiB + 1000,
     ).run()
     assert clock.now <= 1.0
 
@@ -493,7 +499,7 @@ async def test_throttle_lets_zero_runs_through_free() -> None:
 async def test_progress_is_rate_limited_and_ends_at_the_total() -> None:
     clock = FakeClock()
     disk = sample_disk(50 * MiB, seed=4)
-    reports: list[tuple[float, Progress]] = []
+    reports: list[tuple[float, TransferProgress]] = []
 
     def tick(_: Extent) -> None:
         clock.now += 0.013  # every extent "takes" 13 ms
@@ -502,10 +508,12 @@ async def test_progress_is_rate_limited_and_ends_at_the_total() -> None:
         disk_extents(disk, 256 * 1024),
         [Watch(on_extent=tick)],
         RecordingSink(),
+        PipelineOptions(
+            clock=clock,
+            on_progress=lambda p: reports.append((clock.now, p)),
+            progress_hz=4.0,
+        ),
         virtual_size=len(disk),
-        clock=clock,
-        on_progress=lambda p: reports.append((clock.now, p)),
-        progress_hz=4.0,
     ).run()
     elapsed = clock.now
     assert len(reports) <= 4 * elapsed + 2
@@ -799,9 +807,8 @@ async def test_resume_after_random_interruptions_gives_the_same_bytes() -> None:
             disk_extents(disk, 256 * 1024),
             [ZeroDetect(), digest, SkipBelow(resume), interrupt],
             RecordingSink(device, durable_every=rng.choice([256 * 1024, MiB, 3 * MiB])),
+            PipelineOptions(resume_from=resume, queue_depth=rng.randint(1, 4)),
             virtual_size=len(disk),
-            resume_from=resume,
-            queue_depth=rng.randint(1, 4),
         )
         task = interrupt.task = asyncio.create_task(pipe.run())
         try:
@@ -843,8 +850,7 @@ async def test_resume_into_a_raw_file(tmp_path: Path) -> None:
         conv = Converter(
             reader,
             writer,
-            resume_from=resume,
-            chunk_size=256 * 1024,
+            ConvertOptions(resume_from=resume, chunk_size=256 * 1024),
             extra_stages=[interrupt],
         )
         task = interrupt.task = asyncio.create_task(conv.run())
@@ -883,7 +889,7 @@ async def test_raw_writer_checkpoints_reach_the_callback(tmp_path: Path) -> None
     try:
         reader = await raw.open_reader(source)
         writer = raw.RawWriter(sink, size, flush_interval=2 * MiB)
-        conv = Converter(reader, writer, on_checkpoint=checkpoints.append)
+        conv = Converter(reader, writer, ConvertOptions(on_checkpoint=checkpoints.append))
         result = await conv.run()
     finally:
         await source.close()
@@ -905,11 +911,12 @@ async def test_convert_raw_to_raw(tmp_path: Path) -> None:
     out = tmp_path / "out.raw"
     source = FileSource(src)
     sink = FileSink(out)
-    progress: list[Progress] = []
+    progress: list[TransferProgress] = []
     try:
         reader = await raw.open_reader(source)
         writer = raw.create_writer(sink, size)
-        result = await convert(reader, writer, on_progress=progress.append, throttle_bps=1 << 40)
+        options = ConvertOptions(on_progress=progress.append, throttle_bps=1 << 40)
+        result = await convert(reader, writer, options)
     finally:
         await source.close()
         await sink.close()
@@ -943,7 +950,7 @@ async def test_a_streaming_writer_gets_the_allocation_map(tmp_path: Path) -> Non
         stream = StreamOnly()
         writer = registry.create_writer("qcow2", stream, size)
         assert writer.needs_allocation_map
-        result = await convert(reader, writer, stream_output=True)
+        result = await convert(reader, writer, ConvertOptions(stream_output=True))
         out = tmp_path / "out.qcow2"
         out.write_bytes(stream.buffer)
         proc = qemu_img("compare", "-f", "raw", "-F", "qcow2", src, out, check=False)
@@ -1001,3 +1008,41 @@ async def test_interrupted_digest_stage_does_not_leak_when_cancelled_early() -> 
     with contextlib.suppress(asyncio.CancelledError):
         await task
     assert pipeline_threads() == []
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_options_are_validated_when_the_pipeline_is_built() -> None:
+    with pytest.raises(ValueError, match="queue_depth"):
+        Pipeline(disk_extents(b"x" * 10), [], RecordingSink(), PipelineOptions(queue_depth=0))
+    with pytest.raises(ValueError, match="outside the disk"):
+        Pipeline(disk_extents(b"x" * 10), [], RecordingSink(),
+                 PipelineOptions(resume_from=11), virtual_size=10)
+
+
+async def test_one_convert_options_value_drives_the_pipeline_it_builds(tmp_path: Path) -> None:
+    """The run fields of ConvertOptions reach the Pipeline unchanged (it is one value,
+    not a second list of arguments), and the conversion fields choose the stages."""
+    src = tmp_path / "src.raw"
+    make_sparse_raw(src, 4 * MiB, [(0, MiB)], seed=31)
+    clock = FakeClock()
+    options = ConvertOptions(queue_depth=2, cpu_threads=3, clock=clock, digest=False,
+                             detect_zeroes=False, throttle_bps=1 << 30)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.queue_depth = 5  # type: ignore[misc]
+    source = FileSource(src)
+    sink = FileSink(tmp_path / "out.raw")
+    try:
+        reader = await raw.open_reader(source)
+        conv = Converter(reader, raw.create_writer(sink, 4 * MiB), options)
+        assert conv.pipeline.options is options
+        assert (conv.pipeline.queue_depth, conv.pipeline.cpu_threads) == (2, 3)
+        assert conv.pipeline.clock is clock
+        assert [type(s) for s in conv.pipeline.stages] == [Throttle]
+        result = await conv.run()
+    finally:
+        await source.close()
+        await sink.close()
+    assert result.digest is None
+    assert_identical(src, tmp_path / "out.raw")

@@ -27,7 +27,7 @@ from app.db import Database
 from app.engines.live_stream import Tuning
 from app.models.db import Migration
 from tests.conftest import TokenFactory, auth
-from tests.engines.live_stream_support import (
+from tests.engines.live_stream.support import (
     TERMINAL,
     create,
     events,

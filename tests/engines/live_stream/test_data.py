@@ -18,12 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from app.engines import live_stream_wire as wire
-from app.engines.live_stream_data import Endpoint, StreamResult, stream
-from app.engines.live_stream_delta import delta_stream, destination_digest
+from app.engines.live_stream import (
+    HostDevice,
+    StreamResult,
+    delta_stream,
+    destination_digest,
+    stream,
+    wire,
+)
 from app.formats.digest import digest_bytes, digest_file
 from app.transports.ssh import RemoteCommandError, SshConnectionError, ssh_session
-from tests.engines.live_stream_support import SSH, SSH_ASYNCSSH, helper_session_pids, target
+from tests.engines.live_stream.support import SSH, SSH_ASYNCSSH, helper_session_pids, target
 from tests.infra.fixtures import NsHostFactory
 from tests.infra.nshost import NsHost
 
@@ -68,8 +73,8 @@ async def test_copies_exactly_and_digests(pair: tuple[NsHost, NsHost], src_helpe
     _garbage(b)
     durable: list[int] = []
     async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
-        result = await stream(Endpoint(sa, a.device, src_helper),
-                              Endpoint(sb, b.device, dst_helper), SIZE,
+        result = await stream(HostDevice(sa, a.device, src_helper),
+                              HostDevice(sb, b.device, dst_helper), SIZE,
                               on_durable=durable.append)
         dest_digest = await destination_digest(sb, b.device, SIZE, helper=dst_helper)
     assert _read_dest(b) == content
@@ -101,7 +106,7 @@ async def test_asyncssh_channels_without_the_openssh_client(
             ssh_session(target(b), SSH_ASYNCSSH) as sb:
         assert sa.native is None
         task = asyncio.create_task(stream(
-            Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE, throttle_bps=8e6,
+            HostDevice(sa, a.device), HostDevice(sb, b.device), SIZE, throttle_bps=8e6,
             on_durable=lambda o: durable.__setitem__(0, o)))
         async with asyncio.timeout(30):
             while durable[0] < 4 * MiB:
@@ -111,7 +116,7 @@ async def test_asyncssh_channels_without_the_openssh_client(
             await asyncio.wait_for(task, 60)
     async with ssh_session(target(a), SSH_ASYNCSSH) as sa, \
             ssh_session(target(b), SSH_ASYNCSSH) as sb:
-        result = await stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE,
+        result = await stream(HostDevice(sa, a.device), HostDevice(sb, b.device), SIZE,
                               resume_from=durable[0])
     assert _read_dest(b) == content
     assert result.digest == digest_bytes(content)
@@ -121,7 +126,7 @@ async def test_zeros_written_only_where_needed(pair: tuple[NsHost, NsHost]) -> N
     a, b = pair
     _fill_source(a)
     async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
-        result = await stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE)
+        result = await stream(HostDevice(sa, a.device), HostDevice(sb, b.device), SIZE)
     assert result.destination["zeroed"] == 0
     assert result.destination["punched"] == result.zero_bytes > 0
     # The zero half of the destination was never allocated in its backing file.
@@ -132,7 +137,7 @@ async def _stream_and_verify(a: NsHost, b: NsHost, content: bytes) -> StreamResu
     """Stream ``a``'s device to ``b``'s with both helpers; the destination must then hold
     ``content`` and both ends' digests must be that of ``content``."""
     async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
-        result = await stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE)
+        result = await stream(HostDevice(sa, a.device), HostDevice(sb, b.device), SIZE)
         dest_digest = await destination_digest(sb, b.device, SIZE, helper=True)
     assert _read_dest(b) == content
     assert result.digest == dest_digest == digest_bytes(content)
@@ -200,7 +205,7 @@ async def test_resume_writes_only_the_rest(pair: tuple[NsHost, NsHost],
     with b.backing_file.open("r+b") as f:
         f.write(content[:resume])  # what an earlier attempt made durable
     async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
-        result = await stream(Endpoint(sa, a.device, src_helper), Endpoint(sb, b.device),
+        result = await stream(HostDevice(sa, a.device, src_helper), HostDevice(sb, b.device),
                               SIZE, resume_from=resume)
     expected_start = resume if src_helper else resume - resume % wire.DD_BLOCK
     assert result.resumed_from == expected_start
@@ -226,7 +231,7 @@ async def test_throttle_and_backpressure_bound_memory(pair: tuple[NsHost, NsHost
 
     async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
         started = asyncio.get_running_loop().time()
-        await stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE,
+        await stream(HostDevice(sa, a.device), HostDevice(sb, b.device), SIZE,
                      throttle_bps=8e6, on_durable=on_durable, on_progress=on_progress)
         elapsed = asyncio.get_running_loop().time() - started
     assert elapsed > 2.0
@@ -240,7 +245,7 @@ async def test_dropped_connection_is_retryable(pair: tuple[NsHost, NsHost]) -> N
     durable = [0]
     async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
         task = asyncio.create_task(stream(
-            Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE, throttle_bps=4e6,
+            HostDevice(sa, a.device), HostDevice(sb, b.device), SIZE, throttle_bps=4e6,
             on_durable=lambda o: durable.__setitem__(0, o)))
         async with asyncio.timeout(30):
             while durable[0] < 4 * MiB:
@@ -252,7 +257,7 @@ async def test_dropped_connection_is_retryable(pair: tuple[NsHost, NsHost]) -> N
             await asyncio.wait_for(task, 60)
     # A second attempt resumes from what was durable and completes the copy.
     async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
-        result = await stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE,
+        result = await stream(HostDevice(sa, a.device), HostDevice(sb, b.device), SIZE,
                               resume_from=durable[0])
     assert result.resumed_from >= 4 * MiB
     assert digest_file(b.backing_file, size=SIZE) == result.digest
@@ -264,7 +269,7 @@ async def test_destination_too_small_is_refused_by_the_helper(
     _fill_source(a)
     async with ssh_session(target(a), SSH) as sa, ssh_session(target(small), SSH) as sb:
         with pytest.raises(RemoteCommandError, match=r"the destination helper.*fewer than"):
-            await stream(Endpoint(sa, a.device), Endpoint(sb, small.device), SIZE)
+            await stream(HostDevice(sa, a.device), HostDevice(sb, small.device), SIZE)
 
 
 async def test_handed_over_source_failure_names_the_source(
@@ -274,7 +279,7 @@ async def test_handed_over_source_failure_names_the_source(
     small, b = ns_host_factory(device_mib=8), ns_host_factory(device_mib=48)
     async with ssh_session(target(small), SSH) as sa, ssh_session(target(b), SSH) as sb:
         with pytest.raises(RemoteCommandError, match=r"the source helper.*fewer than"):
-            await stream(Endpoint(sa, small.device), Endpoint(sb, b.device), SIZE)
+            await stream(HostDevice(sa, small.device), HostDevice(sb, b.device), SIZE)
 
 
 async def test_handed_over_stream_dropped_connection_is_retryable(
@@ -288,7 +293,7 @@ async def test_handed_over_stream_dropped_connection_is_retryable(
     durable = [0]
     async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
         task = asyncio.create_task(stream(
-            Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE,
+            HostDevice(sa, a.device), HostDevice(sb, b.device), SIZE,
             on_durable=lambda o: durable.__setitem__(0, o)))
         async with asyncio.timeout(30):
             while not (helpers := _helper_pids(b.sshd.pid)):
@@ -304,7 +309,7 @@ async def test_handed_over_stream_dropped_connection_is_retryable(
         with pytest.raises(SshConnectionError, match="lost during the destination helper"):
             await asyncio.wait_for(task, 60)
     async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
-        result = await stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE,
+        result = await stream(HostDevice(sa, a.device), HostDevice(sb, b.device), SIZE,
                               resume_from=durable[0])
     assert result.handed_over
     assert result.resumed_from == durable[0] < SIZE
@@ -321,7 +326,7 @@ async def test_hand_over_falls_back_to_the_relay_when_the_pipe_is_too_small(
     padded = wire.helper_script() + b"#" * (2 * MiB) + b"\n"
     monkeypatch.setattr(wire, "helper_script", lambda: padded)
     async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
-        result = await stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE)
+        result = await stream(HostDevice(sa, a.device), HostDevice(sb, b.device), SIZE)
     assert not result.handed_over
     assert _read_dest(b) == content
     assert result.digest == digest_bytes(content)
@@ -361,9 +366,9 @@ async def test_delta_pass_sends_only_changed_blocks(pair: tuple[NsHost, NsHost])
     with b.backing_file.open("r+b") as f:
         f.write(stale)
     async with ssh_session(target(a), SSH) as sa, ssh_session(target(b), SSH) as sb:
-        result = await delta_stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE)
-        again = await delta_stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE)
-        resumed = await delta_stream(Endpoint(sa, a.device), Endpoint(sb, b.device), SIZE,
+        result = await delta_stream(HostDevice(sa, a.device), HostDevice(sb, b.device), SIZE)
+        again = await delta_stream(HostDevice(sa, a.device), HostDevice(sb, b.device), SIZE)
+        resumed = await delta_stream(HostDevice(sa, a.device), HostDevice(sb, b.device), SIZE,
                                      start=7 * MiB + 5)
     assert _read_dest(b) == bytes(content)
     assert result.changed_blocks == 5

@@ -14,7 +14,7 @@ Steps (:mod:`app.engines.plans`) and what each leaves in its step result:
 - ``snapshot``: removes a leftover snapshot of this migration, then ``lvcreate
   --snapshot`` (optionally inside a bounded ``fsfreeze``). Records the snapshot's uuid:
   a checkpoint is only valid for the snapshot it was taken from.
-- ``transfer``: :func:`~app.engines.live_stream_data.stream`; durable offsets reported
+- ``transfer``: :func:`~app.engines.live_stream.data.stream`; durable offsets reported
   by the destination become the checkpoint (persisted about once a second), and a retry
   or a resumed attempt starts from there. Ends by checking the snapshot did not overflow.
 - ``verify``: the destination's ``vmd1`` digest of the first ``size`` bytes must equal
@@ -33,10 +33,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from app.engines import live_stream_lvm as lvm
-from app.engines.live_stream_data import Endpoint, SourceReadError, StreamResult, stream
-from app.engines.live_stream_delta import DeltaResult, delta_stream, destination_digest
-from app.engines.registry import EngineDeps
+from app.engines.deps import EngineDeps
+from app.engines.live_stream import lvm
+from app.engines.live_stream.data import HostDevice, SourceReadError, StreamResult, stream
+from app.engines.live_stream.delta import DeltaResult, delta_stream, destination_digest
 from app.engines.runner import Engine, JSONDict, MigrationView, StepContext
 from app.errors import AppError
 from app.transports.ssh import (
@@ -221,7 +221,7 @@ class LiveStreamEngine(Engine):
         v = self._validated()
         throttle = self.options.get("throttle_bytes_per_second")
         result = await delta_stream(
-            Endpoint(src, device), Endpoint(dst, str(self.dest["device"])), size, start=start,
+            HostDevice(src, device), HostDevice(dst, str(self.dest["device"])), size, start=start,
             throttle_bps=float(throttle) if throttle else None,
             exclusive=self._exclusive(v),
             on_durable=reporter.durable if reporter else None,
@@ -284,8 +284,8 @@ class LiveStreamEngine(Engine):
                             ctx, src, dst, str(snap["path"]), size, resume, reporter)
                     else:
                         result = await stream(
-                            Endpoint(src, str(snap["path"]), bool(helpers["source"])),
-                            Endpoint(dst, str(self.dest["device"]),
+                            HostDevice(src, str(snap["path"]), bool(helpers["source"])),
+                            HostDevice(dst, str(self.dest["device"]),
                                      bool(helpers["destination"])),
                             size, resume_from=resume,
                             throttle_bps=float(throttle) if throttle else None,
