@@ -21,8 +21,9 @@ from app.api.pagination import Cursor, Limit, Page, decode_cursor, encode_cursor
 from app.api.problems import problem_responses
 from app.errors import InvalidInput
 from app.models.enums import CloudKind
-from app.models.schemas.clouds import CloudCreate, CloudOut, CloudUpdate
+from app.models.schemas.clouds import CloudOut, CloudUpdate
 from app.services import clouds as service
+from app.services.clouds import CloudCreate
 from app.services.tokens import Principal
 
 router = APIRouter(prefix="/clouds", tags=["clouds"])
