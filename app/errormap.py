@@ -121,28 +121,44 @@ def _fallback(exc: BaseException, b: Boundary, action: str) -> AppError:
 
 
 class ErrorTable:
-    """Ordered rules; :meth:`extend` puts more specific rules in front of these."""
+    """Ordered rules; :meth:`extend` puts more specific rules in front of these.
 
-    def __init__(self, rules: Sequence[ErrorRule], fallback: Build = _fallback) -> None:
+    ``fallback`` builds the error for an exception no rule matches (by default the
+    family's permanent error naming the exception's type); ``None`` lets such an
+    exception propagate unchanged (a boundary that translates only what it knows).
+    """
+
+    def __init__(self, rules: Sequence[ErrorRule], fallback: Build | None = _fallback) -> None:
         self.rules: tuple[ErrorRule, ...] = tuple(rules)
         self.fallback = fallback
 
-    def extend(self, rules: Sequence[ErrorRule], fallback: Build | None = None) -> ErrorTable:
-        return ErrorTable((*rules, *self.rules), fallback or self.fallback)
+    def extend(self, rules: Sequence[ErrorRule], *, passthrough: bool = False) -> ErrorTable:
+        """These rules in front of this table's; ``passthrough``: unmatched exceptions
+        propagate unchanged."""
+        return ErrorTable((*rules, *self.rules), None if passthrough else self.fallback)
 
     def rule_for(self, exc: BaseException) -> ErrorRule | None:
         return next((r for r in self.rules if r.matches(exc)), None)
 
-    def translate(self, exc: BaseException, boundary: Boundary, action: str) -> AppError:
+    def _build(self, exc: BaseException) -> Build | None:
         rule = self.rule_for(exc)
-        return (rule.build if rule else self.fallback)(exc, boundary, action)
+        return rule.build if rule is not None else self.fallback
+
+    def translate(self, exc: BaseException, boundary: Boundary, action: str) -> AppError:
+        """The error for ``exc`` (the family's permanent error when nothing matches)."""
+        build = self._build(exc) or _fallback
+        return build(exc, boundary, action)
 
     def raise_translated(self, exc: BaseException, boundary: Boundary, action: str) -> NoReturn:
-        """Raise ``exc`` translated (an ``AppError`` is raised as it is)."""
+        """Raise ``exc`` translated (an ``AppError``, or an exception no rule matches
+        in a pass-through table, is raised as it is)."""
         if isinstance(exc, AppError):
             raise exc
+        build = self._build(exc)
+        if build is None:
+            raise exc
         rule = self.rule_for(exc)
-        error = (rule.build if rule else self.fallback)(exc, boundary, action)
+        error = build(exc, boundary, action)
         if (rule is not None and rule.hide_cause) or isinstance(error, boundary.family.auth):
             raise error from None
         raise error from exc

@@ -108,6 +108,6 @@ async def poll(probe: Callable[[], Awaitable[T | None]], *, what: str, limit: fl
         remaining = deadline - loop.time()
         if remaining <= 0:
             raise (on_timeout() if on_timeout else CloudUnavailable(
-                f"{what}: not done after {limit:.0f} s"))
+                f"{what}: not done after {limit:g} s"))
         await asyncio.sleep(min(delay, remaining))
         delay = min(delay * 2, max_delay)
