@@ -20,23 +20,46 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.crypto import SecretBox
 from app.drivers import registry
+from app.drivers.kit.spec import Role
 from app.errors import AppError, Conflict, InvalidInput, NotFound
 from app.models.db import Cloud
 from app.models.enums import CloudKind
 from app.models.schemas.clouds import (
     CloudCreateBase,
+    CloudKindBase,
     CloudOut,
     CloudUpdate,
     cloud_create_union,
+    cloud_kind_out_model,
     reveal,
 )
 from app.repositories import clouds as repo
 
 if TYPE_CHECKING:
     CloudCreate = CloudCreateBase
+    CloudKindOut = CloudKindBase
 else:
     #: The ``POST /v1/clouds`` body: one model per registered kind, by ``kind``.
     CloudCreate = cloud_create_union(registry.kind_schemas())
+    #: One registered kind as ``GET /v1/clouds/kinds`` shows it.
+    CloudKindOut = cloud_kind_out_model([s.placement for s in registry.SPECS])
+
+
+def cloud_kinds() -> list[CloudKindOut]:
+    """The kinds this deployment can register, with their roles, formats and schemas."""
+    out = []
+    for spec in registry.SPECS:
+        for schema in spec.kinds:
+            out.append(CloudKindOut(
+                kind=schema.kind, platform=spec.platform,
+                roles=[r.value for r in Role if registry.can_play(schema.kind, r)],
+                import_formats=list(spec.capabilities.import_formats),
+                export_formats=list(spec.capabilities.export_formats),
+                settings_schema=schema.settings.__name__,
+                credentials_schema=schema.credentials.__name__,
+                placement=spec.placement(),
+            ))
+    return out
 
 
 class PreconditionFailed(AppError):

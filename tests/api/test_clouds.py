@@ -70,6 +70,27 @@ def test_every_registered_kind_has_schemas_and_an_example() -> None:
             kind_schema(CloudKind(kind))
 
 
+async def test_the_registered_kinds_are_listed_with_what_they_can_do(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    token = await make_token()
+    r = await client.get("/v1/clouds/kinds", headers=auth(token))
+    assert r.status_code == 200, r.text
+    kinds = {k["kind"]: k for k in r.json()}
+    assert set(kinds) == {"vmware", "esxi", "linux"}
+    vmware = kinds["vmware"]
+    assert vmware["platform"] == "VMware vSphere"
+    assert vmware["roles"] == ["hypervisor_source", "hypervisor_destination",
+                               "live_stream_source"]
+    assert vmware["import_formats"] == ["vmdk"]
+    assert vmware["settings_schema"] == "VsphereSettings"
+    assert set(vmware["placement"]) == {"datacenter", "cluster", "host", "resource_pool",
+                                        "datastore", "folder", "network"}
+    assert kinds["linux"]["roles"] == ["live_stream_source"]
+    assert kinds["linux"]["placement"] == {}
+    assert kinds["linux"]["credentials_schema"] == "SshCredentials"
+
+
 @pytest.mark.parametrize("kind", UNREGISTERED)
 async def test_kinds_without_a_driver_are_refused(
     client: httpx.AsyncClient, make_token: TokenFactory, kind: str

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field, SecretStr, create_model, field_validator
 
-from app.models.enums import CloudKind
+from app.models.enums import CloudKind, ImageFormat
 from app.models.schemas.cloud_fields import Name, StrictModel
 
 
@@ -137,3 +137,37 @@ class CloudOut(BaseModel):
     version: int = Field(description="Bumped on every change; the ETag is `\"v<version>\"`.")
     created_at: datetime
     updated_at: datetime
+
+
+# --- what each registered kind is -----------------------------------------------------
+
+
+_PLACEMENT = ("The destination fields a hypervisor migration to it takes (all null: the "
+              "platform's defaults); any other placement field is refused.")
+
+
+class CloudKindBase(BaseModel):
+    """A cloud kind this deployment has a driver for, and what it can do."""
+
+    kind: CloudKind
+    platform: str
+    roles: list[str] = Field(
+        description="What a cloud of this kind can be in a migration today (its driver and "
+        "an engine for it): hypervisor_source, hypervisor_destination, live_stream_source, ...")
+    import_formats: list[ImageFormat] = Field(
+        description="Disk formats a new VM on it is made from, preferred first.")
+    export_formats: list[ImageFormat] = Field(description="Disk formats its exports arrive in.")
+    settings_schema: str = Field(description="Name of its settings schema.")
+    credentials_schema: str = Field(description="Name of its credentials schema.")
+    placement: BaseModel = Field(description=_PLACEMENT)
+
+
+def cloud_kind_out_model(placements: Sequence[type[BaseModel]]) -> type[CloudKindBase]:
+    """:class:`CloudKindBase` with ``placement`` typed as the registered placement models
+    (so they appear, with their descriptions, in the OpenAPI document)."""
+    unique = tuple(dict.fromkeys(placements))
+    placement: Any = unique[0] if len(unique) == 1 else Union[unique]  # noqa: UP007
+    model: type[CloudKindBase] = create_model(
+        "CloudKindOut", __base__=CloudKindBase, __module__=__name__,
+        placement=(placement, Field(description=_PLACEMENT)))
+    return model
