@@ -22,7 +22,6 @@ import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractContextManager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,14 +30,13 @@ from pyVmomi import vmodl
 from app.drivers.base import CloudError
 from app.drivers.kit.session import poll
 from app.errors import AppError
+from app.transports.http import Errors
 
 log = logging.getLogger(__name__)
 
 STREAM_VMDK = "application/x-vnd.vmware-streamVmdk"
 #: Runs a blocking pyvmomi call in a thread with its errors mapped (driver.call).
 Call = Callable[[str, Callable[[], Any]], Awaitable[Any]]
-#: Opens a map_exceptions block for an action (bound to the endpoint).
-Errors = Callable[[str], AbstractContextManager[None]]
 
 
 def device_url(url: str, host: str, port: int) -> str:
