@@ -154,15 +154,20 @@ def with_source_overrides(conn: CloudConnection, *, host: str | None, port: int 
     """
     spec = spec_for(conn.kind)
     settings, creds = conn.settings, conn.credentials
-    if spec is not None and spec.endpoint_fields and (host or port):
-        host_field, port_field = spec.endpoint_fields
-        update = {k: v for k, v in ((host_field, host), (port_field, port)) if v}
-        settings = type(settings).model_validate({**settings.model_dump(), **update})
-    if spec is not None and username and password:
-        model = spec.schema(conn.kind).credentials
-        if set(model.model_fields) == {"username", "password"}:
-            creds = model.model_validate({"username": username,
-                                          "password": SecretStr(password)})
+    try:
+        if spec is not None and spec.endpoint_fields and (host or port):
+            host_field, port_field = spec.endpoint_fields
+            update = {k: v for k, v in ((host_field, host), (port_field, port)) if v}
+            settings = type(settings).model_validate({**settings.model_dump(), **update})
+        if spec is not None and username and password:
+            model = spec.schema(conn.kind).credentials
+            if set(model.model_fields) == {"username", "password"}:
+                creds = model.model_validate({"username": username,
+                                              "password": SecretStr(password)})
+    except ValidationError as exc:  # only the field names: a value may be a secret
+        fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in exc.errors())
+        raise InvalidInput(f"the source's host, port or login do not fit a {conn.kind} "
+                           f"cloud ({fields})") from None
     return dataclasses.replace(conn, settings=settings, credentials=creds)
 
 

@@ -4,7 +4,8 @@
   GET. Nothing is read from the socket until the consumer asks, so a slow pipeline
   slows the server down through TCP flow control. A connection that drops mid-body is
   resumed with a ``Range: bytes=<received>-`` request (up to ``max_resumes`` times);
-  the server must answer ``206`` from exactly that offset, else the download fails.
+  the server must answer ``206`` from exactly that offset, else the download fails
+  (retryable: a new attempt starts over).
 * :func:`upload` streams what a filler writes into a :class:`BoundedSink` (at most
   ``depth`` buffers wait for the socket: a slow server blocks the filler, memory stays
   at ``depth`` x chunk size) as the body of one request; a failure on either side
@@ -119,8 +120,10 @@ class HttpDownload:
             if response.status_code != 206 or not response.headers.get(
                 "content-range", ""
             ).startswith(expected):
-                raise HttpError(
-                    f"the server cannot resume the download at byte {offset} "
+                # Retryable: the drop was transient, a fresh attempt starts from 0.
+                raise HttpUnavailable(
+                    f"the connection dropped and the server cannot resume the download at "
+                    f"byte {offset} "
                     f"(HTTP {response.status_code}, Content-Range "
                     f"{response.headers.get('content-range')!r})"
                 )

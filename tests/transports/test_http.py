@@ -203,8 +203,9 @@ async def test_a_server_without_ranges_cannot_resume(server: Server) -> None:
     server.behaviour.drop_after, server.behaviour.ranges = 100 * KiB, False
     async with http_client() as client:
         download = HttpDownload(client, server.url)
-        with pytest.raises(HttpError, match="cannot resume the download at byte"):
+        with pytest.raises(HttpUnavailable, match="cannot resume the download at byte") as info:
             await _read_all(download)
+        assert info.value.retryable  # a new attempt starts over
         await download.close()
 
 

@@ -12,7 +12,7 @@ formats and the "what works" table.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -89,6 +89,3 @@ class DriverSpec:
 
     def schema(self, kind: CloudKind) -> KindSchema:
         return next(k for k in self.kinds if k.kind is kind)
-
-    def placement_fields(self) -> Mapping[str, object]:
-        return self.placement.model_fields
