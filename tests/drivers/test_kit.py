@@ -21,6 +21,7 @@ from app.drivers.base import (
     CloudError,
     CloudStateError,
     CloudUnavailable,
+    ImportDisk,
     PowerState,
     ShutdownMethod,
     SnapshotRef,
@@ -28,8 +29,13 @@ from app.drivers.base import (
 from app.drivers.kit.errors import cloud_boundary
 from app.drivers.kit.power import PowerOps
 from app.drivers.kit.session import DriverSession, poll
+from app.drivers.kit.transfer import disk_filler, probe_stream_format
 from app.errormap import ErrorRule
-from app.errors import NotFound
+from app.errors import InvalidInput, NotFound
+from app.formats.io import BytesSource
+from app.formats.probes import QCOW2_MAGIC, VMDK_MAGIC
+from app.formats.registry import open_reader
+from app.models.enums import ImageFormat
 
 SECRET = "platform-Password-99"
 
@@ -237,3 +243,23 @@ async def test_snapshots_by_name_are_idempotent() -> None:
         assert not await d.remove_snapshot("gone", "vmigrate-m1")  # no server, nothing left
         with pytest.raises(NotFound):
             await d.find_snapshot("gone", "x")
+
+
+def test_streams_are_probed_among_the_formats_the_platform_sends() -> None:
+    both = (ImageFormat.vmdk, ImageFormat.raw)
+    assert probe_stream_format(VMDK_MAGIC + b"\0" * 508, both) is ImageFormat.vmdk
+    assert probe_stream_format(b"\0" * 512, both) is ImageFormat.raw
+    assert probe_stream_format(QCOW2_MAGIC + b"\0" * 60, (ImageFormat.qcow2, ImageFormat.raw)
+                               ) is ImageFormat.qcow2
+    # qcow2 bytes from a platform that only sends vmdk or raw: raw (it is not asked for)
+    assert probe_stream_format(QCOW2_MAGIC, both) is ImageFormat.raw
+    with pytest.raises(CloudError, match="none of the formats expected"):
+        probe_stream_format(b"\0" * 512, (ImageFormat.vmdk,))
+
+
+async def test_a_ready_image_larger_than_its_disk_is_refused() -> None:
+    reader = await open_reader(BytesSource(b"\1" * 4096), "raw")
+    with pytest.raises(InvalidInput, match="does not fit a disk of 1024 bytes"):
+        disk_filler(ImportDisk(capacity=1024, content=reader), ImageFormat.vmdk)
+    assert callable(disk_filler(ImportDisk(capacity=4096, content=reader), ImageFormat.vmdk))
+    await reader.close()

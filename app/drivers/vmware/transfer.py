@@ -20,7 +20,6 @@ from app.drivers.base import (
     CloudError,
     CloudStateError,
     DiskExport,
-    DiskFiller,
     DiskInfo,
     DiskStream,
     ImportDisk,
@@ -29,24 +28,26 @@ from app.drivers.base import (
     ServerInfo,
     ServerLookup,
     SnapshotRef,
-    filler_from_reader,
+)
+from app.drivers.kit.transfer import (
+    PROBE_BYTES,
+    disk_filler,
+    probe_stream_format,
+    remove_partial,
 )
 from app.drivers.vmware import inventory as inv
 from app.drivers.vmware.errors import fault_text
 from app.drivers.vmware.lease import STREAM_VMDK, LeaseKeeper, device_url, wait_ready
 from app.drivers.vmware.models import VspherePlacement
 from app.drivers.vmware.ovf import OvfDisk, OvfVm, build_ovf
-from app.errors import AppError, InvalidInput, NotFound
-from app.formats.base import ImageReader
-from app.formats.probes import VMDK_MAGIC
+from app.drivers.vmware.spec import CAPABILITIES
+from app.errors import InvalidInput, NotFound
 from app.models.enums import ImageFormat
 from app.transports.http import HttpDownload, upload
 
 if TYPE_CHECKING:
     from app.drivers.vmware.driver import VmwareDriver
 
-#: Bytes read before the format is probed (VMDK magic and a bit more).
-PROBE_BYTES = 512
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class VmwareExport:
         except BaseException:
             await stream.close()
             raise
-        fmt = ImageFormat.vmdk if head[:4] == VMDK_MAGIC else ImageFormat.raw
+        fmt = probe_stream_format(head, CAPABILITIES.export_formats)
         return DiskStream(info=disk, format=fmt, source=stream, size=stream.content_length)
 
     async def close_all(self) -> None:
@@ -182,23 +183,12 @@ def _import_spec_params(spec: ImportSpec, placement: VspherePlacement, target: i
     )
 
 
-def _filler(disk: ImportDisk) -> DiskFiller:
-    if isinstance(disk.content, ImageReader):
-        if disk.content.virtual_size > disk.capacity:
-            raise InvalidInput(
-                f"an image of {disk.content.virtual_size} bytes does not fit a disk of "
-                f"{disk.capacity} bytes"
-            )
-        return filler_from_reader(disk.content, ImageFormat.vmdk)
-    return disk.content
-
-
 async def import_vm(driver: VmwareDriver, spec: ImportSpec,
                     disks: Sequence[ImportDisk]) -> ServerInfo:
     """See :meth:`app.drivers.base.DestinationDriver.import_vm`."""
     content, ep, options = driver.content, driver.boundary, driver.options
     placement = placement_of(spec)
-    fillers = [_filler(d) for d in disks]
+    fillers = [disk_filler(d, ImageFormat.vmdk) for d in disks]
     target = await driver.call("resolve the placement", lambda: inv.resolve_placement(
         content, placement, driver.settings.datacenter, ep))
     if await driver.call("check the VM name",
@@ -249,19 +239,11 @@ async def import_vm(driver: VmwareDriver, spec: ImportSpec,
         await keeper.complete()
     except BaseException as exc:
         await keeper.abort(_reason(driver, exc))
-        await _remove_partial(driver, spec, entity)
+        ref = ServerLookup(id=str(entity._moId)) if entity is not None else ServerLookup(
+            name=spec.name)
+        await remove_partial(driver, ref, marker=spec.marker, name=spec.name)
         raise
     vm_id = str(entity._moId)
     if spec.power_on:
         await driver.power_on(vm_id)
     return (await driver.facts(entity)).info
-
-
-async def _remove_partial(driver: VmwareDriver, spec: ImportSpec, entity: Any) -> None:
-    """Destroy what a failed import left; logs and swallows its own errors."""
-    ref = ServerLookup(id=str(entity._moId)) if entity is not None else ServerLookup(name=spec.name)
-    try:
-        if await driver.destroy_vm(ref, marker=spec.marker):
-            log.info("removed the partly imported VM %s", spec.name)
-    except AppError as exc:
-        log.warning("could not remove the partly imported VM %s: %s", spec.name, exc)
