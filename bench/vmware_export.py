@@ -293,13 +293,14 @@ def child_download(job: Job) -> Sample:
 async def child_vmigrate(job: Job) -> Sample:
     """The export step of a hypervisor migration (app/engines/hypervisor.py), one disk."""
     from app.dataplane.convert import Converter
-    from app.drivers.base import ServerRef
-    from app.drivers.vmware import VmwareDriver
+    from app.drivers.base import ServerLookup
+    from app.drivers.vmware.driver import VmwareDriver
+    from app.drivers.vmware.models import VsphereSettings
     from app.formats.base import WriterOptions
     from app.formats.io import FileSink
     from app.formats.registry import create_writer, open_reader
     from app.models.enums import CloudKind
-    from app.models.schemas.clouds import PasswordCredentials, VsphereSettings
+    from app.models.schemas.cloud_fields import PasswordCredentials
     from app.storage.local import LocalStore
 
     vcsim = _vcsim(job.vcsim)
@@ -315,7 +316,7 @@ async def child_vmigrate(job: Job) -> Sample:
     )
     staged = LocalStore(Path(job.out)).stage(f"bench-export-{fmt}", stable=True)
     async with VmwareDriver(CloudKind.vmware, settings, creds) as driver:
-        info = await driver.validate_source(ServerRef(name=job.vm))
+        info = await driver.validate_source(ServerLookup(name=job.vm))
         async with driver.export_disks(info.id, None) as export:
             disk = export.disks[0]
             rss_before, startup_peak, reset = _mark()

@@ -21,8 +21,9 @@ from app.api.pagination import Cursor, Limit, Page, decode_cursor, encode_cursor
 from app.api.problems import problem_responses
 from app.errors import InvalidInput
 from app.models.enums import CloudKind
-from app.models.schemas.clouds import CloudCreate, CloudOut, CloudUpdate
+from app.models.schemas.clouds import CloudOut, CloudUpdate
 from app.services import clouds as service
+from app.services.clouds import CloudCreate, CloudKindOut
 from app.services.tokens import Principal
 
 router = APIRouter(prefix="/clouds", tags=["clouds"])
@@ -114,6 +115,17 @@ async def list_clouds(
         items=page.items,
         next_cursor=encode_cursor(last.created_at, last.id) if last else None,
     )
+
+
+@router.get(
+    "/kinds", operation_id="list_cloud_kinds", response_model=list[CloudKindOut],
+    responses=problem_responses(401, 403),
+)
+async def list_cloud_kinds(principal: Reader) -> list[CloudKindOut]:
+    """The cloud kinds this deployment has drivers for: what each can do in a migration,
+    its disk formats, and its settings, credentials and placement schemas. A kind not
+    listed is refused by `POST /v1/clouds`."""
+    return service.cloud_kinds()
 
 
 @router.get(

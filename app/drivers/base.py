@@ -6,8 +6,8 @@ the engines. The interface is split by role, after coriolis' "one interface per
 capability": :class:`SourceDriver` (a VM is read: power, snapshot, export) and
 :class:`DestinationDriver` (a VM is provisioned from disk images). A platform that
 only plays one part implements only that Protocol; what it can do is declared in its
-:class:`DriverCapabilities`, which the API consults (through
-:mod:`app.drivers.capabilities`) before anything runs.
+:class:`~app.drivers.kit.spec.DriverSpec` (kinds, roles, models, formats), from which
+the API's capability checks are derived (:mod:`app.drivers.registry`).
 
 Rules every driver follows (see ``docs/drivers.md``):
 
@@ -35,10 +35,11 @@ from enum import StrEnum
 from types import TracebackType
 from typing import ClassVar, Protocol, Self
 
-from app.drivers.capabilities import CapabilityMatrix, Role
+from pydantic import BaseModel, ConfigDict
+
 from app.errors import AppError, TransientError
 from app.formats.base import ImageReader, SequentialSink, SequentialSource
-from app.models.enums import CloudKind, ImageFormat
+from app.models.enums import ImageFormat
 
 # --- errors ---------------------------------------------------------------------------
 
@@ -74,9 +75,16 @@ class CloudTlsError(CloudError):
     code = "cloud-tls-untrusted"
     title = "The cloud's TLS certificate is not trusted"
 
-    def __init__(self, message: str, *, thumbprint: str | None = None) -> None:
-        super().__init__(message, extra={"thumbprint": thumbprint} if thumbprint else None)
-        self.thumbprint = thumbprint
+    def __init__(self, message: str, *, thumbprint: str | None = None,
+                 extra: dict[str, object] | None = None) -> None:
+        super().__init__(message, extra=extra)
+        if thumbprint:
+            self.extra["thumbprint"] = thumbprint
+
+    @property
+    def thumbprint(self) -> str | None:
+        value = self.extra.get("thumbprint")
+        return value if isinstance(value, str) else None
 
 
 class CloudStateError(CloudError):
@@ -114,7 +122,7 @@ class ShutdownMethod(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class DriverCapabilities:
-    """What a driver can do, declared once per driver class.
+    """What a driver class can do beyond its roles (those are in its spec).
 
     ``export_formats`` are the formats an exported disk stream may arrive in (each
     :class:`DiskStream` says which one it is); ``import_formats`` are the formats
@@ -123,8 +131,6 @@ class DriverCapabilities:
     interrupted transfer resumes from its checkpoint instead of restarting.
     """
 
-    kinds: frozenset[CloudKind]
-    roles: frozenset[Role]
     export_formats: tuple[ImageFormat, ...] = ()
     import_formats: tuple[ImageFormat, ...] = ()
     snapshots: bool = False
@@ -132,15 +138,9 @@ class DriverCapabilities:
     export_while_running: bool = False
     resumable_export: bool = False
 
-    def register(self, matrix: CapabilityMatrix) -> None:
-        """Declare this driver's roles for each of its kinds in the API's matrix."""
-        for kind in self.kinds:
-            for role in self.roles:
-                matrix.register(role, kind)
-
 
 @dataclass(frozen=True, slots=True)
-class ServerRef:
+class ServerLookup:
     """A server to look up: by the platform's id, or by its display name (exactly one).
 
     What an id may be is per platform (VMware: a moref ``vm-123``, an instance UUID, or
@@ -152,7 +152,7 @@ class ServerRef:
 
     def __post_init__(self) -> None:
         if (self.id is None) == (self.name is None):
-            raise ValueError("a ServerRef has exactly one of id and name")
+            raise ValueError("a ServerLookup has exactly one of id and name")
 
     def __str__(self) -> str:
         return f"id {self.id!r}" if self.id is not None else f"name {self.name!r}"
@@ -242,17 +242,15 @@ class ImportDisk:
     label: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """Where to create a VM, in the destination's own names; None means its default."""
+class Placement(BaseModel):
+    """Where to create a VM, in the destination's own names; None means its default.
 
-    datacenter: str | None = None
-    cluster: str | None = None
-    host: str | None = None
-    resource_pool: str | None = None
-    datastore: str | None = None
-    folder: str | None = None
-    network: str | None = None
+    Each platform subclasses it with the fields it understands (VMware:
+    ``VspherePlacement``) and names the subclass in its spec; the API refuses a
+    destination field the destination's placement model does not have.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,7 +301,7 @@ class Driver(Protocol):
 class SourceDriver(Driver, Protocol):
     """A platform VMs are migrated away from (``hypervisor_source``)."""
 
-    async def validate_source(self, ref: ServerRef) -> ServerInfo:
+    async def validate_source(self, ref: ServerLookup) -> ServerInfo:
         """Find the server and read its disks. Changes nothing.
 
         Raises ``NotFound`` (naming the server), ``InvalidInput`` (ambiguous name),
@@ -379,7 +377,7 @@ class DestinationDriver(Driver, Protocol):
         """
         ...
 
-    async def destroy_vm(self, ref: ServerRef, *, marker: str) -> bool:
+    async def destroy_vm(self, ref: ServerLookup, *, marker: str) -> bool:
         """Power off and delete a VM that :meth:`import_vm` created with ``marker``.
 
         False when no such VM exists (idempotent). Raises ``CloudStateError`` when the

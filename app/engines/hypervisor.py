@@ -35,8 +35,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import SecretStr
-
 from app.dataplane.convert import Converter, ConvertOptions
 from app.dataplane.core import TransferProgress
 from app.drivers import registry as drivers
@@ -45,11 +43,12 @@ from app.drivers.base import (
     DiskInfo,
     ImportDisk,
     ImportSpec,
-    Placement,
     PowerState,
-    ServerRef,
     SourceDriver,
 )
+from app.drivers.base import ServerLookup as ServerRef
+from app.drivers.kit.connection import CloudConnection
+from app.engines.clouds import open_cloud
 from app.engines.deps import EngineDeps
 from app.engines.runner import Engine, JSONDict, MigrationView, StepContext
 from app.errors import AppError, NotFound
@@ -59,14 +58,14 @@ from app.formats.io import FileSink, FileSource
 from app.formats.registry import create_writer, open_reader
 from app.models.db import VirtualImage
 from app.models.enums import HypervisorMode, ImageStatus
-from app.models.schemas.clouds import PasswordCredentials, VsphereSettings
 from app.repositories import images as images_repo
-from app.services.clouds import CloudConnection, open_cloud
 from app.storage.base import StagedImage
 
 log = logging.getLogger(__name__)
 
 _COPY_CHUNK = 4 * 1024 * 1024
+#: Destination fields that are not placement (the rest go to the driver's placement model).
+_NOT_PLACEMENT = frozenset({"cloud_id", "server_name", "power_on"})
 
 
 class IntegrityError(AppError):
@@ -104,14 +103,9 @@ class HypervisorEngine(Engine):
             return conn
         # The wizard's Host / Remote Port / Username / Password override the cloud's.
         src = self.spec["source"]
-        settings, creds = conn.settings, conn.credentials
-        if isinstance(settings, VsphereSettings) and (src.get("host") or src.get("port")):
-            settings = settings.model_copy(update={
-                k: v for k, v in (("host", src.get("host")), ("port", src.get("port"))) if v})
-        password = self.view.secrets.get("source.password")
-        if src.get("username") and password:
-            creds = PasswordCredentials(username=src["username"], password=SecretStr(password))
-        return dataclasses.replace(conn, settings=settings, credentials=creds)
+        return drivers.with_source_overrides(
+            conn, host=src.get("host"), port=src.get("port"), username=src.get("username"),
+            password=self.view.secrets.get("source.password"))
 
     @contextlib.asynccontextmanager
     async def _source(self) -> AsyncIterator[SourceDriver]:
@@ -325,14 +319,14 @@ class HypervisorEngine(Engine):
         disks = [ImportDisk(capacity=d["capacity"], label=d["label"],
                             content=_file_filler(self._staged(i).path), size=sizes[i])
                  for i, d in enumerate(self.view.result_of("export")["disks"])]
+        conn = await self._connection(dest["cloud_id"], source=False)
         spec = ImportSpec(
             name=name, marker=self.marker, cpus=server.get("cpus") or 1,
             memory_mib=server.get("memory_mib") or 1024, guest_id=server.get("guest_id"),
             firmware=server.get("firmware"), power_on=bool(dest.get("power_on", False)),
-            placement=Placement(**{f: dest.get(f) for f in (
-                "datacenter", "cluster", "host", "resource_pool", "datastore", "folder",
-                "network")}))
-        async with self._destination() as dst:
+            placement=drivers.parse_placement(conn.kind, {
+                f: v for f, v in dest.items() if f not in _NOT_PLACEMENT}))
+        async with drivers.destination_driver(conn) as dst:
             # A dead worker may have left a half-imported VM: remove it (only ours).
             await dst.destroy_vm(ServerRef(name=name), marker=self.marker)
             created = await dst.import_vm(spec, disks)

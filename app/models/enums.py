@@ -5,6 +5,9 @@ from __future__ import annotations
 from enum import StrEnum
 
 
+# Every platform of the product spec. Which of them a deployment accepts, and in which
+# roles, is decided by the registered driver specs (app/drivers/registry.py): a kind
+# without a driver is refused by the API.
 class CloudKind(StrEnum):
     vmware = "vmware"
     esxi = "esxi"

@@ -1,9 +1,11 @@
 """Use cases for clouds: register, list, read, change, remove.
 
 Credentials are sealed with the :class:`SecretBox` before they reach the repository
-and leave this module only as the names of the fields set (``credentials_set``), or
-decrypted, typed, for a driver (:func:`open_cloud`). Services never commit: the
-request's transaction does.
+and leave this module only as the names of the fields set (``credentials_set``); the
+engines decrypt them for a driver (:func:`app.engines.clouds.open_cloud`). Which kinds
+can be registered, and their settings and credentials models, come from the driver
+registry (:mod:`app.drivers.registry`): a kind no driver serves is refused with a 422.
+Services never commit: the request's transaction does.
 """
 
 from __future__ import annotations
@@ -11,24 +13,53 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.crypto import SecretBox
+from app.drivers import registry
+from app.drivers.kit.spec import Role
 from app.errors import AppError, Conflict, InvalidInput, NotFound
 from app.models.db import Cloud
 from app.models.enums import CloudKind
 from app.models.schemas.clouds import (
-    CREDENTIALS_MODELS,
-    SETTINGS_MODELS,
-    CloudCreate,
+    CloudCreateBase,
+    CloudKindBase,
     CloudOut,
     CloudUpdate,
+    cloud_create_union,
+    cloud_kind_out_model,
     reveal,
 )
 from app.repositories import clouds as repo
+
+if TYPE_CHECKING:
+    CloudCreate = CloudCreateBase
+    CloudKindOut = CloudKindBase
+else:
+    #: The ``POST /v1/clouds`` body: one model per registered kind, by ``kind``.
+    CloudCreate = cloud_create_union(registry.kind_schemas())
+    #: One registered kind as ``GET /v1/clouds/kinds`` shows it.
+    CloudKindOut = cloud_kind_out_model([s.placement for s in registry.SPECS])
+
+
+def cloud_kinds() -> list[CloudKindOut]:
+    """The kinds this deployment can register, with their roles, formats and schemas."""
+    out = []
+    for spec in registry.SPECS:
+        for schema in spec.kinds:
+            out.append(CloudKindOut(
+                kind=schema.kind, platform=spec.platform,
+                roles=[r.value for r in Role if registry.can_play(schema.kind, r)],
+                import_formats=list(spec.capabilities.import_formats),
+                export_formats=list(spec.capabilities.export_formats),
+                settings_schema=schema.settings.__name__,
+                credentials_schema=schema.credentials.__name__,
+                placement=spec.placement(),
+            ))
+    return out
 
 
 class PreconditionFailed(AppError):
@@ -47,16 +78,6 @@ class CloudPage:
     items: list[CloudOut]
     #: Whether rows follow the last item (the API turns it into a cursor).
     more: bool
-
-
-@dataclass(frozen=True, slots=True)
-class CloudConnection:
-    """What a driver needs to talk to a cloud: typed settings and decrypted credentials."""
-
-    id: uuid.UUID
-    kind: CloudKind
-    settings: BaseModel
-    credentials: BaseModel | None
 
 
 def _not_found(cloud_id: uuid.UUID) -> NotFound:
@@ -137,10 +158,11 @@ async def update_cloud(
     sent = patch.model_fields_set
     errors: list[dict[str, str]] = []
     settings = credentials = None
+    models = registry.kind_schema(kind)
     if patch.settings is not None:
-        settings = _check(SETTINGS_MODELS[kind], patch.settings, "/settings", errors)
+        settings = _check(models.settings, patch.settings, "/settings", errors)
     if patch.credentials is not None:
-        credentials = _check(CREDENTIALS_MODELS[kind], patch.credentials, "/credentials", errors)
+        credentials = _check(models.credentials, patch.credentials, "/credentials", errors)
     if errors:
         summary = "; ".join(f"{e['pointer']}: {e['detail']}" for e in errors[:5])
         raise InvalidInput(summary, extra={"errors": errors})
@@ -193,22 +215,3 @@ async def delete_cloud(
             "cancel or remove it first"
         )
     await repo.delete_cloud(session, tenant, cloud_id)
-
-
-async def open_cloud(
-    session: AsyncSession, box: SecretBox, tenant: str, cloud_id: uuid.UUID
-) -> CloudConnection:
-    """Settings and decrypted credentials of a cloud, typed by kind, for a driver.
-
-    Raises ``NotFound`` or ``SecretsUnreadable`` (the key that sealed them is gone).
-    """
-    row = await repo.get_cloud(session, tenant, cloud_id)
-    if row is None:
-        raise _not_found(cloud_id)
-    kind = CloudKind(row.kind)
-    secrets = box.open(row.credentials)
-    return CloudConnection(
-        id=row.id, kind=kind,
-        settings=SETTINGS_MODELS[kind].model_validate(row.settings),
-        credentials=CREDENTIALS_MODELS[kind].model_validate(secrets) if secrets else None,
-    )

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.crypto import SecretBox
 from app.drivers.capabilities import MATRIX, CapabilityMatrix, Role
+from app.drivers.registry import placement_errors
 from app.engines import machine
 from app.engines.machine import Action
 from app.engines.plans import flags_from_spec, plan_for
@@ -129,7 +130,19 @@ async def check(
             problems.append(
                 FieldProblem(ref.pointer, matrix.refusal(ref.role, cloud.kind, cloud.name))
             )
+        elif ref.role is Role.hypervisor_destination and isinstance(body, HypervisorCreate):
+            problems.extend(_placement_problems(body, cloud.kind))
     return problems
+
+
+def _placement_problems(body: HypervisorCreate, kind: str) -> list[FieldProblem]:
+    """Destination fields the destination's placement model does not have (``flavor``
+    on VMware) or refuses: named, never silently dropped."""
+    assert body.destination is not None
+    fields = body.destination.model_dump(exclude={"cloud_id", "server_name"},
+                                         exclude_none=True)
+    return [FieldProblem(f"/destination/{e.field}", e.detail)
+            for e in placement_errors(kind, fields)]
 
 
 def _rejection(problems: Sequence[FieldProblem]) -> InvalidInput:

@@ -10,16 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aioboto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
 
-from app.errors import NotFound
+from app.errormap import NETWORK, Boundary, ErrorFamily, ErrorRule
+from app.errors import AppError, NotFound
 from app.formats.base import RandomAccessSource
 from app.storage.base import ImageStore, StagedImage, StorageError, check_key, not_found
 
@@ -27,19 +35,46 @@ PART_SIZE = 64 * 1024 * 1024
 PARALLEL_PARTS = 4
 
 
-@contextmanager
-def map_exceptions(what: str, key: str) -> Iterator[None]:
+class StorageUnavailable(StorageError):
+    """The object store could not be reached or timed out: worth another try."""
+
+    status = 503
+    code = "storage-unavailable"
+    title = "Image storage temporarily unavailable"
+    retryable = True
+
+
+S3_FAMILY = ErrorFamily(failed=StorageError, unavailable=StorageUnavailable,
+                        auth=StorageError, untrusted=StorageError)
+
+
+def _client_error(exc: BaseException, b: Boundary, action: str) -> AppError:
+    assert isinstance(exc, ClientError)
+    err = exc.response.get("Error", {})
+    code = str(err.get("Code", ""))
+    if code in ("404", "NoSuchKey", "NotFound"):
+        return not_found(b.where)
+    return StorageError(b.scrub(f"{action} {b.where}: {code} {err.get('Message', '')}".strip()))
+
+
+#: botocore's errors in front of the shared network table. ``where`` is the object key.
+#: Unmatched exceptions propagate unchanged. Causes are dropped: botocore's text may
+#: carry request signatures.
+S3_TABLE = NETWORK.extend([
+    ErrorRule(ClientError, _client_error, hide_cause=True),
+    ErrorRule((EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError,
+               ReadTimeoutError),
+              lambda exc, b, action: StorageUnavailable(
+                  b.scrub(f"{action} {b.where}: {type(exc).__name__}: {exc}")),
+              hide_cause=True),
+    ErrorRule(BotoCoreError, lambda exc, b, action: StorageError(
+        b.scrub(f"{action} {b.where}: {type(exc).__name__}: {exc}")), hide_cause=True),
+], passthrough=True)
+
+
+def map_exceptions(what: str, key: str) -> AbstractContextManager[None]:
     """Translate botocore errors into the service's errors (no credentials in messages)."""
-    try:
-        yield
-    except ClientError as exc:
-        err = exc.response.get("Error", {})
-        code = str(err.get("Code", ""))
-        if code in ("404", "NoSuchKey", "NotFound"):
-            raise not_found(key) from None
-        raise StorageError(f"{what} {key}: {code} {err.get('Message', '')}".strip()) from None
-    except BotoCoreError as exc:
-        raise StorageError(f"{what} {key}: {type(exc).__name__}: {exc}") from None
+    return S3_TABLE.mapping(Boundary(where=key, family=S3_FAMILY), what)
 
 
 class S3Source:

@@ -13,7 +13,8 @@ under ``sh -c`` with ``LC_ALL=C`` and a PATH that includes the sbin directories,
 parses the same everywhere. Callers build commands with :func:`quote_argv`; nothing a
 user sends reaches a shell unquoted.
 
-asyncssh and socket errors are translated here (:func:`map_exceptions`) into
+asyncssh and socket errors are translated here (:func:`map_exceptions`, by the
+:data:`SSH_TABLE` in front of the shared network table of :mod:`app.errormap`) into
 :class:`~app.errors.AppError` subclasses: authentication and host-key failures are
 permanent (retrying cannot help and may lock an account), a lost, reset or timed-out
 connection is retryable. Messages name ``user@host:port``, never a password or key.
@@ -33,6 +34,7 @@ from typing import Any
 
 import asyncssh
 
+from app.errormap import NETWORK, Boundary, ErrorFamily, ErrorRule, Scrubber
 from app.errors import AppError
 from app.transports import ssh_native
 from app.transports.ssh_native import NativeChannels, NativeProcess
@@ -178,34 +180,67 @@ def _host_key_error(target: SshTarget, client: _Client | None) -> SshHostKeyErro
         "service's known_hosts file)")
 
 
+def _reason(exc: BaseException) -> str:
+    return str(getattr(exc, "reason", "") or exc)
+
+
+def _os_reason(exc: BaseException) -> str:
+    assert isinstance(exc, OSError)
+    return exc.strerror or errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+
+
+def _resolve(exc: BaseException, b: Boundary, action: str) -> AppError:
+    assert isinstance(exc, socket.gaierror)
+    err = SshConnectionError if exc.errno == socket.EAI_AGAIN else SshError
+    return err(b.scrub(f"cannot resolve {action}: {exc.strerror}"))
+
+
+SSH_FAMILY = ErrorFamily(failed=SshError, unavailable=SshConnectionError, auth=SshAuthError,
+                         untrusted=SshHostKeyError)
+
+#: asyncssh's exceptions in front of the shared network table; anything else (a bug, a
+#: parse error in the caller's block) propagates unchanged. The action is the host name
+#: (what a failed name resolution names), ``where`` is ``user@host:port``.
+SSH_TABLE = NETWORK.extend([
+    ErrorRule(asyncssh.PermissionDenied,
+              lambda exc, b, host: SshAuthError(f"authentication failed for {b.where}"),
+              hide_cause=True),
+    ErrorRule(asyncssh.KeyImportError, lambda exc, b, host: SshAuthError(
+        b.scrub(f"the private key for {b.where} cannot be used: {exc}")), hide_cause=True),
+    ErrorRule((asyncssh.KeyExchangeFailed, asyncssh.ProtocolNotSupported),
+              lambda exc, b, host: SshError(
+                  b.scrub(f"SSH negotiation with {b.where} failed: {_reason(exc)}")),
+              hide_cause=True),
+    ErrorRule((asyncssh.ConnectionLost, asyncssh.DisconnectError),
+              lambda exc, b, host: SshConnectionError(
+                  b.scrub(f"SSH connection to {b.where} lost: {_reason(exc)}")),
+              hide_cause=True),
+    ErrorRule(asyncssh.ChannelOpenError, lambda exc, b, host: SshConnectionError(
+        b.scrub(f"SSH session on {b.where} refused: {_reason(exc)}")), hide_cause=True),
+    ErrorRule(socket.gaierror, _resolve, hide_cause=True),
+    ErrorRule(TimeoutError, lambda exc, b, host: SshConnectionError(
+        f"SSH connection to {b.where} timed out"), hide_cause=True),
+    ErrorRule(OSError, lambda exc, b, host: SshConnectionError(
+        f"SSH connection to {b.where} failed: {_os_reason(exc)}"), hide_cause=True),
+], passthrough=True)
+
+
 @contextlib.contextmanager
 def map_exceptions(target: SshTarget, client: _Client | None = None) -> Iterator[None]:
-    """Translate asyncssh and socket errors raised inside into :class:`SshError`s."""
-    where = target.label
+    """Translate asyncssh and socket errors raised inside into :class:`SshError`s
+    (:data:`SSH_TABLE`); a host key that cannot be verified names the key presented."""
+    boundary = Boundary(
+        where=target.label, family=SSH_FAMILY, username=target.username,
+        scrub=Scrubber(s for s in (target.password, target.private_key) if s),
+    )
     try:
         yield
     except AppError:
         raise
-    except asyncssh.PermissionDenied:
-        raise SshAuthError(f"authentication failed for {where}") from None
     except asyncssh.HostKeyNotVerifiable:
         raise _host_key_error(target, client) from None
-    except asyncssh.KeyImportError as exc:
-        raise SshAuthError(f"the private key for {where} cannot be used: {exc}") from None
-    except (asyncssh.KeyExchangeFailed, asyncssh.ProtocolNotSupported) as exc:
-        raise SshError(f"SSH negotiation with {where} failed: {exc.reason}") from None
-    except (asyncssh.ConnectionLost, asyncssh.DisconnectError) as exc:
-        raise SshConnectionError(f"SSH connection to {where} lost: {exc.reason}") from None
-    except asyncssh.ChannelOpenError as exc:
-        raise SshConnectionError(f"SSH session on {where} refused: {exc.reason}") from None
-    except socket.gaierror as exc:
-        err = SshConnectionError if exc.errno == socket.EAI_AGAIN else SshError
-        raise err(f"cannot resolve {target.host}: {exc.strerror}") from None
-    except TimeoutError:
-        raise SshConnectionError(f"SSH connection to {where} timed out") from None
-    except OSError as exc:
-        reason = exc.strerror or errno.errorcode.get(exc.errno or 0, type(exc).__name__)
-        raise SshConnectionError(f"SSH connection to {where} failed: {reason}") from None
+    except Exception as exc:
+        SSH_TABLE.raise_translated(exc, boundary, target.host)
 
 
 #: A started remote process: an asyncssh channel or an ``ssh`` child process.

@@ -47,7 +47,7 @@ def hypervisor(source: str, *, mode: str = "store", destination: str | None = No
                    "password": PASSWORD},
     }
     if destination is not None:
-        body["destination"] = {"cloud_id": destination, "datastore": "ds1", "flavor": "m1.large"}
+        body["destination"] = {"cloud_id": destination, "datastore": "ds1"}
     body.update(extra)
     return body
 

@@ -13,8 +13,15 @@ from sqlalchemy import select, text
 from app.config import Settings
 from app.crypto import SecretBox
 from app.db import Database
+from app.drivers.capabilities import matrix_from
+from app.drivers.kit.spec import DriverSpec, Role
+from app.drivers.registry import ENGINES, SPECS, EngineSupport
 from app.models.db import Migration, MigrationEvent
 from app.models.enums import CloudKind
+from app.models.schemas.cloud_fields import StrictModel
+from app.models.schemas.clouds import KindSchema
+from app.models.schemas.migrations import ImageExtractCreate
+from app.services import migrations as migrations_service
 from tests.api.migrations_support import (
     DEST_PASSWORD,
     PASSWORD,
@@ -71,7 +78,7 @@ async def test_create_hypervisor_store(client: httpx.AsyncClient, db: Database,
 async def test_create_hypervisor_new_with_run_is_queued(
     client: httpx.AsyncClient, db: Database, headers: dict[str, str]
 ) -> None:
-    src, dst = await add_cloud(db, CloudKind.xen), await add_cloud(db, CloudKind.openstack)
+    src, dst = await add_cloud(db, CloudKind.esxi), await add_cloud(db, CloudKind.vmware)
     body = hypervisor(src, mode="new", destination=dst, run=True,
                       options={"power_off": False, "verify": True})
     m = await create(client, headers, body)
@@ -85,10 +92,27 @@ async def test_create_hypervisor_new_with_run_is_queued(
 
 
 async def test_create_image_extract_into_softlayer(
-    client: httpx.AsyncClient, db: Database, headers: dict[str, str]
+    db: Database, settings: Settings
 ) -> None:
+    """No engine runs image extracts yet, so the API refuses them (see
+    test_migrations_capabilities); what a created one looks like is checked through the
+    service with a matrix in which an engine and SoftLayer/Hyper-V stand-in specs exist."""
     src, sl = await add_cloud(db, CloudKind.hyperv), await add_cloud(db, CloudKind.softlayer)
-    m = await create(client, headers, image_extract(src, cloud=sl))
+    stand_ins = [
+        DriverSpec(platform=f"{kind} (test)",
+                   kinds=(KindSchema(kind, kind.value, StrictModel, StrictModel),),
+                   roles=frozenset({role}))
+        for kind, role in ((CloudKind.hyperv, Role.image_extract_source),
+                           (CloudKind.softlayer, Role.image_extract_destination))
+    ]
+    engines = {**ENGINES, Role.image_extract_source: EngineSupport.declared,
+               Role.image_extract_destination: EngineSupport.declared}
+    matrix = matrix_from([*SPECS, *stand_ins], engines)
+    box = SecretBox([k.get_secret_value().encode() for k in settings.encryption_keys])
+    body = ImageExtractCreate.model_validate(image_extract(src, cloud=sl))
+    async with db.session() as session:
+        view = await migrations_service.create(session, box, "acme", body, matrix)
+    m = view.model_dump(mode="json")
     assert (m["type"], m["mode"], m["platform"]) == ("image_extract", None, "windows")
     assert m["source"]["port"] == 5986
     assert m["source"]["existing"] is True

@@ -70,6 +70,7 @@ def test_clouds_operations() -> None:
     expected = {
         ("/v1/clouds", "post"): "create_cloud",
         ("/v1/clouds", "get"): "list_clouds",
+        ("/v1/clouds/kinds", "get"): "list_cloud_kinds",
         ("/v1/clouds/{cloud_id}", "get"): "get_cloud",
         ("/v1/clouds/{cloud_id}", "patch"): "update_cloud",
         ("/v1/clouds/{cloud_id}", "delete"): "delete_cloud",
@@ -88,6 +89,10 @@ def test_clouds_operations() -> None:
     body = create["requestBody"]["content"]["application/json"]["schema"]
     assert body["discriminator"]["propertyName"] == "kind"
     assert "library" not in body["discriminator"]["mapping"]
+    # Derived from the registered driver specs: only kinds with a driver are accepted.
+    assert set(body["discriminator"]["mapping"]) == {"vmware", "esxi", "linux"}
+    placement = spec()["components"]["schemas"]["CloudKindOut"]["properties"]["placement"]
+    assert {"$ref": "#/components/schemas/VspherePlacement"} in placement["anyOf"]
 
 
 def test_credentials_are_write_only_in_the_schema() -> None:

@@ -12,6 +12,7 @@ import logging
 import random
 import socket
 import traceback
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
@@ -28,22 +29,26 @@ from app.drivers.base import (
     DestinationDriver,
     ImportDisk,
     ImportSpec,
-    Placement,
     PowerState,
-    ServerRef,
+    ServerLookup,
     ShutdownMethod,
     SourceDriver,
 )
 from app.drivers.capabilities import IMPORT_FORMATS, MATRIX
-from app.drivers.vmware import VMWARE_CAPABILITIES, VmwareDriver, VmwareOptions
-from app.drivers.vmware_lease import NfcDownload
+from app.drivers.kit.connection import CloudConnection
+from app.drivers.registry import SPECS, destination_driver, source_driver
+from app.drivers.vmware.capabilities import CAPABILITIES as VMWARE_CAPABILITIES
+from app.drivers.vmware.driver import VmwareDriver, VmwareOptions
+from app.drivers.vmware.models import VspherePlacement, VsphereSettings
+from app.drivers.vmware.spec import SPEC as VMWARE_SPEC
 from app.errors import AppError, InvalidInput, NotFound
 from app.formats.base import SequentialSink
 from app.formats.digest import digest_extents, digest_file
 from app.formats.io import BytesSink, BytesSource, FileSink, FileSource
 from app.formats.registry import create_writer, open_reader
 from app.models.enums import CloudKind, ImageFormat
-from app.models.schemas.clouds import PasswordCredentials, VsphereSettings
+from app.models.schemas.cloud_fields import PasswordCredentials
+from app.transports.http import HttpDownload
 from tests.infra.vcsim import Vcsim, find_vm, make_test_pki
 
 pytest.importorskip("pyVmomi")
@@ -121,40 +126,42 @@ def test_driver_satisfies_both_protocols(vcsim: Vcsim) -> None:
     assert source.capabilities is destination.capabilities is VMWARE_CAPABILITIES
 
 
-def test_capabilities_agree_with_the_api_matrix() -> None:
-    for kind in VMWARE_CAPABILITIES.kinds:
+def test_the_api_matrix_is_derived_from_the_spec(vcsim: Vcsim) -> None:
+    assert VMWARE_SPEC in SPECS
+    for kind in VMWARE_SPEC.kind_names:
         assert IMPORT_FORMATS[kind] == VMWARE_CAPABILITIES.import_formats
-        for role in VMWARE_CAPABILITIES.roles:
+        for role in VMWARE_SPEC.roles:
             assert MATRIX.allows(role, kind)
-    matrix = MATRIX.copy()
-    VMWARE_CAPABILITIES.register(matrix)
-    for role in VMWARE_CAPABILITIES.roles:
-        assert matrix.kinds(role) == MATRIX.kinds(role)
     assert ImageFormat.vmdk in VMWARE_CAPABILITIES.export_formats
     assert not VMWARE_CAPABILITIES.export_while_running
+    # The registry builds this driver for both kinds and both roles.
+    conn = CloudConnection(id=uuid.uuid4(), kind=CloudKind.esxi, settings=vsphere(vcsim),
+                           credentials=creds(vcsim))
+    assert isinstance(source_driver(conn), VmwareDriver)
+    assert isinstance(destination_driver(conn), VmwareDriver)
 
 
 # --- validate ---------------------------------------------------------------------------
 
 
 async def test_validate_finds_the_vm_every_way(driver: VmwareDriver) -> None:
-    info = await driver.validate_source(ServerRef(name="DC0_H0_VM0"))
+    info = await driver.validate_source(ServerLookup(name="DC0_H0_VM0"))
     assert info.name == "DC0_H0_VM0"
     assert info.id.startswith("vm-")
     (disk,) = info.disks
     assert disk.capacity == 1 * MiB
     assert disk.path == "[LocalDS_0] DC0_H0_VM0/disk1.vmdk"
     assert info.uuid
-    for ref in (ServerRef(id=info.id), ServerRef(id=info.uuid),
-                ServerRef(id="DC0/vm/DC0_H0_VM0")):
+    for ref in (ServerLookup(id=info.id), ServerLookup(id=info.uuid),
+                ServerLookup(id="DC0/vm/DC0_H0_VM0")):
         assert (await driver.validate_source(ref)).id == info.id, ref
 
 
-@pytest.mark.parametrize("ref", [ServerRef(name="no-such-vm"), ServerRef(id="vm-987654"),
-                                 ServerRef(id="DC0/vm/no-such-vm"),
-                                 ServerRef(id="00000000-1111-2222-3333-444444444444")])
+@pytest.mark.parametrize("ref", [ServerLookup(name="no-such-vm"), ServerLookup(id="vm-987654"),
+                                 ServerLookup(id="DC0/vm/no-such-vm"),
+                                 ServerLookup(id="00000000-1111-2222-3333-444444444444")])
 async def test_unknown_vm_is_a_permanent_not_found_naming_it(
-    driver: VmwareDriver, ref: ServerRef
+    driver: VmwareDriver, ref: ServerLookup
 ) -> None:
     with pytest.raises(NotFound) as info:
         await driver.validate_source(ref)
@@ -164,7 +171,7 @@ async def test_unknown_vm_is_a_permanent_not_found_naming_it(
 
 async def test_an_id_of_no_known_shape_is_invalid_input(driver: VmwareDriver) -> None:
     with pytest.raises(InvalidInput, match="moref"):
-        await driver.validate_source(ServerRef(id="not a vm id"))
+        await driver.validate_source(ServerLookup(id="not a vm id"))
 
 
 @pytest.mark.parametrize("kind", [CloudKind.vmware, CloudKind.esxi])
@@ -203,7 +210,7 @@ async def test_untrusted_certificate_is_a_tls_error_with_its_thumbprint(
 
 async def test_pinned_thumbprint_is_trusted_and_a_wrong_pin_is_not(vcsim: Vcsim) -> None:
     async with make_driver(vcsim, ca_bundle=None, tls_fingerprint=vcsim.thumbprint) as pinned:
-        assert (await pinned.validate_source(ServerRef(name="DC0_H0_VM0"))).disks
+        assert (await pinned.validate_source(ServerLookup(name="DC0_H0_VM0"))).disks
     wrong = "AB:" * 31 + "CD"
     with pytest.raises(CloudTlsError) as info:
         await make_driver(vcsim, ca_bundle=None, tls_fingerprint=wrong).connect()
@@ -212,7 +219,7 @@ async def test_pinned_thumbprint_is_trusted_and_a_wrong_pin_is_not(vcsim: Vcsim)
 
 async def test_verification_can_be_switched_off_explicitly(vcsim: Vcsim) -> None:
     async with make_driver(vcsim, ca_bundle=None, verify_tls=False) as insecure:
-        assert (await insecure.validate_source(ServerRef(name="DC0_H0_VM0"))).disks
+        assert (await insecure.validate_source(ServerLookup(name="DC0_H0_VM0"))).disks
 
 
 async def test_nothing_listening_is_retryable(vcsim: Vcsim) -> None:
@@ -228,7 +235,7 @@ async def test_nothing_listening_is_retryable(vcsim: Vcsim) -> None:
 
 
 async def test_shutdown_power_on_and_restore(driver: VmwareDriver) -> None:
-    vm = (await driver.validate_source(ServerRef(name="DC0_C0_RP0_VM0"))).id
+    vm = (await driver.validate_source(ServerLookup(name="DC0_C0_RP0_VM0"))).id
     await driver.power_on(vm)
     try:
         assert await driver.shutdown(vm, grace=5) is ShutdownMethod.guest
@@ -247,7 +254,7 @@ async def test_shutdown_power_on_and_restore(driver: VmwareDriver) -> None:
 
 
 async def test_snapshots_are_idempotent_by_name(driver: VmwareDriver) -> None:
-    vm = (await driver.validate_source(ServerRef(name="DC0_H0_VM0"))).id
+    vm = (await driver.validate_source(ServerLookup(name="DC0_H0_VM0"))).id
     name = "vmigrate-test-snapshot"
     first = await driver.create_snapshot(vm, name)
     try:
@@ -290,7 +297,7 @@ async def export_digest(
     async with driver.export_disks(vm, await driver.find_snapshot(vm, "vmigrate-x")) as export:
         (disk,) = export.disks
         stream = await export.open(disk)
-        url = cast(NfcDownload, stream.source).url
+        url = cast(HttpDownload, stream.source).url
         reader = await open_reader(stream.source, stream.format.value)
         extents = reader.extents()
         try:
@@ -319,7 +326,7 @@ async def test_export_of_a_raw_backed_disk_matches_the_uploaded_bytes(
 ) -> None:
     raw = disk_with_holes(tmp_path / "disk.raw", 1 * MiB, seed=1)
     vcsim.upload_disk("DC0_H0_VM1", raw)
-    vm = (await driver.validate_source(ServerRef(name="DC0_H0_VM1"))).id
+    vm = (await driver.validate_source(ServerLookup(name="DC0_H0_VM1"))).id
     before = await as_off(driver, vm)
     await driver.create_snapshot(vm, "vmigrate-x")
     try:
@@ -338,7 +345,7 @@ async def test_export_of_a_stream_optimized_disk_is_read_as_vmdk(
     """What a real vCenter sends: the stream is probed and read sequentially as VMDK."""
     raw = disk_with_holes(tmp_path / "disk.raw", 5 * MiB + 512, seed=2)
     vcsim.upload_disk("DC0_C0_RP0_VM1", await to_stream_optimized(raw, tmp_path / "so.vmdk"))
-    vm = (await driver.validate_source(ServerRef(name="DC0_C0_RP0_VM1"))).id
+    vm = (await driver.validate_source(ServerLookup(name="DC0_C0_RP0_VM1"))).id
     before = await as_off(driver, vm)
     try:
         fmt, digest, _ = await export_digest(driver, vm, monkeypatch)
@@ -349,7 +356,7 @@ async def test_export_of_a_stream_optimized_disk_is_read_as_vmdk(
 
 
 async def test_export_refuses_a_running_vm(driver: VmwareDriver) -> None:
-    vm = (await driver.validate_source(ServerRef(name="DC0_C0_RP0_VM1"))).id
+    vm = (await driver.validate_source(ServerLookup(name="DC0_C0_RP0_VM1"))).id
     await driver.power_on(vm)
     with pytest.raises(CloudStateError, match="powered off") as info:
         async with driver.export_disks(vm, None):
@@ -360,14 +367,14 @@ async def test_export_refuses_a_running_vm(driver: VmwareDriver) -> None:
 async def test_a_failing_consumer_aborts_the_export_lease(
     vcsim: Vcsim, driver: VmwareDriver
 ) -> None:
-    vm = (await driver.validate_source(ServerRef(name="DC0_H0_VM1"))).id
+    vm = (await driver.validate_source(ServerLookup(name="DC0_H0_VM1"))).id
     before = await as_off(driver, vm)
     urls: list[str] = []
 
     async def consume_and_break() -> None:
         async with driver.export_disks(vm, None) as export:
             stream = await export.open(export.disks[0])
-            urls.append(cast(NfcDownload, stream.source).url)
+            urls.append(cast(HttpDownload, stream.source).url)
             assert await stream.source.read(100)
             raise RuntimeError("consumer broke")
 
@@ -411,7 +418,7 @@ async def test_import_converts_a_raw_image_and_uploads_it(
     reader = await open_reader(FileSource(raw), "raw")
     spec = ImportSpec(
         name="vmigrate-import-raw", marker="migration-1", cpus=2, memory_mib=256,
-        placement=Placement(cluster="DC0_C0", datastore="LocalDS_0", network="VM Network"),
+        placement=VspherePlacement(cluster="DC0_C0", datastore="LocalDS_0", network="VM Network"),
         power_on=True,
     )
     try:
@@ -433,12 +440,12 @@ async def test_import_converts_a_raw_image_and_uploads_it(
         assert nics == ["VM Network"]
         assert marker == spec.marker
         with pytest.raises(CloudStateError, match="not created by this migration"):
-            await driver.destroy_vm(ServerRef(id=info.id), marker="another-migration")
+            await driver.destroy_vm(ServerLookup(id=info.id), marker="another-migration")
     finally:
-        assert await driver.destroy_vm(ServerRef(name=spec.name), marker=spec.marker)
-    assert not await driver.destroy_vm(ServerRef(id=info.id), marker=spec.marker)
+        assert await driver.destroy_vm(ServerLookup(name=spec.name), marker=spec.marker)
+    assert not await driver.destroy_vm(ServerLookup(id=info.id), marker=spec.marker)
     with pytest.raises(NotFound):
-        await driver.validate_source(ServerRef(name=spec.name))
+        await driver.validate_source(ServerLookup(name=spec.name))
 
 
 async def test_import_with_an_engine_filler_and_a_known_length(
@@ -457,7 +464,7 @@ async def test_import_with_an_engine_filler_and_a_known_length(
             await sink.write(payload[i : i + 300 * KiB])
 
     spec = ImportSpec(name="vmigrate-import-filler", marker="migration-2",
-                      placement=Placement(host="DC0_H0"))
+                      placement=VspherePlacement(host="DC0_H0"))
     info = await driver.import_vm(
         spec, [ImportDisk(capacity=2 * MiB, content=fill, size=len(payload))]
     )
@@ -467,7 +474,7 @@ async def test_import_with_an_engine_filler_and_a_known_length(
         assert data == payload
         assert digest == digest_file(raw)
     finally:
-        await driver.destroy_vm(ServerRef(id=info.id), marker=spec.marker)
+        await driver.destroy_vm(ServerLookup(id=info.id), marker=spec.marker)
 
 
 def failing_filler(after: int) -> Callable[[SequentialSink], Awaitable[None]]:
@@ -482,14 +489,14 @@ async def test_a_failed_upload_aborts_the_lease_and_removes_the_vm(
     driver: VmwareDriver, caplog: pytest.LogCaptureFixture
 ) -> None:
     spec = ImportSpec(name="vmigrate-import-fails", marker="migration-3",
-                      placement=Placement(cluster="DC0_C0"))
+                      placement=VspherePlacement(cluster="DC0_C0"))
     caplog.set_level(logging.INFO, logger="app.drivers")
     with pytest.raises(RuntimeError, match="source disk unreadable"):
         await driver.import_vm(spec, [ImportDisk(capacity=1 * MiB, content=failing_filler(MiB))])
     assert f"removed the partly imported VM {spec.name}" in caplog.text
     assert "abort" not in caplog.text  # the abort itself succeeded
     with pytest.raises(NotFound):
-        await driver.validate_source(ServerRef(name=spec.name))
+        await driver.validate_source(ServerLookup(name=spec.name))
 
 
 async def test_import_rejects_unknown_placement_and_taken_names(driver: VmwareDriver) -> None:
@@ -497,14 +504,15 @@ async def test_import_rejects_unknown_placement_and_taken_names(driver: VmwareDr
     with pytest.raises(InvalidInput, match=r"no datastore named 'nope'.*LocalDS_0"):
         await driver.import_vm(
             ImportSpec(name="vmigrate-never", marker="m",
-                       placement=Placement(cluster="DC0_C0", datastore="nope")), [disk])
+                       placement=VspherePlacement(cluster="DC0_C0", datastore="nope")), [disk])
     with pytest.raises(InvalidInput, match="choose one with cluster or host"):
         await driver.import_vm(ImportSpec(name="vmigrate-never", marker="m"), [disk])
     with pytest.raises(CloudStateError, match="already holds"):
         await driver.import_vm(
-            ImportSpec(name="DC0_H0_VM0", marker="m", placement=Placement(host="DC0_H0")), [disk])
+            ImportSpec(name="DC0_H0_VM0", marker="m",
+                       placement=VspherePlacement(host="DC0_H0")), [disk])
     with pytest.raises(NotFound):
-        await driver.validate_source(ServerRef(name="vmigrate-never"))
+        await driver.validate_source(ServerLookup(name="vmigrate-never"))
 
 
 async def test_errors_keep_their_kind_through_the_driver(driver: VmwareDriver) -> None:

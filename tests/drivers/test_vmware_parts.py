@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import httpx
@@ -21,17 +22,28 @@ from app.drivers.base import (
     CloudStateError,
     CloudTlsError,
     CloudUnavailable,
-    ServerRef,
+    ServerLookup,
 )
-from app.drivers.tls import colon_hex, is_verification_failure, normalise_fingerprint
-from app.drivers.vmware_errors import Endpoint, map_exceptions, translate
-from app.drivers.vmware_lease import LeaseKeeper, device_url, upload
-from app.drivers.vmware_ovf import OVF_NS, RASD_NS, OvfDisk, OvfVm, build_ovf
-from app.errors import NotFound
+from app.drivers.kit.errors import cloud_boundary
+from app.drivers.kit.tls import colon_hex, normalise_fingerprint
+from app.drivers.vmware.errors import VMWARE
+from app.drivers.vmware.lease import LeaseKeeper, device_url
+from app.drivers.vmware.ovf import OVF_NS, RASD_NS, OvfDisk, OvfVm, build_ovf
+from app.errormap import Boundary, is_verification_failure
+from app.errors import AppError, NotFound
 from app.formats.base import SequentialSink
+from app.transports.http import HttpError, upload
 
-EP = Endpoint(label="vCenter", host="vc.example", port=443, username="admin@vsphere.local",
-              trust="the cloud's CA bundle", secrets=("hunter2-secret",))
+EP = cloud_boundary("vCenter vc.example:443", username="admin@vsphere.local",
+                    trust="the cloud's CA bundle", secrets=("hunter2-secret",))
+
+
+def translate(ep: Boundary, action: str, exc: BaseException) -> AppError:
+    return VMWARE.translate(exc, ep, action)
+
+
+def map_exceptions(ep: Boundary, action: str) -> AbstractContextManager[None]:
+    return VMWARE.mapping(ep, action)
 FaultFactory = Callable[[], BaseException]
 
 
@@ -167,9 +179,9 @@ def test_lease_urls_get_the_connected_host() -> None:
 
 def test_server_ref_needs_exactly_one_key() -> None:
     with pytest.raises(ValueError, match="exactly one"):
-        ServerRef()
+        ServerLookup()
     with pytest.raises(ValueError, match="exactly one"):
-        ServerRef(id="vm-1", name="x")
+        ServerLookup(id="vm-1", name="x")
 
 
 # --- lease keeping and uploads -----------------------------------------------------------
@@ -251,7 +263,7 @@ async def test_an_upload_longer_than_declared_fails() -> None:
         return httpx.Response(200)
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-        with pytest.raises(CloudError, match="more than the declared 10 bytes"):
+        with pytest.raises(HttpError, match="more than the declared 10 bytes"):
             await upload(client, "https://vc.example/u", fill, size=10, headers={},
                          errors=lambda a: map_exceptions(EP, a), on_bytes=lambda n: None,
                          depth=2)

@@ -127,7 +127,8 @@ async def test_s3_multipart_failure_aborts_upload(
         raise ConnectionResetError("link dropped")
 
     monkeypatch.setattr(S3Store, "_upload_parts", failing)
-    with pytest.raises(ConnectionResetError):
-        await staged.publish()
+    with pytest.raises(s3_module.StorageUnavailable, match="link dropped") as info:
+        await staged.publish()  # the shared network table: a reset link is retryable
+    assert info.value.retryable
     assert raw.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
     assert raw.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []

@@ -2,9 +2,12 @@
 
 A cloud has a ``kind`` and two objects whose shape depends on it: ``settings`` (how to
 reach it: host, region, TLS policy; returned by the API) and ``credentials`` (who to
-be: passwords, keys; encrypted at rest and **write-only**). Each kind gets its own
-models so a client learns from the OpenAPI document exactly which fields apply, and a
-typo (``verfy_tls``) is an "unknown field" error rather than a silently ignored key.
+be: passwords, keys; encrypted at rest and **write-only**). Each kind has its own
+models, declared by the platform's driver spec (:class:`KindSchema`); the create body
+is the union of one model per *registered* kind (:func:`cloud_create_union`, built by
+:mod:`app.services.clouds` from :mod:`app.drivers.registry`), discriminated by
+``kind``, so a client learns from the OpenAPI document exactly which kinds and fields
+apply, and a kind no driver serves is refused at the door.
 
 Secrets are ``SecretStr``: their ``repr``/``str`` is masked, so an accidental log line
 or error message cannot print them.
@@ -12,230 +15,27 @@ or error message cannot print them.
 
 from __future__ import annotations
 
-import ipaddress
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    HttpUrl,
-    SecretStr,
-    StringConstraints,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, Field, SecretStr, create_model, field_validator
 
-from app.models.enums import CloudKind
-
-Name = Annotated[
-    str,
-    StringConstraints(
-        strip_whitespace=True, min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$"
-    ),
-]
+from app.models.enums import CloudKind, ImageFormat
+from app.models.schemas.cloud_fields import Name, StrictModel
 
 
-def _host(value: str) -> str:
-    """A DNS name, an IPv4 address or an IPv6 address (brackets optional)."""
-    if ":" in value:
-        try:
-            return str(ipaddress.IPv6Address(value.removeprefix("[").removesuffix("]")))
-        except ValueError:
-            raise ValueError("not a host name or IP address (no scheme or port here)") from None
-    return value
+@dataclass(frozen=True, slots=True)
+class KindSchema:
+    """The API's models for one cloud kind; ``title`` names its create schema
+    (``"Vmware"`` -> ``VmwareCloudCreate``)."""
 
-
-Host = Annotated[
-    str,
-    StringConstraints(max_length=253, pattern=r"^[A-Za-z0-9_:\[][A-Za-z0-9_.:\[\]-]*$"),
-    AfterValidator(_host),
-    Field(description="DNS name or IP address (no scheme, no port)."),
-]
-# Strict: "443" or true is a client bug to report, not something to guess about.
-Port = Annotated[int, Field(ge=1, le=65535, strict=True)]
-Flag = Annotated[bool, Field(strict=True)]
-Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255)]
-Username = Annotated[str, StringConstraints(min_length=1, max_length=256)]
-Secret = Annotated[SecretStr, Field(min_length=1, max_length=4096)]
-PemBundle = Annotated[
-    str,
-    StringConstraints(max_length=65536, pattern=r"-----BEGIN CERTIFICATE-----"),
-    Field(description="PEM CA certificates trusted for this endpoint, instead of the system's."),
-]
-CertFingerprint = Annotated[
-    str,
-    StringConstraints(pattern=r"^([0-9A-Fa-f]{2}:){31}[0-9A-Fa-f]{2}$|^[0-9A-Fa-f]{64}$"),
-    Field(description="Pinned SHA-256 fingerprint of the server certificate (hex)."),
-]
-SshFingerprint = Annotated[
-    str,
-    StringConstraints(pattern=r"^SHA256:[A-Za-z0-9+/]{43}=?$"),
-    Field(description="Pinned host key fingerprint as `ssh-keygen -l` prints it."),
-]
-
-
-class _Strict(BaseModel):
-    """Unknown fields are errors: a misspelt option must not be silently ignored."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-# --- settings (non-secret, returned by the API) ---------------------------------------
-
-
-class TlsOptions(_Strict):
-    verify_tls: Flag = Field(
-        default=True, description="Verify the server certificate. Only opt out deliberately."
-    )
-    ca_bundle: PemBundle | None = None
-    tls_fingerprint: CertFingerprint | None = None
-
-
-class VsphereSettings(TlsOptions):
-    """vCenter (``vmware``) or a standalone ESXi host (``esxi``)."""
-
-    host: Host
-    port: Port = 443
-    datacenter: Text | None = Field(default=None, description="Default datacenter.")
-
-
-class OpenStackSettings(TlsOptions):
-    """Keystone v3 (``openstack`` and ``metapod``, which is OpenStack-based)."""
-
-    auth_url: HttpUrl
-    project: Text
-    domain: Text = Field(default="Default", description="User and project domain.")
-    region: Text | None = None
-
-
-class XenSettings(TlsOptions):
-    url: HttpUrl = Field(description="XAPI endpoint of the pool master, e.g. https://xen1.")
-
-
-class NutanixSettings(TlsOptions):
-    host: Host
-    port: Port = 9440
-
-
-class HyperVSettings(TlsOptions):
-    host: Host
-    winrm_port: Port = 5986
-    use_tls: Flag = Field(default=True, description="WinRM over HTTPS (5986) rather than HTTP.")
-
-
-class AzureSettings(_Strict):
-    subscription_id: uuid.UUID
-    tenant_id: uuid.UUID
-    resource_group: Annotated[
-        str, StringConstraints(min_length=1, max_length=90, pattern=r"^[-\w._()]+$")
-    ]
-    location: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]{2,40}$")] = Field(
-        description="Azure region name, e.g. westeurope."
-    )
-
-
-class AmazonSettings(TlsOptions):
-    region: Annotated[str, StringConstraints(pattern=r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")]
-    endpoint_url: HttpUrl | None = Field(
-        default=None, description="Custom EC2/S3 endpoint (regional or compatible); AWS if null."
-    )
-
-
-class SoftLayerSettings(TlsOptions):
-    endpoint_url: HttpUrl | None = Field(
-        default=None, description="SoftLayer API endpoint; the public one if null."
-    )
-
-
-class LinuxSettings(_Strict):
-    host: Host
-    port: Port = 22
-    host_key_fingerprint: SshFingerprint | None = Field(
-        default=None, description="Pinned host key; else the service's known_hosts decides."
-    )
-
-
-# --- credentials (secret, write-only) -------------------------------------------------
-
-
-class PasswordCredentials(_Strict):
-    """vmware, esxi, openstack, metapod, xen, nutanix, hyperv (WinRM)."""
-
-    username: Username
-    password: Secret
-
-
-class AzureCredentials(_Strict):
-    """A service principal."""
-
-    client_id: uuid.UUID
-    client_secret: Secret
-
-
-class AmazonCredentials(_Strict):
-    access_key_id: Annotated[str, StringConstraints(pattern=r"^[A-Z0-9]{16,128}$")]
-    secret_access_key: Secret
-    session_token: Secret | None = None
-
-
-class SoftLayerCredentials(_Strict):
-    username: Username
-    api_key: Secret
-
-
-class SshCredentials(_Strict):
-    """At least one of ``password`` and ``private_key``."""
-
-    username: Username
-    password: Secret | None = None
-    private_key: Annotated[SecretStr, Field(min_length=1, max_length=16384)] | None = Field(
-        default=None, description="PEM or OpenSSH private key."
-    )
-    passphrase: Secret | None = None
-
-    @model_validator(mode="after")
-    def _one_way_in(self) -> SshCredentials:
-        if self.password is None and self.private_key is None:
-            raise ValueError("give a password or a private_key")
-        key = self.private_key
-        if key is not None and "-----BEGIN " not in key.get_secret_value():
-            raise ValueError("private_key must be a PEM or OpenSSH private key")
-        return self
-
-
-#: The settings model of each kind; the API validates PATCHed settings against it.
-SETTINGS_MODELS: dict[CloudKind, type[BaseModel]] = {
-    CloudKind.vmware: VsphereSettings,
-    CloudKind.esxi: VsphereSettings,
-    CloudKind.openstack: OpenStackSettings,
-    CloudKind.metapod: OpenStackSettings,
-    CloudKind.xen: XenSettings,
-    CloudKind.nutanix: NutanixSettings,
-    CloudKind.hyperv: HyperVSettings,
-    CloudKind.azure: AzureSettings,
-    CloudKind.amazon: AmazonSettings,
-    CloudKind.softlayer: SoftLayerSettings,
-    CloudKind.linux: LinuxSettings,
-}
-
-#: The credentials model of each kind.
-CREDENTIALS_MODELS: dict[CloudKind, type[BaseModel]] = {
-    CloudKind.vmware: PasswordCredentials,
-    CloudKind.esxi: PasswordCredentials,
-    CloudKind.openstack: PasswordCredentials,
-    CloudKind.metapod: PasswordCredentials,
-    CloudKind.xen: PasswordCredentials,
-    CloudKind.nutanix: PasswordCredentials,
-    CloudKind.hyperv: PasswordCredentials,
-    CloudKind.azure: AzureCredentials,
-    CloudKind.amazon: AmazonCredentials,
-    CloudKind.softlayer: SoftLayerCredentials,
-    CloudKind.linux: SshCredentials,
-}
+    kind: CloudKind
+    title: str
+    settings: type[BaseModel]
+    credentials: type[BaseModel]
 
 
 def reveal(credentials: BaseModel) -> dict[str, Any]:
@@ -251,99 +51,56 @@ def reveal(credentials: BaseModel) -> dict[str, Any]:
     return out
 
 
-# --- create: one model per kind, discriminated by ``kind`` ----------------------------
+# --- create: one model per registered kind, discriminated by ``kind`` -----------------
 
 
-class _CloudCreate(_Strict):
+class CloudCreateBase(StrictModel):
+    """What every create body has; ``kind``, ``settings`` and ``credentials`` per kind."""
+
     name: Name = Field(description="Unique within the tenant.")
+    kind: CloudKind
+    settings: BaseModel
+    credentials: BaseModel | None = None
 
 
-class VmwareCloudCreate(_CloudCreate):
-    kind: Literal["vmware"]
-    settings: VsphereSettings
-    credentials: PasswordCredentials | None = None
+def _defaults_only(model: type[BaseModel]) -> bool:
+    return all(not f.is_required() for f in model.model_fields.values())
 
 
-class EsxiCloudCreate(_CloudCreate):
-    kind: Literal["esxi"]
-    settings: VsphereSettings
-    credentials: PasswordCredentials | None = None
+def cloud_create_model(schema: KindSchema) -> type[CloudCreateBase]:
+    """The create body of one kind (``<Title>CloudCreate``)."""
+    settings_default: Any = (
+        Field(default_factory=schema.settings) if _defaults_only(schema.settings) else ...
+    )
+    kind: Any = Literal[schema.kind.value]  # a type made at run time
+    credentials: Any = schema.credentials | None
+    model: type[CloudCreateBase] = create_model(
+        f"{schema.title}CloudCreate",
+        __base__=CloudCreateBase,
+        __module__=__name__,
+        kind=(kind, ...),
+        settings=(schema.settings, settings_default),
+        credentials=(credentials, None),
+    )
+    return model
 
 
-class OpenStackCloudCreate(_CloudCreate):
-    kind: Literal["openstack"]
-    settings: OpenStackSettings
-    credentials: PasswordCredentials | None = None
+def cloud_create_union(schemas: Sequence[KindSchema]) -> Any:
+    """The ``POST /v1/clouds`` body: one model per kind, discriminated by ``kind``.
 
-
-class MetapodCloudCreate(_CloudCreate):
-    kind: Literal["metapod"]
-    settings: OpenStackSettings
-    credentials: PasswordCredentials | None = None
-
-
-class XenCloudCreate(_CloudCreate):
-    kind: Literal["xen"]
-    settings: XenSettings
-    credentials: PasswordCredentials | None = None
-
-
-class NutanixCloudCreate(_CloudCreate):
-    kind: Literal["nutanix"]
-    settings: NutanixSettings
-    credentials: PasswordCredentials | None = None
-
-
-class HyperVCloudCreate(_CloudCreate):
-    kind: Literal["hyperv"]
-    settings: HyperVSettings
-    credentials: PasswordCredentials | None = None
-
-
-class AzureCloudCreate(_CloudCreate):
-    kind: Literal["azure"]
-    settings: AzureSettings
-    credentials: AzureCredentials | None = None
-
-
-class AmazonCloudCreate(_CloudCreate):
-    kind: Literal["amazon"]
-    settings: AmazonSettings
-    credentials: AmazonCredentials | None = None
-
-
-class SoftLayerCloudCreate(_CloudCreate):
-    kind: Literal["softlayer"]
-    settings: SoftLayerSettings = Field(default_factory=SoftLayerSettings)
-    credentials: SoftLayerCredentials | None = None
-
-
-class LinuxCloudCreate(_CloudCreate):
-    kind: Literal["linux"]
-    settings: LinuxSettings
-    credentials: SshCredentials | None = None
-
-
-CloudCreate = Annotated[
-    VmwareCloudCreate
-    | EsxiCloudCreate
-    | OpenStackCloudCreate
-    | MetapodCloudCreate
-    | XenCloudCreate
-    | NutanixCloudCreate
-    | HyperVCloudCreate
-    | AzureCloudCreate
-    | AmazonCloudCreate
-    | SoftLayerCloudCreate
-    | LinuxCloudCreate,
-    Field(discriminator="kind"),
-]
+    A type built at run time, so it is typed ``Any`` here; its members are
+    :class:`CloudCreateBase` subclasses.
+    """
+    models = tuple(cloud_create_model(s) for s in schemas)
+    if len(models) == 1:
+        return models[0]
+    return Annotated[Union[models], Field(discriminator="kind")]  # noqa: UP007
 
 
 # --- update and read ------------------------------------------------------------------
 
 
-class CloudUpdate(_Strict):
+class CloudUpdate(StrictModel):
     """Fields to change. ``kind`` cannot change (register a new cloud instead)."""
 
     name: Name | None = None
@@ -380,3 +137,37 @@ class CloudOut(BaseModel):
     version: int = Field(description="Bumped on every change; the ETag is `\"v<version>\"`.")
     created_at: datetime
     updated_at: datetime
+
+
+# --- what each registered kind is -----------------------------------------------------
+
+
+_PLACEMENT = ("The destination fields a hypervisor migration to it takes (all null: the "
+              "platform's defaults); any other placement field is refused.")
+
+
+class CloudKindBase(BaseModel):
+    """A cloud kind this deployment has a driver for, and what it can do."""
+
+    kind: CloudKind
+    platform: str
+    roles: list[str] = Field(
+        description="What a cloud of this kind can be in a migration today (its driver and "
+        "an engine for it): hypervisor_source, hypervisor_destination, live_stream_source, ...")
+    import_formats: list[ImageFormat] = Field(
+        description="Disk formats a new VM on it is made from, preferred first.")
+    export_formats: list[ImageFormat] = Field(description="Disk formats its exports arrive in.")
+    settings_schema: str = Field(description="Name of its settings schema.")
+    credentials_schema: str = Field(description="Name of its credentials schema.")
+    placement: BaseModel = Field(description=_PLACEMENT)
+
+
+def cloud_kind_out_model(placements: Sequence[type[BaseModel]]) -> type[CloudKindBase]:
+    """:class:`CloudKindBase` with ``placement`` typed as the registered placement models
+    (so they appear, with their descriptions, in the OpenAPI document)."""
+    unique = tuple(dict.fromkeys(placements))
+    placement: Any = unique[0] if len(unique) == 1 else Union[unique]  # noqa: UP007
+    model: type[CloudKindBase] = create_model(
+        "CloudKindOut", __base__=CloudKindBase, __module__=__name__,
+        placement=(placement, Field(description=_PLACEMENT)))
+    return model

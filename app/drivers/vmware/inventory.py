@@ -15,8 +15,9 @@ from typing import Any
 
 from pyVmomi import vim, vmodl
 
-from app.drivers.base import DiskInfo, Placement, PowerState, ServerInfo, ServerRef, SnapshotRef
-from app.drivers.vmware_errors import Endpoint
+from app.drivers.base import DiskInfo, PowerState, ServerInfo, ServerLookup, SnapshotRef
+from app.drivers.vmware.models import VspherePlacement
+from app.errormap import Boundary
 from app.errors import InvalidInput, NotFound
 
 #: extraConfig key holding the marker of a VM this service created (see destroy_vm).
@@ -79,7 +80,7 @@ def task_state(content: Any, task: Any) -> tuple[str, Any, Any]:
     return str(props.get("info.state")), props.get("info.error"), props.get("info.result")
 
 
-def vm_by_moref(si: Any, content: Any, moref: str, ep: Endpoint) -> Any:
+def vm_by_moref(si: Any, content: Any, moref: str, ep: Boundary) -> Any:
     """The VM with this moref; ``NotFound`` naming it when there is none."""
     vm_class: Any = vim.VirtualMachine
     vm = vm_class(moref, si._stub)
@@ -90,7 +91,7 @@ def vm_by_moref(si: Any, content: Any, moref: str, ep: Endpoint) -> Any:
     return vm
 
 
-def find_vm(si: Any, content: Any, ref: ServerRef, ep: Endpoint) -> Any:
+def find_vm(si: Any, content: Any, ref: ServerLookup, ep: Boundary) -> Any:
     """Resolve a :class:`ServerRef`: name, moref, instance/BIOS UUID or inventory path.
 
     Raises ``NotFound`` naming the VM, ``InvalidInput`` for an ambiguous name or an id
@@ -170,7 +171,7 @@ def _disks(devices: list[Any]) -> tuple[tuple[DiskInfo, ...], dict[str, str]]:
     return tuple(disks), slots
 
 
-def read_vm(content: Any, vm: Any, ep: Endpoint) -> VmFacts:
+def read_vm(content: Any, vm: Any, ep: Boundary) -> VmFacts:
     """Everything the driver needs about a VM, in one PropertyCollector call."""
     props = properties(content, vm, ["name", "runtime.powerState", "config", "snapshot"])
     config = props.get("config")
@@ -248,7 +249,7 @@ def _folder(content: Any, dc: Any, path: str, where: str) -> Any:
 
 
 def resolve_placement(
-    content: Any, placement: Placement, default_datacenter: str | None, ep: Endpoint
+    content: Any, placement: VspherePlacement, default_datacenter: str | None, ep: Boundary
 ) -> Target:
     """Turn placement names into managed objects; ``InvalidInput`` names what is wrong.
 

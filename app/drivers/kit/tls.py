@@ -133,22 +133,3 @@ def client_context(
         except ssl.SSLError as exc:
             raise CloudTlsError(f"the cloud's ca_bundle cannot be used: {exc}") from None
     return ssl.create_default_context()
-
-
-def is_verification_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what caused it) is a certificate verification failure.
-
-    SDKs wrap the ``ssl`` error (pyvmomi in a ``HostConnectFault`` carrying only its
-    text, httpx in a ``ConnectError``), so both the chain and the text are checked.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, ssl.SSLCertVerificationError):
-            return True
-        text = f"{current} {getattr(current, 'msg', '')}"
-        if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
-            return True
-        current = current.__cause__ or current.__context__
-    return False

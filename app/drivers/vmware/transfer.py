@@ -1,6 +1,6 @@
 """Export and import of VM disks through HttpNfcLeases (the VMware driver's data path).
 
-Kept apart from :mod:`app.drivers.vmware` (session, power, snapshots) because this is
+Kept apart from :mod:`app.drivers.vmware.driver` (session, power, snapshots) because this is
 where the lease life cycle lives: get a lease, keep it alive while bytes move, and end
 it exactly once: complete on success, abort on any failure or cancellation. An aborted
 import also destroys the VM the lease created (a real vCenter does that on abort; vcsim
@@ -16,39 +16,44 @@ from typing import TYPE_CHECKING, Any
 
 from pyVmomi import vim
 
-from app.drivers import vmware_inventory as inv
 from app.drivers.base import (
     CloudError,
     CloudStateError,
     DiskExport,
-    DiskFiller,
     DiskInfo,
     DiskStream,
     ImportDisk,
     ImportSpec,
     PowerState,
     ServerInfo,
-    ServerRef,
+    ServerLookup,
     SnapshotRef,
-    filler_from_reader,
 )
-from app.drivers.vmware_errors import fault_text
-from app.drivers.vmware_lease import LeaseKeeper, NfcDownload, device_url, upload, wait_ready
-from app.drivers.vmware_ovf import OvfDisk, OvfVm, build_ovf
-from app.errors import AppError, InvalidInput, NotFound
-from app.formats.base import ImageReader
-from app.formats.probes import VMDK_MAGIC
+from app.drivers.kit.transfer import (
+    PROBE_BYTES,
+    disk_filler,
+    probe_stream_format,
+    remove_partial,
+)
+from app.drivers.vmware import inventory as inv
+from app.drivers.vmware.errors import fault_text
+from app.drivers.vmware.lease import STREAM_VMDK, LeaseKeeper, device_url, wait_ready
+from app.drivers.vmware.models import VspherePlacement
+from app.drivers.vmware.ovf import OvfDisk, OvfVm, build_ovf
+from app.errors import InvalidInput, NotFound
 from app.models.enums import ImageFormat
+from app.transports.http import HttpDownload, upload
 
 if TYPE_CHECKING:
-    from app.drivers.vmware import VmwareDriver
+    from app.drivers.vmware.driver import VmwareDriver
+
 
 log = logging.getLogger(__name__)
 
 
 def _reason(driver: VmwareDriver, exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
-    return driver.endpoint.scrub(f"vmigrate: {text}")
+    return driver.boundary.scrub(f"vmigrate: {text}")
 
 
 # --- export ---------------------------------------------------------------------------
@@ -84,7 +89,7 @@ class VmwareExport:
         self._disks = tuple(disks)
         self._devices = devices
         self._keeper = keeper
-        self._streams: list[NfcDownload] = []
+        self._streams: list[HttpDownload] = []
 
     @property
     def disks(self) -> Sequence[DiskInfo]:
@@ -97,15 +102,15 @@ class VmwareExport:
         settings = self._driver.settings
         url = device_url(str(device.url), settings.host, settings.port)
         client, headers = await self._driver.transfer_client(url, device.sslThumbprint or None)
-        stream = NfcDownload(client, url, headers, self._driver.errors, self._keeper.add,
-                             fallback_size=disk.capacity)
+        stream = HttpDownload(client, url, headers=headers, errors=self._driver.errors,
+                              on_bytes=self._keeper.add, fallback_size=disk.capacity)
         self._streams.append(stream)
         try:
-            head = await stream.start()
+            head = await stream.start(PROBE_BYTES)
         except BaseException:
             await stream.close()
             raise
-        fmt = ImageFormat.vmdk if head[:4] == VMDK_MAGIC else ImageFormat.raw
+        fmt = probe_stream_format(head, self._driver.capabilities.export_formats)
         return DiskStream(info=disk, format=fmt, source=stream, size=stream.content_length)
 
     async def close_all(self) -> None:
@@ -156,10 +161,20 @@ async def export_disks(driver: VmwareDriver, server_id: str,
 # --- import ---------------------------------------------------------------------------
 
 
-def _import_spec_params(spec: ImportSpec, target: inv.Target) -> Any:
+def placement_of(spec: ImportSpec) -> VspherePlacement:
+    """The spec's placement as vSphere's model (refusing fields vSphere does not have)."""
+    if isinstance(spec.placement, VspherePlacement):
+        return spec.placement
+    try:
+        return VspherePlacement.model_validate(spec.placement.model_dump(exclude_none=True))
+    except ValueError as exc:
+        raise InvalidInput(f"not a vSphere placement: {exc}") from None
+
+
+def _import_spec_params(spec: ImportSpec, placement: VspherePlacement, target: inv.Target) -> Any:
     manager: Any = vim.OvfManager
     mapping = (
-        [manager.NetworkMapping(name=spec.placement.network, network=target.network)]
+        [manager.NetworkMapping(name=placement.network, network=target.network)]
         if target.network is not None else []
     )
     return manager.CreateImportSpecParams(
@@ -167,34 +182,24 @@ def _import_spec_params(spec: ImportSpec, target: inv.Target) -> Any:
     )
 
 
-def _filler(disk: ImportDisk) -> DiskFiller:
-    if isinstance(disk.content, ImageReader):
-        if disk.content.virtual_size > disk.capacity:
-            raise InvalidInput(
-                f"an image of {disk.content.virtual_size} bytes does not fit a disk of "
-                f"{disk.capacity} bytes"
-            )
-        return filler_from_reader(disk.content, ImageFormat.vmdk)
-    return disk.content
-
-
 async def import_vm(driver: VmwareDriver, spec: ImportSpec,
                     disks: Sequence[ImportDisk]) -> ServerInfo:
     """See :meth:`app.drivers.base.DestinationDriver.import_vm`."""
-    content, ep, options = driver.content, driver.endpoint, driver.options
-    fillers = [_filler(d) for d in disks]
+    content, ep, options = driver.content, driver.boundary, driver.options
+    placement = placement_of(spec)
+    fillers = [disk_filler(d, ImageFormat.vmdk) for d in disks]
     target = await driver.call("resolve the placement", lambda: inv.resolve_placement(
-        content, spec.placement, driver.settings.datacenter, ep))
+        content, placement, driver.settings.datacenter, ep))
     if await driver.call("check the VM name",
                          lambda: inv.name_taken(content, target.folder, spec.name)):
         raise CloudStateError(f"the target folder on {ep.where} already holds {spec.name!r}")
     files = [f"disk-{i}.vmdk" for i in range(len(disks))]
     descriptor = build_ovf(OvfVm(
         name=spec.name, cpus=spec.cpus, memory_mib=spec.memory_mib, guest_id=spec.guest_id,
-        firmware=spec.firmware, network=spec.placement.network if target.network else None,
+        firmware=spec.firmware, network=placement.network if target.network else None,
         disks=tuple(OvfDisk(f, d.capacity, d.size) for f, d in zip(files, disks, strict=True)),
     ))
-    params = _import_spec_params(spec, target)
+    params = _import_spec_params(spec, placement, target)
     result = await driver.call("prepare the import", lambda: content.ovfManager.CreateImportSpec(
         ovfDescriptor=descriptor, resourcePool=target.pool, datastore=target.datastore,
         cisp=params))
@@ -228,24 +233,16 @@ async def import_vm(driver: VmwareDriver, spec: ImportSpec,
             url = device_url(str(device.url), driver.settings.host, driver.settings.port)
             client, headers = await driver.transfer_client(url, device.sslThumbprint or None)
             await upload(client, url, fill, size=disk.size, headers=headers,
-                         errors=driver.errors, on_bytes=keeper.add,
+                         content_type=STREAM_VMDK, errors=driver.errors, on_bytes=keeper.add,
                          depth=options.upload_queue_depth)
         await keeper.complete()
     except BaseException as exc:
         await keeper.abort(_reason(driver, exc))
-        await _remove_partial(driver, spec, entity)
+        ref = ServerLookup(id=str(entity._moId)) if entity is not None else ServerLookup(
+            name=spec.name)
+        await remove_partial(driver, ref, marker=spec.marker, name=spec.name)
         raise
     vm_id = str(entity._moId)
     if spec.power_on:
         await driver.power_on(vm_id)
     return (await driver.facts(entity)).info
-
-
-async def _remove_partial(driver: VmwareDriver, spec: ImportSpec, entity: Any) -> None:
-    """Destroy what a failed import left; logs and swallows its own errors."""
-    ref = ServerRef(id=str(entity._moId)) if entity is not None else ServerRef(name=spec.name)
-    try:
-        if await driver.destroy_vm(ref, marker=spec.marker):
-            log.info("removed the partly imported VM %s", spec.name)
-    except AppError as exc:
-        log.warning("could not remove the partly imported VM %s: %s", spec.name, exc)
