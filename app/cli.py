@@ -252,12 +252,38 @@ def config(markdown: bool, readme: Path | None) -> None:
     if readme is None:
         click.echo(table, nl=False)
         return
-    try:
-        text = replace_between(readme.read_text(), SETTINGS_START, SETTINGS_END, table)
-    except ValueError as exc:
-        raise click.ClickException(f"{readme}: {exc}") from exc
-    readme.write_text(text)
+    _write_section(readme, SETTINGS_START, SETTINGS_END, table)
     click.echo(f"{readme}: settings table written ({table.count(chr(10)) - 2} settings)")
+
+
+WHAT_WORKS_START = "<!-- what-works:start -->"
+WHAT_WORKS_END = "<!-- what-works:end -->"
+
+
+@main.command("platforms")
+@click.option("--readme", type=click.Path(exists=True, dir_okay=False, writable=True,
+                                          path_type=Path),
+              help=f"Write the table into this file between '{WHAT_WORKS_START}' and "
+              f"'{WHAT_WORKS_END}' instead of printing it.")
+def platforms(readme: Path | None) -> None:
+    """Which cloud kinds this build can migrate from and to, per migration type (derived
+    from the registered drivers and engines; the README's "What works" table)."""
+    from app.drivers.registry import what_works
+
+    table = what_works().markdown()
+    if readme is None:
+        click.echo(table, nl=False)
+        return
+    _write_section(readme, WHAT_WORKS_START, WHAT_WORKS_END, table)
+    click.echo(f"{readme}: what-works table written")
+
+
+def _write_section(path: Path, start: str, end: str, body: str) -> None:
+    try:
+        text = replace_between(path.read_text(), start, end, body)
+    except ValueError as exc:
+        raise click.ClickException(f"{path}: {exc}") from exc
+    path.write_text(text)
 
 
 def replace_between(text: str, start: str, end: str, body: str) -> str:

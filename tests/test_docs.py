@@ -9,8 +9,17 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from app.cli import SETTINGS_END, SETTINGS_START, between, main, replace_between
+from app.cli import (
+    SETTINGS_END,
+    SETTINGS_START,
+    WHAT_WORKS_END,
+    WHAT_WORKS_START,
+    between,
+    main,
+    replace_between,
+)
 from app.config import Settings, env_var, settings_markdown
+from app.drivers.registry import what_works
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 REGENERATE = ".venv/bin/vmigrate config --markdown --readme README.md"
@@ -120,6 +129,23 @@ def test_readme_names_every_format_convert_writes() -> None:
         writes.group(2))
 
 
-def test_readme_keeps_a_what_works_section() -> None:
-    inner = between(README.read_text(), "<!-- what-works:start -->", "<!-- what-works:end -->")
-    assert inner.strip()
+def test_readme_what_works_table_is_derived_from_the_registry() -> None:
+    inner = between(README.read_text(), WHAT_WORKS_START, WHAT_WORKS_END)
+    assert inner == what_works().markdown(), (
+        "README.md's What works table is stale; regenerate it with "
+        "`.venv/bin/vmigrate platforms --readme README.md`")
+    # The table says what the API accepts: a kind marked as a hypervisor source is one.
+    assert "| vmware | VMware vSphere | yes | yes |" in inner
+    assert "| openstack | no driver yet |" in inner
+
+
+def test_platforms_prints_the_table_and_rewrites_only_its_section(tmp_path: Path) -> None:
+    printed = CliRunner().invoke(main, ["platforms"])
+    assert printed.exit_code == 0, printed.output
+    assert printed.output == what_works().markdown()
+    doc = tmp_path / "README.md"
+    doc.write_text(f"intro\n{WHAT_WORKS_START}\nold\n{WHAT_WORKS_END}\noutro\n")
+    result = CliRunner().invoke(main, ["platforms", "--readme", str(doc)])
+    assert result.exit_code == 0, result.output
+    assert doc.read_text() == (
+        f"intro\n{WHAT_WORKS_START}\n{what_works().markdown()}{WHAT_WORKS_END}\noutro\n")
