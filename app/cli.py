@@ -31,8 +31,18 @@ def main() -> None:
 
 
 def _logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from app.logs import configure
+
+    configure(settings.log_level, settings.log_format)
+
+
+class _Stopped(Exception):
+    """SIGTERM/SIGINT outside uvicorn's own handling (while starting, or re-raised by
+    uvicorn after its graceful shutdown)."""
+
+
+def _raise_stopped(signum: int, _frame: object) -> None:
+    raise _Stopped(signum)
 
 
 @main.command()
@@ -40,16 +50,58 @@ def _logging(settings: Settings) -> None:
 @click.option("--port", type=int, default=None, help="Port (default: VMIGRATE_PORT or 8080).")
 @click.option("--no-worker", is_flag=True, help="Serve the API only; run `vmigrate worker` "
               "processes separately.")
-def serve(host: str | None, port: int | None, no_worker: bool) -> None:
-    """Run the HTTP API and a worker (starts the embedded PostgreSQL when no database URL
-    is set)."""
-    from app.main import create_app
-    from app.server import serve as run_server
+@click.option("--keep-db", is_flag=True, help="Leave the embedded PostgreSQL running on exit "
+              "(by default serve stops it if serve started it).")
+def serve(host: str | None, port: int | None, no_worker: bool, keep_db: bool) -> None:
+    """Run the HTTP API and a worker until SIGTERM/SIGINT.
+
+    With no VMIGRATE_DATABASE_URL, the embedded PostgreSQL under DATA_DIR/postgres is
+    used: started if it is not running, and then stopped again on exit (unless
+    --keep-db). A port that is taken is reported before anything starts."""
+    import signal
+
+    from pydantic import SecretStr
+
+    from app import pgserver
+    from app.server import PortInUse, bind
 
     settings = _settings()
     _logging(settings)
-    run_server(create_app(settings, run_worker=not no_worker), host=host or settings.host,
-               port=port or settings.port, log_level=settings.log_level.lower())
+    host, port = host or settings.host, port or settings.port
+    try:
+        sock = bind(host, port)
+    except PortInUse as exc:
+        raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from exc
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _raise_stopped)
+    started: pgserver.Started | None = None
+    ok = True
+    try:
+        if settings.database_url is None:
+            logging.getLogger(__name__).info(
+                "no VMIGRATE_DATABASE_URL: using the embedded PostgreSQL in %s",
+                settings.postgres_dir)
+            started = pgserver.start(settings.postgres_dir)
+            settings = settings.model_copy(update={"database_url": SecretStr(started.url)})
+        from app.main import create_app
+        from app.server import serve as run_server
+
+        ok = run_server(create_app(settings, run_worker=not no_worker), sock,
+                        log_level=settings.log_level.lower())
+    except _Stopped:
+        pass
+    finally:
+        sock.close()
+        if started is not None and started.started_here and not keep_db:
+            pgserver.stop(settings.postgres_dir)
+        elif started is not None:
+            logging.getLogger(__name__).info(
+                "the embedded PostgreSQL keeps running (pid %s); `vmigrate db stop` stops it",
+                started.pid)
+    if not ok:
+        raise click.ClickException("the server did not start (see the log above)")
 
 
 @main.command()
@@ -112,6 +164,53 @@ async def _open_db(settings: Settings) -> Database:
     from app.main import database_url
 
     return Database(await database_url(settings))
+
+
+def _pgdata() -> Path:
+    settings = _settings()
+    if settings.database_url is not None:
+        raise click.ClickException(
+            "VMIGRATE_DATABASE_URL is set: that database is managed outside vmigrate; "
+            "db status|start|stop manage the embedded one (DATA_DIR/postgres)")
+    return settings.postgres_dir
+
+
+@db.command("status")
+def db_status() -> None:
+    """Whether the embedded PostgreSQL (DATA_DIR/postgres) runs: exit status 0 when it
+    does, 3 when it does not."""
+    from app import pgserver
+
+    current = pgserver.status(_pgdata())
+    click.echo(current.describe())
+    if not current.running:
+        sys.exit(3)
+
+
+@db.command("start")
+def db_start() -> None:
+    """Start the embedded PostgreSQL (creating it if new) and leave it running: serve,
+    workers and other commands then share it, and serve does not stop it on exit."""
+    from app import pgserver
+
+    pgdata = _pgdata()
+    started = pgserver.start(pgdata)
+    click.echo(("started" if started.started_here else "already running") + ": "
+               + pgserver.status(pgdata).describe().removeprefix("running: "))
+
+
+@db.command("stop")
+def db_stop() -> None:
+    """Stop the embedded PostgreSQL (a clean, fast shutdown: open sessions are ended;
+    stop serve and workers first)."""
+    from app import pgserver
+
+    pgdata = _pgdata()
+    try:
+        stopped = pgserver.stop(pgdata)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"stopped: {pgdata}" if stopped else pgserver.status(pgdata).describe())
 
 
 @db.command("upgrade")

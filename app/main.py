@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Security
 from fastapi.security import HTTPBearer
 
-from app.api import health, problems
+from app.api import docs, health, metrics, problems
 from app.api.deps import AppContext
 from app.api.idempotency import Idempotency
 from app.api.limits import BodyLimit
@@ -108,6 +108,8 @@ def create_app(
         version=API_VERSION,
         summary="Migrate virtual machines and their disks between hypervisors and clouds.",
         lifespan=lifespan,
+        docs_url=None,  # app.api.docs serves them with assets of its own (no CDN)
+        redoc_url=None,
     )
     problems.install(app)
     # Added first, so it runs inside BodyLimit: the bodies it buffers are bounded.
@@ -115,6 +117,8 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
                        exempt_prefixes=STREAMED_PREFIXES)
     app.include_router(health.router)
+    docs.install(app)
+    metrics.install(app)  # outermost middleware: counts and logs every request
     from app.api import routers
 
     for router in routers():

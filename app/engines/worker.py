@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from app import metrics
 from app.config import Settings
 from app.crypto import SecretBox
 from app.db import Database
@@ -44,6 +45,7 @@ from app.engines.runner import (
     RunOutcome,
     StepRow,
 )
+from app.logs import bind
 from app.models.enums import HypervisorMode, MigrationStatus, MigrationType
 from app.repositories import migrations as migrations_repo
 from app.repositories import work
@@ -82,6 +84,8 @@ class Claimed:
     id: uuid.UUID
     tenant: str
     epoch: int
+    #: Taken over from a worker whose lease expired (rather than queued or released).
+    reclaimed: bool = False
 
 
 class DbRunStore:
@@ -229,7 +233,10 @@ class Worker:
                 applied = await machine.apply(session, cand.id, cand.tenant, Action.claim,
                                               lease=lease,
                                               payload={"worker": self.config.worker_id})
-                return Claimed(cand.id, cand.tenant, applied.epoch)
+                reclaimed = applied.previous in (MigrationStatus.running,
+                                                 MigrationStatus.cancelling)
+                metrics.leases_claimed.labels("reclaimed" if reclaimed else "new").inc()
+                return Claimed(cand.id, cand.tenant, applied.epoch, reclaimed)
         return None
 
     async def _load(self, claimed: Claimed) -> MigrationView | None:
@@ -245,6 +252,17 @@ class Worker:
         )
 
     async def _execute(self, claimed: Claimed) -> None:
+        metrics.leases_held.inc()
+        try:
+            with bind(tenant=claimed.tenant, migration_id=str(claimed.id),
+                      worker=self.config.worker_id):
+                log.info("claimed migration %s (epoch %d%s)", claimed.id, claimed.epoch,
+                         ", lease of a lost worker taken over" if claimed.reclaimed else "")
+                await self._run_claimed(claimed)
+        finally:
+            metrics.leases_held.dec()
+
+    async def _run_claimed(self, claimed: Claimed) -> None:
         store = DbRunStore(self.db, claimed)
         cancel = asyncio.Event()
         handed_back = False
@@ -252,6 +270,7 @@ class Worker:
             view = await self._load(claimed)
             if view is None:
                 return
+            kind = view.type
             if await store.cancel_requested():
                 cancel.set()
             factory = self.engines.get(view.type)
@@ -266,18 +285,30 @@ class Worker:
                 runner = Runner(factory(view), store, self.config.retry, cancel)
                 beat = asyncio.create_task(self._heartbeat(claimed, cancel,
                                                            asyncio.current_task()))
+                metrics.migrations_started.labels(kind).inc()
+                metrics.migrations_running.labels(kind).inc()
                 try:
-                    outcome = await runner.run(view, plan)
+                    with bind(migration_type=kind):
+                        outcome = await runner.run(view, plan)
                 finally:
+                    metrics.migrations_running.labels(kind).dec()
                     beat.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await beat
             await self._finish(claimed, outcome)
+            metrics.migrations_finished.labels(kind, outcome.status).inc()
+            if outcome.status == "failed":
+                log.error("migration %s failed: %s", claimed.id,
+                          (outcome.error or {}).get("detail", "no detail"))
+            else:
+                log.info("migration %s %s", claimed.id, outcome.status)
         except LeaseLost as exc:
             handed_back = True
+            metrics.leases_lost.inc()
             log.warning("worker %s lost %s: %s", self.config.worker_id, claimed.id, exc)
         except asyncio.CancelledError:
             handed_back = True
+            log.info("handing migration %s back (worker stopping or fenced out)", claimed.id)
             await asyncio.shield(self._release(claimed))
             raise
         except Exception:
@@ -300,6 +331,7 @@ class Worker:
                 log.exception("heartbeat for %s failed; retrying", claimed.id)
                 continue
             if beat is None:
+                metrics.leases_lost.inc()
                 log.warning("migration %s: fenced out (epoch %s)", claimed.id, claimed.epoch)
                 if run_task is not None:
                     run_task.cancel(msg="lease lost")
