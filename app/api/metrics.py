@@ -31,8 +31,8 @@ router = APIRouter(tags=["operations"])
 
 @router.get(
     "/metrics", operation_id="metrics", response_class=Response,
-    responses={200: {"description": "Every metric in the Prometheus text format "
-                     "(version 0.0.4).", "content": {"text/plain": {}}}},
+    responses={200: {"description": "Every metric in the Prometheus text format.",
+                     "content": {"text/plain": {}}}},
 )
 async def scrape(_: Annotated[Principal, Depends(require(SCOPE))]) -> Response:
     """Prometheus metrics of this process: HTTP requests, migrations, steps, bytes moved,
@@ -41,11 +41,17 @@ async def scrape(_: Annotated[Principal, Depends(require(SCOPE))]) -> Response:
 
 
 def route_template(scope: Scope) -> str:
-    """The path template of the route that handled ``scope`` (set by the router)."""
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    if isinstance(path, str):
-        return path
+    """The full path template of the route that handled ``scope``.
+
+    FastAPI records the route it picked in the scope: its own per-request record of the
+    effective route (FastAPI >= 0.16x, where a route included with a prefix keeps its
+    router-relative ``path``), else ``scope["route"]`` (whose ``path`` is complete in
+    older versions). ``<unmatched>`` when no route matched."""
+    chosen = (scope.get("fastapi") or {}).get("effective_route_context")
+    for candidate in (chosen, scope.get("route")):
+        path = getattr(candidate, "path_format", None) or getattr(candidate, "path", None)
+        if isinstance(path, str):
+            return path
     return "<unmatched>"
 
 

@@ -317,17 +317,25 @@ class Runner:
                             outcome: RunOutcome) -> None:
         await self.store.step_started(step.position)
         ctx = StepContext(migration, step, self.store, asyncio.Event())
+        started = time.monotonic()
+
+        def timed(result: str) -> None:
+            metrics.step_seconds.labels(migration.type, step.name, result).observe(
+                time.monotonic() - started)
+
         try:
             result = await self.engine.run_cleanup(ctx, outcome.status)
         except LeaseLost:
             raise
         except Exception as exc:
+            timed("failed")
             detail = describe_error(exc, step.name, self.engine.platform)["detail"]
             log.warning("cleanup step %s of %s failed: %s", step.name, migration.id, detail)
             await self.store.step_finished(step.position, "failed", None, detail)
             await self.store.event("migration.cleanup.failed", {"step": step.name,
                                                                  "error": detail})
             return
+        timed("completed")
         log.info("cleanup step %s completed", step.name)
         step.status = "completed"
         await self.store.step_finished(step.position, "completed", result, None)
