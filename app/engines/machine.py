@@ -27,11 +27,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.engines.plans import StepState, resume_reset
 from app.errors import AppError, Conflict, NotFound
 from app.models.enums import MigrationStatus, StepStatus
+from app.models.json import JSON
 from app.repositories import migrations as repo
 from app.repositories.migrations import Effect
 
 S = MigrationStatus
-JSON = dict[str, Any]
 
 
 class InvalidTransition(Conflict):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from app.config import Settings
 from app.crypto import SecretBox
 from app.db import Database
-from app.engines.worker import EngineFactory
+from app.engines.runner import EngineFactory
 from app.storage.base import ImageStore
 
 
