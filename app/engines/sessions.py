@@ -27,7 +27,13 @@ ConnectionFactory = Callable[[], Awaitable[CloudConnection]]
 
 
 class DriverSessions:
-    """The connected drivers of one run, by role."""
+    """The connected drivers of one run, by role.
+
+    A driver serves every role its class implements: when the destination is the same
+    cloud, reached with the same settings and credentials, as the source (a VM copied
+    within one vCenter), and one driver class serves both roles, the one session does
+    both. So a run logs into each cloud once.
+    """
 
     def __init__(self, source: ConnectionFactory, destination: ConnectionFactory) -> None:
         self._source_conn = source
@@ -35,58 +41,54 @@ class DriverSessions:
         self._source: SourceDriver | None = None
         self._destination: DestinationDriver | None = None
         self._destination_reader: SourceDriver | None = None
-        #: Sessions opened so far in this run (what tests and logs can count).
+        self._open: list[tuple[CloudConnection, Driver]] = []
+        #: Sessions opened so far in this run.
         self.opened = 0
 
-    async def _open(self, driver: Driver) -> None:
+    async def _session(self, conn: CloudConnection, driver: Driver) -> Driver:
+        """An open session with ``conn`` of ``driver``'s class (or a subclass): one
+        opened earlier in the run, else ``driver`` itself, connected now."""
+        for known, opened in self._open:
+            if known == conn and isinstance(opened, type(driver)):
+                return opened
         try:
             await driver.connect()
         except BaseException:
             await driver.close()
             raise
+        self._open.append((conn, driver))
         self.opened += 1
+        log.debug("opened a %s session with cloud %s", type(driver).__name__, conn.id)
+        return driver
 
     async def source(self) -> SourceDriver:
         """The source cloud's driver, connected (opened on first use)."""
         if self._source is None:
-            driver = drivers.source_driver(await self._source_conn())
-            await self._open(driver)
-            self._source = driver
+            conn = await self._source_conn()
+            # source_driver() builds a driver without connecting: it costs no login
+            self._source = cast(SourceDriver,
+                                await self._session(conn, drivers.source_driver(conn)))
         return self._source
 
     async def destination(self) -> DestinationDriver:
         """The destination cloud's driver, connected (opened on first use)."""
         if self._destination is None:
-            driver = drivers.destination_driver(await self._destination_conn())
-            await self._open(driver)
-            self._destination = driver
+            conn = await self._destination_conn()
+            self._destination = cast(DestinationDriver, await self._session(
+                conn, drivers.destination_driver(conn)))
         return self._destination
 
     async def destination_reader(self) -> SourceDriver:
-        """The destination cloud read as a source (to verify what was provisioned).
-
-        When one driver class serves both roles for that cloud, the destination's
-        session is reused (one login per cloud per run); else a reader session opens.
-        """
+        """The destination cloud read as a source (to verify what was provisioned)."""
         if self._destination_reader is None:
             conn = await self._destination_conn()
-            reader = drivers.source_driver(conn)  # not connected: costs no login
-            destination = await self.destination()
-            if isinstance(destination, type(reader)):  # one class serves both roles
-                self._destination_reader = cast(SourceDriver, destination)
-            else:
-                await self._open(reader)
-                self._destination_reader = reader
+            self._destination_reader = cast(SourceDriver, await self._session(
+                conn, drivers.source_driver(conn)))
         return self._destination_reader
 
     async def reset(self) -> None:
         """Close every session; the next use opens new ones."""
-        opened: list[Driver] = []
-        held: tuple[Driver | None, ...] = (self._source, self._destination,
-                                           self._destination_reader)
-        for driver in held:
-            if driver is not None and not any(driver is d for d in opened):
-                opened.append(driver)
+        opened, self._open = [d for _, d in self._open], []
         self._source = self._destination = self._destination_reader = None
         for driver in opened:
             with contextlib.suppress(Exception):

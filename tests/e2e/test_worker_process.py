@@ -96,7 +96,7 @@ async def _wait_exporting(client: httpx.AsyncClient, token: str, mid: str,
         while True:
             assert proc.poll() is None, "the worker process died on its own"
             m = await _get(client, token, mid)
-            if m["phase"] == "export" and m["progress"]["bytes_done"] > 0:
+            if m["phase"] == "transfer" and m["progress"]["bytes_done"] > 0:
                 return
             await asyncio.sleep(0.1)
 
@@ -134,7 +134,7 @@ async def test_sigkill_mid_export_resumes_on_another_worker(
                                params={"limit": 200})).json()["items"]
     types = [e["type"] for e in events]
     assert "migration.reclaimed" in types
-    assert "migration.export.restarted" in types
+    assert "migration.transfer.restarted" in types
     (image,) = (await client.get("/v1/images", headers=auth(token))).json()["items"]
     assert image["digest"] == digest_file(str(raw))
 
