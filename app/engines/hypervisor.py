@@ -181,9 +181,10 @@ class _StagingEngine(Engine):
 
         The source is a random-access file, so an interrupted conversion into a format
         that can be continued (:data:`RESUMABLE_OUTPUTS`) resumes at the offset its
-        writer last made durable: the source is read only from there (holes below it
-        are skipped in raw images; other source formats are decoded again but nothing
-        below the offset is written again), and the source digest is not recomputed:
+        writer last made durable: nothing below it is written again, and raw and qcow2
+        sources are read only from there (:meth:`ImageReader.skip_below`; other source
+        formats are decoded again from the start), and the source digest is not
+        recomputed:
         ``check_image`` reads the whole output back and compares it with the library
         record's digest. Into other formats it starts again from byte 0.
         """
@@ -192,9 +193,11 @@ class _StagingEngine(Engine):
         fmt = self._validated().target_format
         staged = self._staged(0)
         start = self._resume_offset(disk, fmt, staged)
-        source = _CountingSource(await self.deps.store.open(image.location or ""), start)
+        source = _CountingSource(await self.deps.store.open(image.location or ""))
         try:
             reader = await open_reader(source, image.format)
+            # Raw and qcow2 readers then leave the data below ``start`` unread.
+            skipping = reader.skip_below(start) if start else False
             done = await self._convert_into(ctx, reader, disk, staged, fmt, self._throttle(),
                                             0, disk.capacity, start=start,
                                             expected_digest=image.digest)
@@ -202,7 +205,8 @@ class _StagingEngine(Engine):
             await source.close()
         if start:
             await ctx.event("migration.transfer.resumed", {
-                "disk": disk.label, "offset": start, "source_bytes_read": source.bytes_read})
+                "disk": disk.label, "offset": start, "source_bytes_read": source.bytes_read,
+                "skipped_reading": skipping})
         if done.digest != image.digest:
             raise DigestMismatch(f"image {image.id} reads back as {done.digest}, its "
                                  f"record says {image.digest}")
@@ -564,13 +568,11 @@ def _subformat(fmt: ImageFormat) -> str | None:
 
 
 class _CountingSource:
-    """A library file read by a (possibly resumed) conversion: counts the bytes read,
-    and when ``start`` > 0 reports no data below it, so a raw reader (which reads only
-    the data ranges) never reads the part a resumed conversion does not need."""
+    """A library file read by a conversion, counting the bytes read (reported when a
+    conversion resumes: what it did not have to read again shows)."""
 
-    def __init__(self, source: RandomAccessSource, start: int) -> None:
+    def __init__(self, source: RandomAccessSource) -> None:
         self._source = source
-        self._start = start
         self.bytes_read = 0
 
     @property
@@ -583,22 +585,10 @@ class _CountingSource:
         return data
 
     async def data_ranges(self) -> list[tuple[int, int]] | None:
-        ranges = await self._source.data_ranges()
-        if not self._start:
-            return ranges
-        if ranges is None:
-            ranges = [(0, self._source.size)]
-        clipped = []
-        for off, length in ranges:
-            lo, hi = max(off, self._start), off + length
-            if hi > lo:
-                clipped.append((lo, hi - lo))
-        return clipped
+        return await self._source.data_ranges()
 
     async def close(self) -> None:
         await self._source.close()
-
-
 
 
 def _file_filler(path: Path) -> Callable[[SequentialSink], Awaitable[None]]:

@@ -9,7 +9,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,40 +34,6 @@ from tests.e2e.vmware_support import (
 from tests.infra.vcsim import Vcsim
 
 SIZE = 12 * MiB
-
-
-@pytest.fixture
-def worker_env(settings: Settings, database_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VMIGRATE_")}
-    env.update({
-        "VMIGRATE_DATABASE_URL": database_url,
-        "VMIGRATE_DATA_DIR": str(settings.data_dir),
-        "VMIGRATE_ENCRYPTION_KEYS": ",".join(
-            k.get_secret_value() for k in settings.encryption_keys),
-        "VMIGRATE_WORKER_LEASE_SECONDS": "3",
-        "VMIGRATE_WORKER_HEARTBEAT_SECONDS": "0.5",
-        "VMIGRATE_WORKER_POLL_SECONDS": "0.1",
-        "VMIGRATE_LOG_LEVEL": "WARNING",
-    })
-    return env
-
-
-@pytest.fixture
-def spawn(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Any]:
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start() -> subprocess.Popen[bytes]:
-        log = (tmp_path / f"worker{len(procs)}.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=worker_env,
-                                stdout=log, stderr=subprocess.STDOUT)
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:  # only what this test started, by PID
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 async def _get(client: httpx.AsyncClient, token: str, mid: str) -> dict[str, Any]:
