@@ -69,7 +69,8 @@ async def test_sigkill_mid_conversion_resumes_from_the_checkpoint(
     async with db.session() as s:
         await s.execute(text(
             "UPDATE migrations SET spec = jsonb_set(spec, '{options}', "
-            "jsonb_build_object('throttle_bytes_per_second', CAST(:bps AS bigint))) WHERE id = :id"),
+            "jsonb_build_object('throttle_bytes_per_second', CAST(:bps AS bigint))) "
+            "WHERE id = :id"),
             {"bps": THROTTLE, "id": uuid.UUID(mid)})
 
     proc = spawn()
