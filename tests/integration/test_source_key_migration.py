@@ -1,6 +1,8 @@
 """Migration 0004 on a database that already holds migrations: ``source_key`` is
 backfilled from the stored specs by the rule workers used to apply in SQL (the source's
-host, else its cloud, else nothing), and the downgrade removes it."""
+host, else its cloud, else nothing); the hypervisor steps of existing migrations take
+their new names (with the phase and the transfer checkpoint), so they resume under the
+new code; the downgrade undoes both."""
 
 from __future__ import annotations
 
@@ -35,13 +37,37 @@ async def test_upgrade_backfills_source_key_from_the_specs(scratch: Database) ->
                 " 0, 0, 0, 0, false, 0, 1, 0)"),
                 {"id": ids[name], "name": name, "type": str(spec["type"]),
                  "spec": json.dumps(spec)})
+        # a hypervisor migration half-way through its transfer (old step names)
+        for position, name in enumerate(("validate", "export", "convert", "remove_exports")):
+            await conn.execute(text(
+                "INSERT INTO migration_steps (migration_id, position, name, cleanup, status,"
+                " bytes_total, bytes_done) VALUES (:id, :pos, :name, :cleanup, 'pending', 0, 0)"),
+                {"id": ids["host"], "pos": position, "name": name,
+                 "cleanup": name == "remove_exports"})
+        await conn.execute(text(
+            "UPDATE migrations SET phase = 'export', checkpoint = CAST(:cp AS jsonb) "
+            "WHERE id = :id"), {"id": ids["host"], "cp": json.dumps({"exported": {"d": 1}})})
     await _migrate(scratch, "upgrade", "0004")
     async with scratch.engine.connect() as conn:
         result = await conn.execute(text("SELECT name, source_key FROM migrations"))
         rows = {str(name): str(key) for name, key in result.all()}
+        steps = (await conn.execute(text(
+            "SELECT name FROM migration_steps ORDER BY position"))).scalars().all()
+        phase, checkpoint = (await conn.execute(text(
+            "SELECT phase, checkpoint FROM migrations WHERE id = :id"),
+            {"id": ids["host"]})).one()
     assert rows == {"host": "esx7.example.com", "cloud": CLOUD, "image": "", "conversion": ""}
+    assert list(steps) == ["validate", "transfer", "check_image", "discard_staged"]
+    assert (phase, checkpoint) == ("transfer", {"transferred": {"d": 1}})
 
     await _migrate(scratch, "downgrade", "0003")
+    async with scratch.engine.connect() as conn:
+        steps = (await conn.execute(text(
+            "SELECT name FROM migration_steps ORDER BY position"))).scalars().all()
+        checkpoint = (await conn.execute(text(
+            "SELECT checkpoint FROM migrations WHERE id = :id"), {"id": ids["host"]})).scalar()
+    assert list(steps) == ["validate", "export", "convert", "remove_exports"]
+    assert checkpoint == {"exported": {"d": 1}}
     async with scratch.engine.connect() as conn:
         columns = (await conn.execute(text(
             "SELECT column_name FROM information_schema.columns "
