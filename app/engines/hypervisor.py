@@ -115,6 +115,16 @@ class DigestMismatch(AppError):
     title = "The copy does not match the source"
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Lineage:
+    """Where stored images came from (the lineage columns of their library rows)."""
+
+    migration_id: uuid.UUID
+    cloud_id: uuid.UUID | None = None
+    server: str | None = None
+    parent_id: uuid.UUID | None = None
+
+
 class _StagingEngine(Engine):
     """Steps shared by the hypervisor and conversion engines: a library image source,
     staging files, check_image, store and discard_staged."""
@@ -142,8 +152,7 @@ class _StagingEngine(Engine):
     def _throttle(self) -> int | None:
         raise NotImplementedError
 
-    def _lineage(self) -> dict[str, uuid.UUID | str | None]:
-        """Where stored images came from (the columns of their library rows)."""
+    def _lineage(self) -> Lineage:
         raise NotImplementedError
 
     # --- results of earlier steps -----------------------------------------------------
@@ -310,8 +319,8 @@ class _StagingEngine(Engine):
                     name=f"{server_name}-{disk.label}".replace(" ", "-")[:255],
                     format=disk.format.value, virtual_size=disk.virtual_size, size=size,
                     digest=disk.digest, location=staged.key,
-                    migration_id=lineage["migration_id"], cloud_id=lineage["cloud_id"],
-                    server=lineage["server"], parent_id=lineage["parent_id"]))
+                    migration_id=lineage.migration_id, cloud_id=lineage.cloud_id,
+                    server=lineage.server, parent_id=lineage.parent_id))
             ids.append(image_id)
             await ctx.event("image.created", {"image_id": str(image_id), "disk": disk.label})
         return StoreResult(images=tuple(ids))
@@ -383,9 +392,9 @@ class HypervisorEngine(_StagingEngine):
     def _throttle(self) -> int | None:
         return self.spec.options.throttle_bytes_per_second
 
-    def _lineage(self) -> dict[str, uuid.UUID | str | None]:
-        return {"migration_id": uuid.UUID(self.run.id), "cloud_id": self._vm_source().cloud_id,
-                "server": self._validated().server_name, "parent_id": None}
+    def _lineage(self) -> Lineage:
+        return Lineage(uuid.UUID(self.run.id), cloud_id=self._vm_source().cloud_id,
+                       server=self._validated().server_name)
 
     def _server_id(self) -> str:
         server_id = self._validated().server_id
@@ -552,9 +561,8 @@ class ConversionEngine(_StagingEngine):
     def _throttle(self) -> int | None:
         return self.spec.options.throttle_bytes_per_second
 
-    def _lineage(self) -> dict[str, uuid.UUID | str | None]:
-        return {"migration_id": uuid.UUID(self.run.id), "cloud_id": None, "server": None,
-                "parent_id": self.spec.image_id}
+    def _lineage(self) -> Lineage:
+        return Lineage(uuid.UUID(self.run.id), parent_id=self.spec.image_id)
 
     async def _validate(self, ctx: StepContext) -> ValidateResult:
         return await self._validate_image(self.spec.format)

@@ -42,12 +42,12 @@ from app.engines.registry import EngineDeps
 from app.engines.runner import (
     Checkpoint,
     Engine,
-    EventPayload,
     MigrationRun,
     StepContext,
     StepResult,
 )
 from app.errors import AppError
+from app.models.json import EventPayload
 from app.models.schemas.migrations import (
     ExistingHostDestinationOut,
     LiveStreamOptions,

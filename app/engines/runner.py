@@ -27,19 +27,17 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from app.engines.machine import Failure
 from app.engines.plans import Plan
 from app.engines.retry import RetryPolicy
 from app.errors import AppError
 from app.models.enums import HypervisorMode, MigrationType
+from app.models.json import EventPayload
 from app.models.schemas.specs import MigrationSecrets, StoredSpec
 
 log = logging.getLogger(__name__)
-
-#: What an event carries besides its type: JSON values by name.
-EventPayload = Mapping[str, JsonValue]
 
 
 class LeaseLost(AppError):

@@ -41,7 +41,6 @@ from app.engines.retry import RetryPolicy
 from app.engines.runner import (
     Checkpoint,
     EngineFactory,
-    EventPayload,
     LeaseLost,
     MigrationRun,
     Recorded,
@@ -51,6 +50,7 @@ from app.engines.runner import (
     StepRow,
 )
 from app.models.enums import HypervisorMode, MigrationStatus, MigrationType
+from app.models.json import EventPayload
 from app.models.schemas.specs import MigrationSecrets, load_spec
 from app.repositories import migrations as migrations_repo
 from app.repositories import work

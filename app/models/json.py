@@ -8,8 +8,13 @@ shape only where they are stored.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-JSON = dict[str, Any]
+from pydantic import JsonValue
 
-__all__ = ["JSON"]
+JSON = dict[str, Any]
+#: What an event carries besides its type: JSON values by name (typed, unlike ``JSON``).
+EventPayload = Mapping[str, JsonValue]
+
+__all__ = ["JSON", "EventPayload"]
