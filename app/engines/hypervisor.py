@@ -190,12 +190,11 @@ class _StagingEngine(Engine):
 
         The source is a random-access file, so an interrupted conversion into a format
         that can be continued (:data:`RESUMABLE_OUTPUTS`) resumes at the offset its
-        writer last made durable: nothing below it is written again, and raw and qcow2
-        sources are read only from there (:meth:`ImageReader.skip_below`; other source
-        formats are decoded again from the start), and the source digest is not
-        recomputed:
-        ``check_image`` reads the whole output back and compares it with the library
-        record's digest. Into other formats it starts again from byte 0.
+        writer last made durable. Nothing below that offset is written again; raw and
+        qcow2 sources are read only from there (:meth:`ImageReader.skip_below`; other
+        source formats are decoded again from the start); and the source digest is not
+        recomputed: ``check_image`` reads the whole output back and compares it with
+        the library record's digest. Into other formats it starts again from byte 0.
         """
         image = await self._image()
         (disk,) = self._validated().disks
