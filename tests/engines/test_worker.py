@@ -385,3 +385,17 @@ async def test_cancel_before_any_work_is_immediate(
     mid = await _create(client, token, db)
     r = await client.post(f"/v1/migrations/{mid}/cancel", headers=auth(token))
     assert r.json()["status"] == "cancelled"
+
+
+async def test_a_stored_spec_that_no_longer_validates_fails_without_running(
+    client: httpx.AsyncClient, make_token: TokenFactory, db: Database, box: SecretBox
+) -> None:
+    token = await make_token()
+    mid = await _create(client, token, db)
+    async with db.session() as s:  # e.g. written by a build that knew another option
+        await s.execute(update(Migration).where(Migration.id == uuid.UUID(mid)).values(
+            spec=Migration.spec.op("||")(func.jsonb_build_object("surprise", 1))))
+    await _drain(_worker(db, box), _status_is(client, token, mid, "failed"))
+    m = await _get(client, token, mid)
+    assert m["error"]["type"].endswith("/invalid-spec")
+    assert not [k for k in Script.calls if k[0] == mid]  # no engine was built, no step ran
