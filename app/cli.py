@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -104,8 +105,37 @@ def serve(host: str | None, port: int | None, no_worker: bool, keep_db: bool) ->
         raise click.ClickException("the server did not start (see the log above)")
 
 
+def _address(value: str | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"{value!r}: expected HOST:PORT, e.g. 127.0.0.1:9464")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _metrics_listener(address: tuple[str, int] | None) -> Callable[[], None]:
+    """Start the unauthenticated metrics listener (``--metrics-address``), if asked."""
+    if address is None:
+        return lambda: None
+    from app.metrics import listen
+
+    try:
+        close = listen(*address)
+    except OSError as exc:
+        raise click.ClickException(f"cannot serve metrics on {address[0]}:{address[1]}: "
+                                   f"{exc.strerror or exc}") from exc
+    logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", *address)
+    return close
+
+
+_METRICS_HELP = ("Serve Prometheus metrics at http://HOST:PORT/metrics (no authentication: "
+                 "bind loopback or a private address).")
+
+
 @main.command()
-def worker() -> None:
+@click.option("--metrics-address", metavar="HOST:PORT", help=_METRICS_HELP)
+def worker(metrics_address: str | None) -> None:
     """Run a worker: claim queued migrations and run them until SIGTERM/SIGINT, then hand
     running ones back so another worker resumes them at once. Webhook deliveries are
     dispatched alongside."""
@@ -115,6 +145,7 @@ def worker() -> None:
 
     settings = _settings()
     _logging(settings)
+    stop_metrics = _metrics_listener(_address(metrics_address))
 
     async def run() -> None:
         ctx = await build_context(settings)
@@ -127,11 +158,15 @@ def worker() -> None:
         finally:
             await ctx.db.dispose()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        stop_metrics()
 
 
 @main.command()
-def dispatch() -> None:
+@click.option("--metrics-address", metavar="HOST:PORT", help=_METRICS_HELP)
+def dispatch(metrics_address: str | None) -> None:
     """Deliver webhooks only (no migrations) until SIGTERM/SIGINT."""
     import signal
 
@@ -139,6 +174,7 @@ def dispatch() -> None:
 
     settings = _settings()
     _logging(settings)
+    stop_metrics = _metrics_listener(_address(metrics_address))
 
     async def run() -> None:
         ctx = await build_context(settings)
@@ -151,7 +187,10 @@ def dispatch() -> None:
         finally:
             await ctx.db.dispose()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        stop_metrics()
 
 
 @main.group()

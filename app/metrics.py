@@ -11,6 +11,8 @@ statuses, outcomes): never an id, a tenant, a host name or an error message.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import (
     CollectorRegistry,
@@ -20,6 +22,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     generate_latest,
+    start_http_server,
 )
 
 __all__ = ["CONTENT_TYPE", "REGISTRY", "exposition"]
@@ -113,3 +116,18 @@ webhook_seconds = Histogram(
 def exposition() -> bytes:
     """Every metric of :data:`REGISTRY` in the Prometheus text format."""
     return generate_latest(REGISTRY)
+
+
+def listen(host: str, port: int) -> Callable[[], None]:
+    """Serve :data:`REGISTRY` at ``http://host:port/metrics`` (any path answers) from a
+    thread, without authentication: for ``vmigrate worker`` and ``dispatch``, which have
+    no API to put ``GET /metrics`` on. Bind it to loopback or a private network only.
+    Returns the function that stops it; raises ``OSError`` when the address is taken."""
+    server, thread = start_http_server(port, addr=host, registry=REGISTRY)
+
+    def close() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+    return close
