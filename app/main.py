@@ -118,7 +118,8 @@ def create_app(
                        exempt_prefixes=STREAMED_PREFIXES)
     app.include_router(health.router)
     docs.install(app)
-    metrics.install(app)  # outermost middleware: counts and logs every request
+    # Outermost middleware: counts and logs every request.
+    metrics.install(app, dependencies=[Security(bearer_scheme)])
     from app.api import routers
 
     for router in routers():

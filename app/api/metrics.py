@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Response
+from fastapi import APIRouter, Depends, FastAPI, Response, params
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
 from app.api.deps import require
+from app.api.problems import problem_responses
 from app.services.tokens import Principal
 
 log = logging.getLogger("app.access")
@@ -32,7 +34,7 @@ router = APIRouter(tags=["operations"])
 @router.get(
     "/metrics", operation_id="metrics", response_class=Response,
     responses={200: {"description": "Every metric in the Prometheus text format.",
-                     "content": {"text/plain": {}}}},
+                     "content": {"text/plain": {}}}, **problem_responses(401, 403)},
 )
 async def scrape(_: Annotated[Principal, Depends(require(SCOPE))]) -> Response:
     """Prometheus metrics of this process: HTTP requests, migrations, steps, bytes moved,
@@ -91,8 +93,9 @@ class RequestMetrics:
                                "duration_ms": round(elapsed * 1000, 1)})
 
 
-def install(app: FastAPI) -> None:
-    """Add ``GET /metrics`` and the request middleware (outermost of those added so
-    far: it sees the final status of every request)."""
-    app.include_router(router)
+def install(app: FastAPI, dependencies: Sequence[params.Depends] = ()) -> None:
+    """Add ``GET /metrics`` (with ``dependencies``: the app's bearer scheme, so the
+    OpenAPI document declares it) and the request middleware (outermost of those added
+    so far: it sees the final status of every request)."""
+    app.include_router(router, dependencies=list(dependencies))
     app.add_middleware(RequestMetrics)
