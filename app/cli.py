@@ -96,6 +96,10 @@ def serve(host: str | None, port: int | None, no_worker: bool, keep_db: bool) ->
     finally:
         sock.close()
         if started is not None and started.started_here and not keep_db:
+            # A second signal must not leave the database half stopped (pg_ctl's own
+            # timeout bounds the wait).
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
             pgserver.stop(settings.postgres_dir)
         elif started is not None:
             logging.getLogger(__name__).info(
