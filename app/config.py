@@ -41,6 +41,14 @@ class Settings(BaseSettings):
         default=24 * 3600, ge=60, description="How long an Idempotency-Key is remembered."
     )
     db_pool_size: int = Field(default=10, ge=1, description="Database connection pool size.")
+    db_connect_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="Bound on opening a database connection (and on "
+        "waiting for a free pooled one); past it the request answers 503."
+    )
+    db_retry_max_seconds: float = Field(
+        default=5.0, gt=0, description="Longest wait between two attempts of a worker, "
+        "dispatcher or event listener loop that waits for the database to come back."
+    )
     library_s3_bucket: str | None = Field(
         default=None,
         description="Keep library images in this S3 bucket instead of data_dir/library.",

@@ -51,18 +51,42 @@ _KEPT_HEADERS = frozenset({b"content-type", b"location", b"etag", b"link", b"ret
 _MAX_STORED = 4 * 1024 * 1024
 
 
+_HEADER_DESCRIPTION = (
+    "Makes the POST safe to retry: a repeat with the same key and body returns the first "
+    "response instead of running again (keys last `idempotency_ttl_seconds`). Same key, "
+    "different request: 422; while the first is still running: 409.")
+
+
 #: Declare on a POST route (``key: IdempotencyKeyHeader = None``) to document the header
 #: in the OpenAPI document; the middleware does the work whether declared or not.
 IdempotencyKeyHeader = Annotated[
     str | None,
     Header(
-        alias="Idempotency-Key", max_length=MAX_KEY_LENGTH,
-        description="Makes the POST safe to retry: a repeat with the same key and body "
-        "returns the first response instead of running again (keys last "
-        "`idempotency_ttl_seconds`). Same key, different request: 422; while the first "
-        "is still running: 409.",
+        alias="Idempotency-Key", max_length=MAX_KEY_LENGTH, description=_HEADER_DESCRIPTION,
     ),
 ]
+
+
+def document_header(spec: dict[str, Any], streamed: frozenset[tuple[str, str]]) -> None:
+    """Declare ``Idempotency-Key`` on every POST of the OpenAPI document that the
+    middleware covers (all but the streamed uploads), whether or not the route declared
+    it with :data:`IdempotencyKeyHeader`: the document says what the service does."""
+    for path, item in spec.get("paths", {}).items():
+        operation = item.get("post")
+        if not isinstance(operation, dict) or ("POST", path) in streamed:
+            continue
+        params = operation.setdefault("parameters", [])
+        if any(p.get("in") == "header" and p.get("name", "").lower() == HEADER
+               for p in params):
+            continue
+        params.append({
+            "name": "Idempotency-Key", "in": "header", "required": False,
+            "description": _HEADER_DESCRIPTION,
+            "schema": {"anyOf": [{"type": "string", "maxLength": MAX_KEY_LENGTH},
+                                 {"type": "null"}],
+                       "description": _HEADER_DESCRIPTION,
+                       "title": "Idempotency-Key"},
+        })
 
 
 class Idempotency:
@@ -70,19 +94,19 @@ class Idempotency:
 
     def __init__(
         self, app: ASGIApp, *, in_flight_timeout: float = 300.0,
-        exempt_prefixes: tuple[str, ...] = (),
+        streamed: frozenset[tuple[str, str]] = frozenset(),
     ) -> None:
         self.app = app
         #: A claim older than this with no response is taken to be orphaned (its
         #: process died) and may be claimed again.
         self.in_flight_timeout = timedelta(seconds=in_flight_timeout)
-        #: Streaming uploads are not buffered, hence not covered.
-        self.exempt = exempt_prefixes
+        #: (method, path) of streamed uploads: not buffered, hence not covered.
+        self.streamed = streamed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             scope["type"] != "http" or scope["method"] != "POST"
-            or scope["path"].startswith(self.exempt)
+            or (scope["method"], scope["path"]) in self.streamed
         ):
             await self.app(scope, receive, send)
             return

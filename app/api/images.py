@@ -20,7 +20,7 @@ from app.api.pagination import Cursor, Limit, Page, after_uuid, encode_cursor
 from app.api.problems import problem_responses
 from app.errors import AppError
 from app.formats.base import FORMATS, RandomAccessSource
-from app.models.schemas.images import ImageOut
+from app.models.schemas.images import ConversionFormat, ImageOut
 from app.models.schemas.migrations import MigrationOut, MigrationView
 from app.repositories import images as repo
 from app.services import images as service
@@ -99,6 +99,15 @@ async def get_image(image_id: uuid.UUID, principal: Reader, session: Session) ->
     return ImageOut.model_validate(await service.get(session, principal.tenant, image_id))
 
 
+#: Positions longer than this many digits are past the end of any image (and ``int`` of
+#: thousands of digits is refused by Python, or slow).
+_MAX_DIGITS = 19
+
+
+def _position(digits: str) -> int:
+    return int(digits) if len(digits) <= _MAX_DIGITS else 1 << 63
+
+
 def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """(start, end exclusive) of a single ``bytes=`` range, None for the whole object."""
     if header is None:
@@ -108,12 +117,13 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None  # unsupported forms (multiple ranges) get the whole object (RFC 9110)
     first, last = match.group(1), match.group(2)
     if first:
-        start = int(first)
-        end = min(int(last) + 1, size) if last else size
+        start = _position(first)
+        end = min(_position(last) + 1, size) if last else size
     else:
-        start, end = max(size - int(last), 0), size
+        start, end = max(size - _position(last), 0), size
     if start >= size or start >= end:
-        raise RangeNotSatisfiable(f"range {header!r} is outside the {size}-byte image",
+        shown = header if len(header) <= 64 else header[:61] + "..."
+        raise RangeNotSatisfiable(f"range {shown!r} is outside the {size}-byte image",
                                   extra={"size": size})
     return start, end
 
@@ -165,8 +175,7 @@ async def download_image(
 
 class ConversionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    format: Literal["raw", "qcow2", "vmdk", "vhd", "vhdx"] = Field(
-        description="The format of the new image.")
+    format: ConversionFormat = Field(description="The format of the new image.")
     name: str | None = Field(default=None, min_length=1, max_length=128, pattern=_PRINTABLE,
                              description="Name of the job and the new image.")
 

@@ -289,6 +289,9 @@ class HypervisorEngine(Engine):
             checked.append({"label": disk["label"], "digest": digest, "size": size})
         return {"disks": checked}
 
+    def _image_name(self, server: JSONDict, disk: JSONDict) -> str:
+        return f"{server['server_name']}-{disk['label']}".replace(" ", "-")[:255]
+
     def _lineage(self) -> JSONDict:
         """Where stored images came from (the columns of their library rows)."""
         return {"migration_id": uuid.UUID(self.view.id),
@@ -310,7 +313,7 @@ class HypervisorEngine(Engine):
             async with self.deps.db.session() as session:
                 await images_repo.insert_image(session, VirtualImage(
                     id=image_id, tenant=self.view.tenant, status=ImageStatus.ready,
-                    name=f"{server['server_name']}-{disk['label']}".replace(" ", "-")[:255],
+                    name=self._image_name(server, disk),
                     format=disk["format"], virtual_size=disk["virtual_size"], size=size,
                     digest=disk["digest"], location=staged.key, **self._lineage()))
             ids.append(str(image_id))
@@ -399,6 +402,10 @@ class ConversionEngine(HypervisorEngine):
 
     async def _target_format(self) -> str:
         return str(self.spec["format"])
+
+    def _image_name(self, server: JSONDict, disk: JSONDict) -> str:
+        # The conversion's name (the request's, or "<image> to <format>") names the image.
+        return str(self.spec.get("image_name") or super()._image_name(server, disk))
 
     def _lineage(self) -> JSONDict:
         return {"migration_id": uuid.UUID(self.view.id), "cloud_id": None, "server": None,

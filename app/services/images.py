@@ -30,6 +30,10 @@ from app.storage.base import ImageStore, StagedImage
 log = logging.getLogger(__name__)
 
 
+#: Disks are made of sectors: every format but raw says so by construction.
+SECTOR = 512
+
+
 class TooLarge(AppError):
     status = 413
     code = "image-too-large"
@@ -88,6 +92,11 @@ async def upload(
                 {"pointer": "/format" if declared_format else "/", "detail": str(exc)}]}) from exc
         finally:
             await source.close()
+        if found.format == "raw" and found.virtual_size % SECTOR:
+            detail = (f"a raw image is whole {SECTOR}-byte sectors; this one is "
+                      f"{found.virtual_size} bytes")
+            raise InvalidInput(f"not a usable disk image: {detail}", extra={"errors": [
+                {"pointer": "/format" if declared_format else "/", "detail": detail}]})
         size = await staged.publish()
         published = True
         image = VirtualImage(
@@ -161,8 +170,8 @@ async def request_conversion(
     image = await get(session, tenant, image_id)
     if image.status != ImageStatus.ready:
         raise Conflict(f"image {image_id} is {image.status}; only ready images convert")
+    job_name = (name or f"{image.name} to {fmt}")[:255]
     spec = {"type": MigrationType.conversion.value, "image_id": str(image.id),
-            "format": fmt, "options": {}}
+            "format": fmt, "options": {}, "image_name": job_name}
     return await migrations.insert(
-        session, tenant, MigrationType.conversion, None,
-        name or f"{image.name} to {fmt}", spec, None, run=True)
+        session, tenant, MigrationType.conversion, None, job_name, spec, None, run=True)

@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from app.models.enums import CloudKind
+from app.models.schemas.fields import NotMetadata
 
 Name = Annotated[
     str,
@@ -52,7 +53,7 @@ def _host(value: str) -> str:
 Host = Annotated[
     str,
     StringConstraints(max_length=253, pattern=r"^[A-Za-z0-9_:\[][A-Za-z0-9_.:\[\]-]*$"),
-    AfterValidator(_host),
+    AfterValidator(_host), NotMetadata,
     Field(description="DNS name or IP address (no scheme, no port)."),
 ]
 # Strict: "443" or true is a client bug to report, not something to guess about.
