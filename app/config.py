@@ -65,6 +65,15 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(
         default=2 * 1024**4, ge=1, description="Largest image upload accepted (bytes)."
     )
+    image_check_min_seconds: float = Field(
+        default=60.0, gt=0, description="Checking an uploaded image (parse and digest) may "
+        "take this long, or longer for a large file (image_check_min_bytes_per_second); "
+        "past it the upload is refused and nothing is stored."
+    )
+    image_check_min_bytes_per_second: float = Field(
+        default=20 * 1024 * 1024, gt=0, description="The slowest rate, in bytes of the "
+        "uploaded file per second, at which checking it may proceed before it is refused."
+    )
     log_level: str = Field(default="INFO", description="Python log level.")
     worker_concurrency: int = Field(
         default=4, ge=1, description="Migrations one worker process runs at once."

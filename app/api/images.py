@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request, Response
@@ -43,6 +43,17 @@ class RangeNotSatisfiable(AppError):
     title = "Range not satisfiable"
 
 
+def _disconnected(request: Request) -> Callable[[], Awaitable[None]]:
+    """Returns once the client has gone (call after the body was read: then the only
+    message left to receive is the disconnect)."""
+
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return wait
+
+
 def _etag(image_id: uuid.UUID) -> str:
     return f'"{image_id}"'  # images are immutable: the id names the bytes
 
@@ -67,6 +78,9 @@ async def upload_image(
     image = await service.upload(
         session, ctx.store, principal.tenant, name=name, declared_format=format,
         body=request.stream(), max_bytes=ctx.settings.max_image_bytes,
+        budget=service.CheckBudget(ctx.settings.image_check_min_seconds,
+                                   ctx.settings.image_check_min_bytes_per_second),
+        gone=_disconnected(request),
     )
     response.headers["Location"] = f"/v1/images/{image.id}"
     return ImageOut.model_validate(image)

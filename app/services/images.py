@@ -8,10 +8,12 @@ in the library (row or object) until every check passed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -47,6 +49,30 @@ class Inspected:
     digest: str
 
 
+class InspectionTooLong(AppError):
+    status = 422
+    code = "image-check-timeout"
+    title = "Image check took too long"
+
+
+class ClientGone(AppError):
+    status = 499
+    code = "client-closed-request"
+    title = "Client closed the request"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckBudget:
+    """How long checking an upload may take: ``min_seconds``, or longer for a large file
+    at ``min_bytes_per_second`` (a file can justify work in proportion to its size)."""
+
+    min_seconds: float = 60.0
+    min_bytes_per_second: float = 20 * 1024 * 1024
+
+    def seconds(self, size: int) -> float:
+        return max(self.min_seconds, size / self.min_bytes_per_second)
+
+
 async def inspect(source: RandomAccessSource, declared: str | None) -> Inspected:
     """Identify an image, check it parses end to end, and compute its digest."""
     reader = await open_reader(source, declared)
@@ -73,10 +99,43 @@ async def _receive(staged: StagedImage, body: AsyncIterator[bytes], max_bytes: i
     return total
 
 
+async def _bounded(work: Awaitable[Inspected], seconds: float,
+                   gone: Callable[[], Awaitable[None]] | None) -> Inspected:
+    """``work`` within ``seconds``, cancelled as soon as ``gone`` returns (the client
+    disconnected: nobody is waiting for the answer)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(gone()) if gone is not None else None
+    try:
+        waiting: set[asyncio.Future[Any]] = {task}
+        if watcher is not None:
+            waiting.add(watcher)
+        done, _ = await asyncio.wait(waiting, timeout=seconds,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        if watcher is not None and watcher in done:
+            raise ClientGone("the client disconnected; the upload was discarded")
+        raise InspectionTooLong(
+            f"checking the image took longer than {seconds:.0f} s, more than its size "
+            "justifies; nothing was stored", extra={"errors": [
+                {"pointer": "/", "detail": "the image costs more to read than its size "
+                 "justifies"}]})
+    finally:
+        for pending in (task, watcher):
+            if pending is not None and not pending.done():
+                pending.cancel()
+        await asyncio.gather(task, *(w for w in (watcher,) if w is not None),
+                             return_exceptions=True)
+
+
 async def upload(
     session: AsyncSession, store: ImageStore, tenant: str, *, name: str,
     declared_format: str | None, body: AsyncIterator[bytes], max_bytes: int,
+    budget: CheckBudget | None = None, gone: Callable[[], Awaitable[None]] | None = None,
 ) -> VirtualImage:
+    """Receive, check and publish an upload. The check gets a time budget in proportion
+    to the file's size and stops when the client disconnects (``gone`` returns)."""
+    budget = budget or CheckBudget()
     staged = store.stage()
     published = False
     try:
@@ -86,7 +145,8 @@ async def upload(
                 {"pointer": "/", "detail": "send the image bytes as the request body"}]})
         source = FileSource(staged.path)
         try:
-            found = await inspect(source, declared_format)
+            found = await _bounded(inspect(source, declared_format),
+                                   budget.seconds(received), gone)
         except FormatError as exc:
             raise InvalidInput(f"not a usable disk image: {exc}", extra={"errors": [
                 {"pointer": "/format" if declared_format else "/", "detail": str(exc)}]}) from exc

@@ -158,15 +158,16 @@ async def test_tenants_and_delete(
     assert denied.status_code == 403
 
 
-@pytest.mark.parametrize("target", ["vmdk", "vhd", "qcow2"])
+@pytest.mark.parametrize("target", ["vmdk", "vhd", "qcow2", "vhdx"])
 async def test_conversion_job_makes_a_new_image(
     client: httpx.AsyncClient, make_token: TokenFactory, raw_disk: Path, settings: Settings,
     db: Database, tmp_path: Path, target: str,
 ) -> None:
     token = await make_token("acme")
     source = (await _upload(client, token, _convert(raw_disk, "qcow2"))).json()
+    named = {"name": f"converted to {target}"} if target != "qcow2" else {}
     r = await client.post(f"/v1/images/{source['id']}/conversions", headers=auth(token),
-                          json={"format": target})
+                          json={"format": target, **named})
     assert r.status_code == 202, r.text
     job = r.json()
     assert (job["type"], job["status"], job["format"]) == ("conversion", "queued", target)
@@ -188,6 +189,8 @@ async def test_conversion_job_makes_a_new_image(
     images = (await client.get("/v1/images", headers=auth(token))).json()["items"]
     (new,) = [i for i in images if i["id"] != source["id"]]
     assert new["format"] == target
+    # the conversion's name (or its default, "<image> to <format>") names the image
+    assert new["name"] == named.get("name", f"{source['name']} to {target}")
     assert new["parent_id"] == source["id"]
     assert new["migration_id"] == job["id"]
     assert new["digest"] == source["digest"] == digest_file(str(raw_disk))
