@@ -21,7 +21,7 @@ from app.api.problems import problem_responses
 from app.errors import AppError
 from app.formats.base import FORMATS, RandomAccessSource
 from app.models.schemas.images import ConversionFormat, ImageOut
-from app.models.schemas.migrations import MigrationOut, MigrationView
+from app.models.schemas.migrations import MigrationOut, MigrationView, Options
 from app.repositories import images as repo
 from app.services import images as service
 from app.services.tokens import Principal
@@ -192,6 +192,8 @@ class ConversionRequest(BaseModel):
     format: ConversionFormat = Field(description="The format of the new image.")
     name: str | None = Field(default=None, min_length=1, max_length=128, pattern=_PRINTABLE,
                              description="Name of the job and the new image.")
+    options: Options = Field(default_factory=Options,
+                             description="Bandwidth cap of the conversion.")
 
 
 @router.post(
@@ -206,7 +208,7 @@ async def convert_image(
     migration (watch it at the Location); it ends by adding the new image, whose
     ``parent_id`` is this one."""
     job = await service.request_conversion(session, principal.tenant, image_id, body.format,
-                                           body.name)
+                                           body.name, body.options.model_dump(mode="json"))
     response.headers["Location"] = f"/v1/migrations/{job.id}"
     return job
 

@@ -223,6 +223,7 @@ CONVERTIBLE = ("raw", "qcow2", "vmdk", "vhd", "vhdx")
 
 async def request_conversion(
     session: AsyncSession, tenant: str, image_id: uuid.UUID, fmt: str, name: str | None,
+    options: dict[str, Any] | None = None,
 ) -> MigrationView:
     """Queue a conversion job (run by workers like a migration) producing a new image."""
     from app.services import migrations
@@ -232,6 +233,6 @@ async def request_conversion(
         raise Conflict(f"image {image_id} is {image.status}; only ready images convert")
     job_name = (name or f"{image.name} to {fmt}")[:255]
     spec = {"type": MigrationType.conversion.value, "image_id": str(image.id),
-            "format": fmt, "options": {}, "image_name": job_name}
+            "format": fmt, "options": options or {}, "image_name": job_name}
     return await migrations.insert(
         session, tenant, MigrationType.conversion, None, job_name, spec, None, run=True)
