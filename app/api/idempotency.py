@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 HEADER = "idempotency-key"
 MAX_KEY_LENGTH = 255
+#: What a key may hold: visible ASCII (see :func:`_valid_key`).
+_KEY_PATTERN = "^[!-~]+$"
 #: Response headers worth replaying; others (date, server, ...) are per response.
 _KEPT_HEADERS = frozenset({b"content-type", b"location", b"etag", b"link", b"retry-after"})
 #: Larger responses are not stored (the claim is released): a retry runs again.
@@ -70,23 +72,29 @@ IdempotencyKeyHeader = Annotated[
 def document_header(spec: dict[str, Any], streamed: frozenset[tuple[str, str]]) -> None:
     """Declare ``Idempotency-Key`` on every POST of the OpenAPI document that the
     middleware covers (all but the streamed uploads), whether or not the route declared
-    it with :data:`IdempotencyKeyHeader`: the document says what the service does."""
+    it with :data:`IdempotencyKeyHeader`, with the 400 a malformed key gets: the
+    document says what the service does."""
     for path, item in spec.get("paths", {}).items():
         operation = item.get("post")
         if not isinstance(operation, dict) or ("POST", path) in streamed:
             continue
+        operation.get("responses", {}).setdefault("400", {
+            "description": "Problem", "content": {"application/problem+json": {
+                "schema": {"$ref": "#/components/schemas/Problem"}}}})
         params = operation.setdefault("parameters", [])
-        if any(p.get("in") == "header" and p.get("name", "").lower() == HEADER
-               for p in params):
-            continue
-        params.append({
-            "name": "Idempotency-Key", "in": "header", "required": False,
-            "description": _HEADER_DESCRIPTION,
-            "schema": {"anyOf": [{"type": "string", "maxLength": MAX_KEY_LENGTH},
-                                 {"type": "null"}],
-                       "description": _HEADER_DESCRIPTION,
-                       "title": "Idempotency-Key"},
-        })
+        for param in params:
+            if param.get("in") == "header" and param.get("name", "").lower() == HEADER:
+                param["schema"]["anyOf"][0]["pattern"] = _KEY_PATTERN
+                break
+        else:
+            params.append({
+                "name": "Idempotency-Key", "in": "header", "required": False,
+                "description": _HEADER_DESCRIPTION,
+                "schema": {"anyOf": [{"type": "string", "minLength": 1,
+                                      "maxLength": MAX_KEY_LENGTH, "pattern": _KEY_PATTERN},
+                                     {"type": "null"}],
+                           "description": _HEADER_DESCRIPTION, "title": "Idempotency-Key"},
+            })
 
 
 class Idempotency:

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.db import DatabaseUnavailable, is_disconnect
@@ -200,6 +201,10 @@ def unexpected_response(exc: Exception, method: str, path: str) -> JSONResponse:
     otherwise a 500 whose detail names nothing internal, the traceback logged."""
     if isinstance(exc, AppError):
         return app_error_response(exc, path)
+    if isinstance(exc, ClientDisconnect):  # nobody will read the answer; nothing to log
+        return problem_response(499, "client-closed-request", "Client closed the request",
+                                "the client disconnected before the request was read",
+                                instance=path)
     if is_disconnect(exc):
         return app_error_response(DatabaseUnavailable(
             "the database is unreachable; retry shortly"), path)

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import AppError, Conflict, InvalidInput, NotFound
-from app.formats.base import FormatError, RandomAccessSource
+from app.formats.base import Extent, FormatError, RandomAccessSource
 from app.formats.digest import digest_extents
 from app.formats.io import FileSource
 from app.formats.registry import open_reader
@@ -73,11 +73,44 @@ class CheckBudget:
         return max(self.min_seconds, size / self.min_bytes_per_second)
 
 
+#: Data bytes an image may claim per byte of its file (and per MiB for tiny files).
+#: Nothing but compression makes the two differ, and real disks compress a few times;
+#: qcow2 checks its compressed clusters itself, this bounds every format.
+MAX_CLAIM_RATIO = 256
+
+
+class ClaimsTooMuch(FormatError):
+    """The image claims more data than its size can hold."""
+
+
+async def _counted(extents: AsyncIterator[Extent], limit: int) -> AsyncIterator[Extent]:
+    data = 0
+    async for ext in extents:
+        if ext.data is not None:
+            data += ext.length
+            if data > limit:
+                raise ClaimsTooMuch(f"the image holds more than {limit} bytes of data, "
+                                    f"over {MAX_CLAIM_RATIO} times its size")
+        yield ext
+
+
 async def inspect(source: RandomAccessSource, declared: str | None) -> Inspected:
-    """Identify an image, check it parses end to end, and compute its digest."""
+    """Identify an image, check it parses end to end, and compute its digest.
+
+    The work is bounded by what the file can justify: the allocation the image claims
+    (from its tables, before any data is read, where the format says) and the data it
+    actually yields may not exceed :data:`MAX_CLAIM_RATIO` times its size."""
+    limit = MAX_CLAIM_RATIO * max(source.size, 1024 * 1024)
     reader = await open_reader(source, declared)
     try:
-        digest = await digest_extents(reader.extents(), reader.virtual_size)
+        allocation = await reader.allocation_map()
+        if allocation is not None:
+            claimed = sum(length for _, length in allocation)
+            if claimed > limit:
+                raise ClaimsTooMuch(f"the image claims {claimed} bytes of data from a "
+                                    f"{source.size}-byte file, over {MAX_CLAIM_RATIO} "
+                                    "times its size")
+        digest = await digest_extents(_counted(reader.extents(), limit), reader.virtual_size)
     finally:
         await reader.close()
     return Inspected(reader.format, reader.virtual_size, digest)
