@@ -22,7 +22,7 @@ from app.api.idempotency import Idempotency, document_header
 from app.api.limits import BodyLimit
 from app.config import Settings
 from app.crypto import SecretBox, load_keys
-from app.db import Database, embedded_postgres_url, upgrade
+from app.db import Database, embedded_postgres_url, is_disconnect, upgrade
 from app.engines.registry import EngineDeps, default_engines
 from app.engines.worker import Worker, WorkerConfig
 from app.events.bus import EventBus
@@ -54,12 +54,36 @@ async def database_url(settings: Settings) -> str:
     return await embedded_postgres_url(settings.postgres_dir)
 
 
+#: How long a starting process waits for an unreachable database before giving up.
+STARTUP_WAIT_SECONDS = 120.0
+
+
+async def _upgrade_when_reachable(db: Database, patience: float = STARTUP_WAIT_SECONDS
+                                  ) -> None:
+    """Apply the schema migrations, waiting (with backoff, one log line) while the
+    database is unreachable: a worker started during a database restart waits for it
+    instead of exiting."""
+    backoff = db.backoff()
+    deadline = asyncio.get_running_loop().time() + patience
+    while True:
+        try:
+            await upgrade(db)
+        except Exception as exc:
+            if not is_disconnect(exc) or asyncio.get_running_loop().time() >= deadline:
+                raise
+            db.outage.failed(exc)
+            await asyncio.sleep(backoff.next())
+        else:
+            db.outage.succeeded()
+            return
+
+
 async def build_context(settings: Settings, db: Database | None = None) -> AppContext:
     if db is None:
         db = Database(await database_url(settings), pool_size=settings.db_pool_size,
                       connect_timeout=settings.db_connect_timeout_seconds,
                       retry_cap=settings.db_retry_max_seconds)
-    await upgrade(db)
+    await _upgrade_when_reachable(db)
     keys = load_keys([k.get_secret_value() for k in settings.encryption_keys], settings.key_file)
     return AppContext(settings=settings, db=db, box=SecretBox(keys), store=build_store(settings))
 
