@@ -32,7 +32,6 @@ from typing import Annotated, Any
 import anyio
 from fastapi import Header
 from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import AppContext
@@ -133,12 +132,7 @@ class Idempotency:
         if tenant is None:
             await self.app(scope, receive, send)
             return
-        try:
-            body = await _read_body(receive)
-        except HTTPException as exc:  # BodyLimit's 413, raised from its receive
-            await _problem(scope, receive, send, exc.status_code, "request-body-too-large",
-                           "Request body too large", str(exc.detail))
-            return
+        body = await _read_body(receive)  # bounded: BodyLimit already read it
         if body is None:  # the client went away
             return
         await self._handle(ctx, tenant, key, body, scope, receive, send)

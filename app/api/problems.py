@@ -2,8 +2,11 @@
 
 Every error leaves as ``application/problem+json`` with ``type``, ``title``,
 ``status`` and ``detail``; validation errors add ``errors``: one entry per bad field
-with its JSON pointer (``/source/port``) and what is wrong. Unexpected exceptions
-become a 500 whose detail names nothing internal (the traceback goes to the log).
+with its JSON pointer (``/source/port``) and what is wrong. An unreachable database
+is a 503 with ``Retry-After`` (:class:`~app.db.DatabaseUnavailable`). Unexpected
+exceptions become a 500 whose detail names nothing internal (the traceback goes to the
+log); :class:`ContainErrors` makes sure none escapes the app, since the server would
+then close the client's keep-alive connection.
 """
 
 from __future__ import annotations
