@@ -237,6 +237,11 @@ async def test_clouds_at_metadata_addresses_are_refused(
         body["settings"]["host"] = host
         r = await client.post("/v1/clouds", json=body, headers=auth(token))
         assert_problem(r, 422, {"/settings/host"})
+    for kind, key in (("openstack", "auth_url"), ("xen", "url")):
+        body = cloud_body(kind)
+        body["settings"][key] = f"https://{host if ':' not in host else '[fe80::1]'}:5000/v3"
+        r = await client.post("/v1/clouds", json=body, headers=auth(token))
+        assert_problem(r, 422, {f"/settings/{key}"})
     ok = cloud_body("vmware")
     ok["settings"]["host"] = "10.0.0.5"  # private networks are where clouds live
     assert (await client.post("/v1/clouds", json=ok, headers=auth(token))).status_code == 201

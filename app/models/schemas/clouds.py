@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from app.models.enums import CloudKind
-from app.models.schemas.fields import NotMetadata
+from app.models.schemas.fields import NotMetadata, NotMetadataUrl
 
 Name = Annotated[
     str,
@@ -107,14 +107,15 @@ class VsphereSettings(TlsOptions):
 class OpenStackSettings(TlsOptions):
     """Keystone v3 (``openstack`` and ``metapod``, which is OpenStack-based)."""
 
-    auth_url: HttpUrl
+    auth_url: Annotated[HttpUrl, NotMetadataUrl]
     project: Text
     domain: Text = Field(default="Default", description="User and project domain.")
     region: Text | None = None
 
 
 class XenSettings(TlsOptions):
-    url: HttpUrl = Field(description="XAPI endpoint of the pool master, e.g. https://xen1.")
+    url: Annotated[HttpUrl, NotMetadataUrl] = Field(
+        description="XAPI endpoint of the pool master, e.g. https://xen1.")
 
 
 class NutanixSettings(TlsOptions):
@@ -141,13 +142,13 @@ class AzureSettings(_Strict):
 
 class AmazonSettings(TlsOptions):
     region: Annotated[str, StringConstraints(pattern=r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")]
-    endpoint_url: HttpUrl | None = Field(
+    endpoint_url: Annotated[HttpUrl, NotMetadataUrl] | None = Field(
         default=None, description="Custom EC2/S3 endpoint (regional or compatible); AWS if null."
     )
 
 
 class SoftLayerSettings(TlsOptions):
-    endpoint_url: HttpUrl | None = Field(
+    endpoint_url: Annotated[HttpUrl, NotMetadataUrl] | None = Field(
         default=None, description="SoftLayer API endpoint; the public one if null."
     )
 

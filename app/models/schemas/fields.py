@@ -35,6 +35,7 @@ __all__ = [
     "LvDevice",
     "Name",
     "NotMetadata",
+    "NotMetadataUrl",
     "Password",
     "Port",
     "PosixUser",
@@ -175,6 +176,17 @@ def not_metadata_host(value: str) -> str:
 
 #: Apply to any host a worker will connect to: ``Annotated[Host, NotMetadata]``.
 NotMetadata = AfterValidator(not_metadata_host)
+
+
+def _url_not_metadata(value: Any) -> Any:
+    host = getattr(value, "host", None)
+    if isinstance(host, str) and is_metadata_host(host):
+        raise invalid("must not point at a link-local or cloud metadata address")
+    return value
+
+
+#: The same for a URL a worker will connect to: ``Annotated[HttpUrl, NotMetadataUrl]``.
+NotMetadataUrl = AfterValidator(_url_not_metadata)
 
 PosixUser = Annotated[
     str,
