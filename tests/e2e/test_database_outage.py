@@ -212,6 +212,7 @@ async def test_conversion_survives_a_database_restart(
     qemu_img("convert", "-f", "vmdk", "-O", "raw", out, back)
     assert digest_file(str(back)) == image["digest"]
     types = [e["type"] for e in events]
+    assert "migration.reclaimed" in types  # the run was given up, then resumed
     assert types.count("migration.completed") == 1
     assert types.count("image.created") == 1
     # /readyz speaks for the in-process worker (serve), not for separate ones
