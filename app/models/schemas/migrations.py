@@ -58,6 +58,7 @@ from app.models.schemas.fields import (
     WinRMPort,
     invalid,
 )
+from app.models.schemas.images import ConversionFormat
 
 
 class _Strict(BaseModel):
@@ -488,7 +489,7 @@ class ConversionMigration(_MigrationOutBase):
     name: str
     mode: None = None
     image_id: uuid.UUID = Field(description="The library image converted.")
-    format: ImageFormat = Field(description="The format of the new image.")
+    format: ConversionFormat = Field(description="The format of the new image.")
     options: Options = Field(default_factory=Options)
 
 
