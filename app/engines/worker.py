@@ -518,9 +518,9 @@ class Worker:
                 log.warning("heartbeat for %s failed: %s", claimed.id, exc)
             if failed:
                 if lease.expired():
-                    self._lose(run, "the lease could not be renewed (database unreachable) "
-                               "and may have expired; the migration resumes when a worker "
-                               "claims it again")
+                    self._lose(run, "the lease could not be renewed in time (database "
+                               "unreachable or too slow) and may have expired; the "
+                               "migration resumes when a worker claims it again")
                     return
                 wait = min(interval, 0.5)
                 continue
