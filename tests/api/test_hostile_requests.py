@@ -241,7 +241,7 @@ async def test_clouds_at_metadata_addresses_are_refused(
         assert_problem(r, 422, {"/settings/host"})
     # URL settings (the next platforms' auth and endpoint URLs) take the same check.
     url = f"https://{host if ':' not in host else '[fe80::1]'}:5000/v3"
-    with pytest.raises(ValidationError, match="metadata|link-local"):
+    with pytest.raises(ValidationError, match=r"metadata|link-local"):
         TypeAdapter(Annotated[HttpUrl, NotMetadataUrl]).validate_python(url)
     assert TypeAdapter(Annotated[HttpUrl, NotMetadataUrl]).validate_python(
         "https://keystone.example.com:5000/v3").host == "keystone.example.com"
