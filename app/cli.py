@@ -37,78 +37,6 @@ def _logging(settings: Settings) -> None:
     configure(settings.log_level, settings.log_format)
 
 
-class _Stopped(Exception):
-    """SIGTERM/SIGINT outside uvicorn's own handling (while starting, or re-raised by
-    uvicorn after its graceful shutdown)."""
-
-
-def _raise_stopped(signum: int, _frame: object) -> None:
-    raise _Stopped(signum)
-
-
-@main.command()
-@click.option("--host", default=None, help="Bind address (default: VMIGRATE_HOST or 127.0.0.1).")
-@click.option("--port", type=int, default=None, help="Port (default: VMIGRATE_PORT or 8080).")
-@click.option("--no-worker", is_flag=True, help="Serve the API only; run `vmigrate worker` "
-              "processes separately.")
-@click.option("--keep-db", is_flag=True, help="Leave the embedded PostgreSQL running on exit "
-              "(by default serve stops it if serve started it).")
-def serve(host: str | None, port: int | None, no_worker: bool, keep_db: bool) -> None:
-    """Run the HTTP API and a worker until SIGTERM/SIGINT.
-
-    With no VMIGRATE_DATABASE_URL, the embedded PostgreSQL under DATA_DIR/postgres is
-    used: started if it is not running, and then stopped again on exit (unless
-    --keep-db). A port that is taken is reported before anything starts."""
-    import signal
-
-    from pydantic import SecretStr
-
-    from app import pgserver
-    from app.server import PortInUse, bind
-
-    settings = _settings()
-    _logging(settings)
-    host, port = host or settings.host, port or settings.port
-    try:
-        sock = bind(host, port)
-    except PortInUse as exc:
-        raise click.ClickException(str(exc)) from exc
-    except OSError as exc:
-        raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from exc
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _raise_stopped)
-    started: pgserver.Started | None = None
-    ok = True
-    try:
-        if settings.database_url is None:
-            logging.getLogger(__name__).info(
-                "no VMIGRATE_DATABASE_URL: using the embedded PostgreSQL in %s",
-                settings.postgres_dir)
-            started = pgserver.start(settings.postgres_dir)
-            settings = settings.model_copy(update={"database_url": SecretStr(started.url)})
-        from app.main import create_app
-        from app.server import serve as run_server
-
-        ok = run_server(create_app(settings, run_worker=not no_worker), sock,
-                        log_level=settings.log_level.lower())
-    except _Stopped:
-        pass
-    finally:
-        sock.close()
-        if started is not None and started.started_here and not keep_db:
-            # A second signal must not leave the database half stopped (pg_ctl's own
-            # timeout bounds the wait).
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, signal.SIG_IGN)
-            pgserver.stop(settings.postgres_dir)
-        elif started is not None:
-            logging.getLogger(__name__).info(
-                "the embedded PostgreSQL keeps running (pid %s); `vmigrate db stop` stops it",
-                started.pid)
-    if not ok:
-        raise click.ClickException("the server did not start (see the log above)")
-
-
 def _address(value: str | None) -> tuple[str, int] | None:
     if value is None:
         return None
@@ -135,6 +63,87 @@ def _metrics_listener(address: tuple[str, int] | None) -> Callable[[], None]:
 
 _METRICS_HELP = ("Serve Prometheus metrics at http://HOST:PORT/metrics (no authentication: "
                  "bind loopback or a private address).")
+
+
+class _Stopped(Exception):
+    """SIGTERM/SIGINT outside uvicorn's own handling (while starting, or re-raised by
+    uvicorn after its graceful shutdown)."""
+
+
+def _raise_stopped(signum: int, _frame: object) -> None:
+    raise _Stopped(signum)
+
+
+@main.command()
+@click.option("--host", default=None, help="Bind address (default: VMIGRATE_HOST or 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default: VMIGRATE_PORT or 8080).")
+@click.option("--no-worker", is_flag=True, help="Serve the API only; run `vmigrate worker` "
+              "processes separately.")
+@click.option("--keep-db", is_flag=True, help="Leave the embedded PostgreSQL running on exit "
+              "(by default serve stops it if serve started it).")
+@click.option("--metrics-address", metavar="HOST:PORT", help=_METRICS_HELP + " GET /metrics "
+              "on the API (scope metrics:read) is there either way.")
+def serve(host: str | None, port: int | None, no_worker: bool, keep_db: bool,
+          metrics_address: str | None) -> None:
+    """Run the HTTP API and a worker until SIGTERM/SIGINT.
+
+    With no VMIGRATE_DATABASE_URL, the embedded PostgreSQL under DATA_DIR/postgres is
+    used: started if it is not running, and then stopped again on exit (unless
+    --keep-db). A port that is taken is reported before anything starts."""
+    import signal
+
+    from pydantic import SecretStr
+
+    from app import pgserver
+    from app.server import PortInUse, bind
+
+    settings = _settings()
+    _logging(settings)
+    host, port = host or settings.host, port or settings.port
+    try:
+        sock = bind(host, port)
+    except PortInUse as exc:
+        raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from exc
+    try:
+        stop_metrics = _metrics_listener(_address(metrics_address))
+    except click.ClickException:
+        sock.close()
+        raise
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _raise_stopped)
+    started: pgserver.Started | None = None
+    ok = True
+    try:
+        if settings.database_url is None:
+            logging.getLogger(__name__).info(
+                "no VMIGRATE_DATABASE_URL: using the embedded PostgreSQL in %s",
+                settings.postgres_dir)
+            started = pgserver.start(settings.postgres_dir)
+            settings = settings.model_copy(update={"database_url": SecretStr(started.url)})
+        from app.main import create_app
+        from app.server import serve as run_server
+
+        ok = run_server(create_app(settings, run_worker=not no_worker), sock,
+                        log_level=settings.log_level.lower())
+    except _Stopped:
+        pass
+    finally:
+        sock.close()
+        stop_metrics()
+        if started is not None and started.started_here and not keep_db:
+            # A second signal must not leave the database half stopped (pg_ctl's own
+            # timeout bounds the wait).
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
+            pgserver.stop(settings.postgres_dir)
+        elif started is not None:
+            logging.getLogger(__name__).info(
+                "the embedded PostgreSQL keeps running (pid %s); `vmigrate db stop` stops it",
+                started.pid)
+    if not ok:
+        raise click.ClickException("the server did not start (see the log above)")
 
 
 @main.command()

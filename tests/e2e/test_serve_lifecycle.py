@@ -140,9 +140,13 @@ def test_serve_leaves_a_database_it_did_not_start(env: Env) -> None:
 
 
 def test_keep_db_leaves_it_running(env: Env) -> None:
-    proc, log = env.serve("--keep-db", "--no-worker")
+    side = free_port()
+    proc, log = env.serve("--keep-db", "--no-worker", "--metrics-address", f"127.0.0.1:{side}")
     pid = pgserver.status(env.pgdata).pid
     assert pid is not None
+    # the unauthenticated side listener shows the API's own counts (one registry)
+    scrape = httpx.get(f"http://127.0.0.1:{side}/metrics", timeout=5).text
+    assert 'vmigrate_http_requests_total{method="GET",route="/readyz",status="200"}' in scrape
     assert stop(proc) == 0, log.read_text()
     assert pgserver.status(env.pgdata).running
     assert "db stop" in log.read_text()  # tells how to stop it
