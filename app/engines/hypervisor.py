@@ -319,7 +319,7 @@ class _StagingEngine(Engine):
                           else self.deps.store.size(staged.key))
             lineage = self._lineage()
             async with self.deps.db.session() as session:
-                await images_repo.insert_image(session, VirtualImage(
+                created = await images_repo.add_image(session, VirtualImage(
                     id=image_id, tenant=self.run.tenant, status=ImageStatus.ready,
                     name=self._image_name(server_name, disk.label),
                     format=disk.format.value, virtual_size=disk.virtual_size, size=size,
@@ -327,7 +327,7 @@ class _StagingEngine(Engine):
                     migration_id=lineage.migration_id, cloud_id=lineage.cloud_id,
                     server=lineage.server, parent_id=lineage.parent_id))
             ids.append(image_id)
-            await ctx.event("image.created", {"image_id": str(image_id), "disk": disk.label})
+            await ctx.event("image.created", created)
         return StoreResult(images=tuple(ids))
 
     # --- cleanup ----------------------------------------------------------------------
