@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -31,8 +32,46 @@ def main() -> None:
 
 
 def _logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from app.logs import configure
+
+    configure(settings.log_level, settings.log_format)
+
+
+def _address(value: str | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"{value!r}: expected HOST:PORT, e.g. 127.0.0.1:9464")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _metrics_listener(address: tuple[str, int] | None) -> Callable[[], None]:
+    """Start the unauthenticated metrics listener (``--metrics-address``), if asked."""
+    if address is None:
+        return lambda: None
+    from app.metrics import listen
+
+    try:
+        close = listen(*address)
+    except OSError as exc:
+        raise click.ClickException(f"cannot serve metrics on {address[0]}:{address[1]}: "
+                                   f"{exc.strerror or exc}") from exc
+    logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", *address)
+    return close
+
+
+_METRICS_HELP = ("Serve Prometheus metrics at http://HOST:PORT/metrics (no authentication: "
+                 "bind loopback or a private address).")
+
+
+class _Stopped(Exception):
+    """SIGTERM/SIGINT outside uvicorn's own handling (while starting, or re-raised by
+    uvicorn after its graceful shutdown)."""
+
+
+def _raise_stopped(signum: int, _frame: object) -> None:
+    raise _Stopped(signum)
 
 
 @main.command()
@@ -40,20 +79,76 @@ def _logging(settings: Settings) -> None:
 @click.option("--port", type=int, default=None, help="Port (default: VMIGRATE_PORT or 8080).")
 @click.option("--no-worker", is_flag=True, help="Serve the API only; run `vmigrate worker` "
               "processes separately.")
-def serve(host: str | None, port: int | None, no_worker: bool) -> None:
-    """Run the HTTP API and a worker (starts the embedded PostgreSQL when no database URL
-    is set)."""
-    from app.main import create_app
-    from app.server import serve as run_server
+@click.option("--keep-db", is_flag=True, help="Leave the embedded PostgreSQL running on exit "
+              "(by default serve stops it if serve started it).")
+@click.option("--metrics-address", metavar="HOST:PORT", help=_METRICS_HELP + " GET /metrics "
+              "on the API (scope metrics:read) is there either way.")
+def serve(host: str | None, port: int | None, no_worker: bool, keep_db: bool,
+          metrics_address: str | None) -> None:
+    """Run the HTTP API and a worker until SIGTERM/SIGINT.
+
+    With no VMIGRATE_DATABASE_URL, the embedded PostgreSQL under DATA_DIR/postgres is
+    used: started if it is not running, and then stopped again on exit (unless
+    --keep-db). A port that is taken is reported before anything starts."""
+    import signal
+
+    from pydantic import SecretStr
+
+    from app import pgserver
+    from app.server import PortInUse, bind
 
     settings = _settings()
     _logging(settings)
-    run_server(create_app(settings, run_worker=not no_worker), host=host or settings.host,
-               port=port or settings.port, log_level=settings.log_level.lower())
+    host, port = host or settings.host, port or settings.port
+    try:
+        sock = bind(host, port)
+    except PortInUse as exc:
+        raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from exc
+    try:
+        stop_metrics = _metrics_listener(_address(metrics_address))
+    except click.ClickException:
+        sock.close()
+        raise
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _raise_stopped)
+    started: pgserver.Started | None = None
+    ok = True
+    try:
+        if settings.database_url is None:
+            logging.getLogger(__name__).info(
+                "no VMIGRATE_DATABASE_URL: using the embedded PostgreSQL in %s",
+                settings.postgres_dir)
+            started = pgserver.start(settings.postgres_dir)
+            settings = settings.model_copy(update={"database_url": SecretStr(started.url)})
+        from app.main import create_app
+        from app.server import serve as run_server
+
+        ok = run_server(create_app(settings, run_worker=not no_worker), sock,
+                        log_level=settings.log_level.lower())
+    except _Stopped:
+        pass
+    finally:
+        sock.close()
+        stop_metrics()
+        if started is not None and started.started_here and not keep_db:
+            # A second signal must not leave the database half stopped (pg_ctl's own
+            # timeout bounds the wait).
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
+            pgserver.stop(settings.postgres_dir)
+        elif started is not None:
+            logging.getLogger(__name__).info(
+                "the embedded PostgreSQL keeps running (pid %s); `vmigrate db stop` stops it",
+                started.pid)
+    if not ok:
+        raise click.ClickException("the server did not start (see the log above)")
 
 
 @main.command()
-def worker() -> None:
+@click.option("--metrics-address", metavar="HOST:PORT", help=_METRICS_HELP)
+def worker(metrics_address: str | None) -> None:
     """Run a worker: claim queued migrations and run them until SIGTERM/SIGINT, then hand
     running ones back so another worker resumes them at once. Webhook deliveries are
     dispatched alongside."""
@@ -63,6 +158,7 @@ def worker() -> None:
 
     settings = _settings()
     _logging(settings)
+    stop_metrics = _metrics_listener(_address(metrics_address))
 
     async def run() -> None:
         ctx = await build_context(settings)
@@ -75,11 +171,15 @@ def worker() -> None:
         finally:
             await ctx.db.dispose()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        stop_metrics()
 
 
 @main.command()
-def dispatch() -> None:
+@click.option("--metrics-address", metavar="HOST:PORT", help=_METRICS_HELP)
+def dispatch(metrics_address: str | None) -> None:
     """Deliver webhooks only (no migrations) until SIGTERM/SIGINT."""
     import signal
 
@@ -87,6 +187,7 @@ def dispatch() -> None:
 
     settings = _settings()
     _logging(settings)
+    stop_metrics = _metrics_listener(_address(metrics_address))
 
     async def run() -> None:
         ctx = await build_context(settings)
@@ -99,7 +200,10 @@ def dispatch() -> None:
         finally:
             await ctx.db.dispose()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        stop_metrics()
 
 
 @main.group()
@@ -112,6 +216,53 @@ async def _open_db(settings: Settings) -> Database:
     from app.main import database_url
 
     return Database(await database_url(settings))
+
+
+def _pgdata() -> Path:
+    settings = _settings()
+    if settings.database_url is not None:
+        raise click.ClickException(
+            "VMIGRATE_DATABASE_URL is set: that database is managed outside vmigrate; "
+            "db status|start|stop manage the embedded one (DATA_DIR/postgres)")
+    return settings.postgres_dir
+
+
+@db.command("status")
+def db_status() -> None:
+    """Whether the embedded PostgreSQL (DATA_DIR/postgres) runs: exit status 0 when it
+    does, 3 when it does not."""
+    from app import pgserver
+
+    current = pgserver.status(_pgdata())
+    click.echo(current.describe())
+    if not current.running:
+        sys.exit(3)
+
+
+@db.command("start")
+def db_start() -> None:
+    """Start the embedded PostgreSQL (creating it if new) and leave it running: serve,
+    workers and other commands then share it, and serve does not stop it on exit."""
+    from app import pgserver
+
+    pgdata = _pgdata()
+    started = pgserver.start(pgdata)
+    click.echo(("started" if started.started_here else "already running") + ": "
+               + pgserver.status(pgdata).describe().removeprefix("running: "))
+
+
+@db.command("stop")
+def db_stop() -> None:
+    """Stop the embedded PostgreSQL (a clean, fast shutdown: open sessions are ended;
+    stop serve and workers first)."""
+    from app import pgserver
+
+    pgdata = _pgdata()
+    try:
+        stopped = pgserver.stop(pgdata)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"stopped: {pgdata}" if stopped else pgserver.status(pgdata).describe())
 
 
 @db.command("upgrade")

@@ -7,7 +7,7 @@ Nothing below ``app/api`` reads settings globally: the lifespan builds a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic.fields import FieldInfo
@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     )
     log_level: str = Field(
         default="INFO", description="Python log level: DEBUG, INFO, WARNING, ERROR."
+    )
+    log_format: Literal["auto", "json", "text"] = Field(
+        default="auto", description="`json`: one JSON object per log line (with tenant, "
+        "migration_id, step and attempt where they apply); `text`: the same for people; "
+        "`auto`: text when stderr is a terminal, else json.",
     )
     image_check_min_seconds: float = Field(
         default=60.0, gt=0, description="Checking an uploaded image (parse and digest) may "

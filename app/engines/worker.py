@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from app import metrics
 from app.config import Settings
 from app.crypto import SecretBox
 from app.db import Database, DatabaseUnavailable
@@ -58,6 +59,7 @@ from app.engines.runner import (
     StepResult,
     StepRow,
 )
+from app.logs import bind
 from app.models.enums import HypervisorMode, MigrationStatus, MigrationType
 from app.models.json import EventPayload
 from app.models.schemas.specs import MigrationSecrets, load_spec
@@ -101,6 +103,8 @@ class Claimed:
     epoch: int
     #: When the claim was sent (monotonic): the lease counts from there.
     sent_at: float = 0.0
+    #: Taken over from a worker whose lease expired (rather than queued or released).
+    reclaimed: bool = False
 
 
 class LeaseClock:
@@ -407,7 +411,10 @@ class Worker:
                 applied = await machine.apply(session, cand.id, cand.tenant, Action.claim,
                                               lease=lease,
                                               payload={"worker": self.config.worker_id})
-                return Claimed(cand.id, cand.tenant, applied.epoch, sent_at)
+                reclaimed = applied.previous in (MigrationStatus.running,
+                                                 MigrationStatus.cancelling)
+                metrics.leases_claimed.labels("reclaimed" if reclaimed else "new").inc()
+                return Claimed(cand.id, cand.tenant, applied.epoch, sent_at, reclaimed)
         return None
 
     async def _load(self, claimed: Claimed) -> MigrationRun | None:
@@ -438,6 +445,17 @@ class Worker:
         return lease
 
     async def _execute(self, claimed: Claimed) -> None:
+        metrics.leases_held.inc()
+        try:
+            with bind(tenant=claimed.tenant, migration_id=str(claimed.id),
+                      worker=self.config.worker_id):
+                log.info("claimed migration %s (epoch %d%s)", claimed.id, claimed.epoch,
+                         ", lease of a lost worker taken over" if claimed.reclaimed else "")
+                await self._run_claimed(claimed)
+        finally:
+            metrics.leases_held.dec()
+
+    async def _run_claimed(self, claimed: Claimed) -> None:
         run = _Run(claimed, self._lease_clock(claimed), asyncio.current_task())
         store = DbRunStore(self.db, claimed, lease=run.lease)
         cancel = asyncio.Event()
@@ -455,6 +473,7 @@ class Worker:
                 return
             if view is None:
                 return
+            kind = view.type.value
             if await store.cancel_requested():
                 cancel.set()
             factory = self.engines.get(view.type.value)
@@ -467,15 +486,26 @@ class Worker:
                 engine = _OutageAwareEngine(factory(view), run.lease)
                 runner = Runner(engine, store, self.config.retry, cancel)
                 beat = asyncio.create_task(self._heartbeat(run, cancel))
+                metrics.migrations_started.labels(kind).inc()
+                metrics.migrations_running.labels(kind).inc()
                 try:
-                    outcome = await runner.run(view, plan)
+                    with bind(migration_type=kind):
+                        outcome = await runner.run(view, plan)
                 finally:
+                    metrics.migrations_running.labels(kind).dec()
                     beat.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await beat
             await run.lease.call("finish", lambda: self._finish(claimed, outcome))
+            metrics.migrations_finished.labels(kind, outcome.status).inc()
+            if outcome.error is not None:
+                log.error("migration %s %s: %s", claimed.id, outcome.status,
+                          outcome.error.detail)
+            else:
+                log.info("migration %s %s", claimed.id, outcome.status)
         except LeaseLost as exc:
             handed_back = True
+            metrics.leases_lost.inc()
             log.warning("worker %s gave up %s: %s", self.config.worker_id, claimed.id, exc)
         except asyncio.CancelledError:
             handed_back = True
@@ -483,6 +513,7 @@ class Worker:
                 log.warning("worker %s gave up %s: %s", self.config.worker_id, claimed.id,
                             run.lost)
                 return
+            log.info("handing migration %s back (worker stopping)", claimed.id)
             await asyncio.shield(self._release(claimed))
             raise
         except Exception:
@@ -535,6 +566,7 @@ class Worker:
 
     @staticmethod
     def _lose(run: _Run, why: str) -> None:
+        metrics.leases_lost.inc()
         run.lost = why
         if run.task is not None:
             run.task.cancel(msg="lease lost")

@@ -22,6 +22,7 @@ SCOPES = (
     "clouds:read", "clouds:write",
     "images:read", "images:write",
     "webhooks:read", "webhooks:write",
+    "metrics:read",  # GET /metrics: counts only, no tenant's data
 )
 
 _TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")

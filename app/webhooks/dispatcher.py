@@ -35,6 +35,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app import metrics
 from app.config import Settings
 from app.crypto import SecretBox
 from app.db import Database, DatabaseUnavailable
@@ -286,6 +287,7 @@ class Dispatcher:
                                   response_status=outcome.status, latency_ms=outcome.latency_ms,
                                   error=None)
                 await repo.mark_healthy(session, c.webhook_id)
+                _observe("succeeded", outcome)
                 return
             delay = backoff(c.attempts, self.config.retry_base, self.config.retry_max, self.rng)
             retry_at = now + timedelta(seconds=delay)
@@ -294,6 +296,11 @@ class Dispatcher:
                               next_attempt_at=None if dead else retry_at,
                               response_status=outcome.status, latency_ms=outcome.latency_ms,
                               error=outcome.error)
+            _observe("dead" if dead else "retrying", outcome)
+            log.warning("webhook delivery %s (webhook %s, try %d) failed: %s; %s", c.id,
+                        c.webhook_id, c.attempts, outcome.error,
+                        "retry window over, marked dead" if dead
+                        else f"retrying in {delay:.0f} s")
             failing_since = await repo.mark_failing(session, c.webhook_id)
             if failing_since is not None and now - failing_since >= self.config.disable_after:
                 await self._disable(session, c, failing_since)
@@ -309,3 +316,8 @@ class Dispatcher:
             "webhook_id": str(c.webhook_id), "reason": reason,
             "failing_since": failing_since.astimezone(UTC).isoformat(),
         })
+
+
+def _observe(outcome: str, attempt: Outcome) -> None:
+    metrics.webhook_deliveries.labels(outcome).inc()
+    metrics.webhook_seconds.labels(outcome).observe(attempt.latency_ms / 1000)

