@@ -20,18 +20,17 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.engines.plans import StepState, resume_reset
 from app.errors import AppError, Conflict, NotFound
 from app.models.enums import MigrationStatus, StepStatus
+from app.models.json import JSON, EventPayload
 from app.repositories import migrations as repo
 from app.repositories.migrations import Effect
 
 S = MigrationStatus
-JSON = dict[str, Any]
 
 
 class InvalidTransition(Conflict):
@@ -227,7 +226,7 @@ async def apply(
     epoch: int | None = None,
     lease: Lease | None = None,
     failure: Failure | None = None,
-    payload: Mapping[str, Any] | None = None,
+    payload: EventPayload | None = None,
 ) -> Applied:
     """Apply ``action`` in the caller's transaction, or raise; never half of it.
 
@@ -287,7 +286,7 @@ async def append_event(
     migration_id: uuid.UUID,
     tenant: str,
     type_: str,
-    payload: Mapping[str, Any] | None = None,
+    payload: EventPayload | None = None,
     *,
     epoch: int | None = None,
 ) -> int:

@@ -13,9 +13,16 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
 
 from app.models.enums import HypervisorMode, MigrationType, StepStatus
+from app.models.schemas.migrations import LibraryImageSource
+from app.models.schemas.specs import (
+    ConversionSpec,
+    HypervisorSpec,
+    ImageExtractSpec,
+    LiveStreamSpec,
+    StoredSpec,
+)
 
 
 class Flag(StrEnum):
@@ -73,8 +80,13 @@ _SNAPSHOT = Step("snapshot")
 _VM_SNAPSHOT = Step("snapshot", only_if=Flag.from_vm)
 _REMOVE_SNAPSHOT = Step("remove_snapshot", cleanup=True, undoes=("snapshot",))
 _VERIFY = Step("verify", only_if=Flag.verify)
-#: Exported disks wait in the staging area until stored or provisioned.
-_REMOVE_EXPORTS = Step("remove_exports", cleanup=True, undoes=("export",))
+#: ``transfer`` streams each disk from the source and converts it on the fly into a
+#: staging file; ``check_image`` reads every staged image back with its format reader
+#: and checks it holds exactly the source's disk (the digest).
+_TRANSFER = Step("transfer")
+_CHECK_IMAGE = Step("check_image")
+#: Staged images wait in the staging area until stored or provisioned.
+_DISCARD_STAGED = Step("discard_staged", cleanup=True, undoes=("transfer",))
 
 
 def _restore_power(on_success: bool) -> Step:
@@ -96,10 +108,10 @@ PLANS: Mapping[PlanKey, tuple[Step, ...]] = {
         _VALIDATE,
         _POWER_OFF,
         _VM_SNAPSHOT,
-        Step("export"),
-        Step("convert"),
+        _TRANSFER,
+        _CHECK_IMAGE,
         Step("store"),
-        _REMOVE_EXPORTS,
+        _DISCARD_STAGED,
         _REMOVE_SNAPSHOT,
         _restore_power(on_success=True),
     ),
@@ -107,11 +119,11 @@ PLANS: Mapping[PlanKey, tuple[Step, ...]] = {
         _VALIDATE,
         _POWER_OFF,
         _VM_SNAPSHOT,
-        Step("export"),
-        Step("convert"),
+        _TRANSFER,
+        _CHECK_IMAGE,
         Step("provision"),
         _VERIFY,
-        _REMOVE_EXPORTS,
+        _DISCARD_STAGED,
         _REMOVE_SNAPSHOT,
         _restore_power(on_success=False),
     ),
@@ -124,14 +136,15 @@ PLANS: Mapping[PlanKey, tuple[Step, ...]] = {
         Step("import", only_if=Flag.to_cloud),
         Step("remove_staging", cleanup=True, undoes=("snapshot",)),
     ),
-    # A library conversion reuses the hypervisor steps' meaning: export = convert into
-    # staging, convert = read it back and check the digest, store = publish.
+    # A library conversion runs the hypervisor steps on a library image: transfer =
+    # convert it into staging (resumable into raw), check_image = read it back and
+    # check the digest, store = publish.
     (MigrationType.conversion, None): (
         _VALIDATE,
-        Step("export"),
-        Step("convert"),
+        _TRANSFER,
+        _CHECK_IMAGE,
         Step("store"),
-        _REMOVE_EXPORTS,
+        _DISCARD_STAGED,
     ),
     # Provision before the LVM snapshot: a snapshot held while a VM boots wastes COW space.
     # Warm mode copies the running volume first (precopy), so the snapshot lives only for
@@ -161,26 +174,26 @@ def plan_for(type_: MigrationType, mode: HypervisorMode | None, flags: Collectio
     return Plan(tuple(s for s in kept if not s.cleanup or any(u in names for u in s.undoes)))
 
 
-def flags_from_spec(spec: Mapping[str, Any]) -> frozenset[Flag]:
+def flags_from_spec(spec: StoredSpec) -> frozenset[Flag]:
     """The plan flags of a stored (secret-free) migration spec."""
-    options: Mapping[str, Any] = spec.get("options") or {}
-    destination: Mapping[str, Any] = spec.get("destination") or {}
     flags = set()
-    from_vm = spec.get("type") == MigrationType.hypervisor and \
-        "image_id" not in (spec.get("source") or {})
-    if from_vm:
-        flags.add(Flag.from_vm)
-    if from_vm and options.get("power_off", True):
-        flags.add(Flag.power_off)
-    if options.get("verify", True):
+    if spec.options.verify:
         flags.add(Flag.verify)
-    kind = destination.get("kind")
-    if spec.get("type") == MigrationType.live_stream and kind == "new":
-        flags.add(Flag.provision)
-    if spec.get("type") == MigrationType.live_stream and options.get("sync") == "warm":
-        flags.add(Flag.warm)
-    if spec.get("type") == MigrationType.image_extract:
-        flags.add(Flag.to_cloud if kind == "cloud" else Flag.to_library)
+    match spec:
+        case HypervisorSpec():
+            if not isinstance(spec.source, LibraryImageSource):
+                flags.add(Flag.from_vm)
+                if spec.options.power_off:
+                    flags.add(Flag.power_off)
+        case LiveStreamSpec():
+            if spec.destination.kind == "new":
+                flags.add(Flag.provision)
+            if spec.options.sync == "warm":
+                flags.add(Flag.warm)
+        case ImageExtractSpec():
+            flags.add(Flag.to_cloud if spec.destination.kind == "cloud" else Flag.to_library)
+        case ConversionSpec():
+            pass
     return frozenset(flags)
 
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from app.engines.deps import EngineDeps
 from app.engines.hypervisor import conversion_engine, hypervisor_engine
 from app.engines.live_stream import live_stream_engine
-from app.engines.worker import EngineFactory
+from app.engines.runner import EngineFactory
 
 
 def default_engines(deps: EngineDeps) -> Mapping[str, EngineFactory]:

@@ -19,20 +19,25 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import builtins
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from app.engines.machine import Failure
 from app.engines.plans import Plan
 from app.engines.retry import RetryPolicy
 from app.errors import AppError
+from app.models.enums import HypervisorMode, MigrationType
+from app.models.json import EventPayload
+from app.models.schemas.specs import MigrationSecrets, StoredSpec
 
 log = logging.getLogger(__name__)
-
-JSONDict = dict[str, Any]
 
 
 class LeaseLost(AppError):
@@ -47,6 +52,53 @@ class Cancelled(Exception):
     """Raised inside a step when the migration was asked to cancel."""
 
 
+class MissingResult(AppError):
+    """A step needs what an earlier step recorded, and it is not there (or no longer
+    reads as what it should be)."""
+
+    status = 409
+    code = "missing-step-result"
+    title = "An earlier step's result is missing"
+
+
+class WrongSpec(AppError):
+    code = "wrong-spec"
+    title = "The migration's spec is not for this engine"
+
+
+class StepResult(BaseModel):
+    """What a step made or found: exactly what is stored in its step row (and shown in
+    the API), read back typed by later steps and resumed attempts
+    (:meth:`MigrationRun.result_of`). Subclasses declare the fields; never secrets."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Checkpoint(BaseModel):
+    """A run's resume point (the migration's ``checkpoint``), typed by its engine and
+    read back with :meth:`MigrationRun.checkpoint_as`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Recorded(BaseModel):
+    """Stored JSON (a step result or checkpoint of an earlier attempt) not yet read as
+    its model: :meth:`MigrationRun.result_of` / :meth:`~MigrationRun.checkpoint_as` do."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+
+R = TypeVar("R", bound=StepResult)
+C = TypeVar("C", bound=Checkpoint)
+S = TypeVar("S", bound=BaseModel)
+
+
+def _as(kind: type[BaseModel], value: BaseModel) -> BaseModel:
+    if isinstance(value, kind):
+        return value
+    return kind.model_validate(value.model_dump(mode="json"))
+
+
 @dataclass(slots=True)
 class StepRow:
     """A step row as the runner tracks it (status and result change as it runs)."""
@@ -55,20 +107,21 @@ class StepRow:
     name: str
     cleanup: bool
     status: str
-    result: JSONDict | None = None
+    result: StepResult | Recorded | None = None
 
 
 @dataclass(slots=True)
-class MigrationView:
-    """What a step may know about its migration (secrets decrypted, never persisted)."""
+class MigrationRun:
+    """What a step may know about the migration being run: its typed spec, its
+    secrets (decrypted, never persisted), its checkpoint and its step rows."""
 
     id: str
     tenant: str
-    type: str
-    mode: str | None
-    spec: JSONDict
-    secrets: JSONDict
-    checkpoint: JSONDict | None
+    type: MigrationType
+    mode: HypervisorMode | None
+    spec: StoredSpec
+    secrets: MigrationSecrets
+    checkpoint: Checkpoint | Recorded | None
     attempt: int
     steps: list[StepRow] = field(default_factory=list)
 
@@ -78,30 +131,67 @@ class MigrationView:
                 return s
         raise KeyError(f"migration {self.id} has no step {name!r}")
 
-    def result_of(self, step: str) -> JSONDict:
+    def spec_as(self, kind: builtins.type[S]) -> S:
+        """The spec as the model an engine runs; :class:`WrongSpec` if it is another."""
+        spec: BaseModel = self.spec
+        if not isinstance(spec, kind):
+            raise WrongSpec(f"migration {self.id} is a {self.type} migration; this engine "
+                            f"runs {kind.__name__}")
+        return spec
+
+    def maybe_result_of(self, step: str, kind: builtins.type[R]) -> R | None:
+        """The result ``step`` recorded, as ``kind``; None when it recorded none (it did
+        not run, or is not in this migration's plan)."""
         for s in self.steps:
             if s.name == step and s.result is not None:
-                return s.result
-        return {}
+                try:
+                    typed = _as(kind, s.result)
+                except ValidationError as exc:
+                    raise MissingResult(f"the {step} step's result does not read as "
+                                        f"{kind.__name__}; run the migration again") from exc
+                if not isinstance(typed, kind):
+                    raise MissingResult(f"the {step} step's result is not a {kind.__name__}")
+                s.result = typed
+                return typed
+        return None
+
+    def result_of(self, step: str, kind: builtins.type[R]) -> R:
+        """The result ``step`` recorded, as ``kind``; :class:`MissingResult` if none."""
+        found = self.maybe_result_of(step, kind)
+        if found is None:
+            raise MissingResult(f"the {step} step has no result; run the migration again")
+        return found
+
+    def checkpoint_as(self, kind: builtins.type[C]) -> C | None:
+        """The checkpoint as ``kind``; None when there is none or it is another kind
+        (written by another step or an older build: nothing to resume from)."""
+        if self.checkpoint is None:
+            return None
+        try:
+            typed = _as(kind, self.checkpoint)
+        except ValidationError:
+            return None
+        return typed if isinstance(typed, kind) else None
 
 
 class RunStore(Protocol):
     """Fenced persistence for one run. Every method raises :class:`LeaseLost` when the
-    run's epoch is no longer current."""
+    run's epoch is no longer current. Results and checkpoints arrive as models; the
+    store dumps them to JSON where it persists them."""
 
     async def step_started(self, position: int) -> None: ...
-    async def step_finished(self, position: int, status: str, result: JSONDict | None,
+    async def step_finished(self, position: int, status: str, result: StepResult | None,
                             error: str | None) -> None: ...
     async def progress(self, position: int, done: int, total: int, rate: int) -> None: ...
-    async def checkpoint(self, data: JSONDict) -> None: ...
-    async def event(self, type: str, payload: JSONDict) -> None: ...
+    async def checkpoint(self, data: Checkpoint) -> None: ...
+    async def event(self, type: str, payload: EventPayload) -> None: ...
     async def cancel_requested(self) -> bool: ...
 
 
 class StepContext:
     """Handed to every step: progress, checkpoints, events and cancellation."""
 
-    def __init__(self, migration: MigrationView, step: StepRow, store: RunStore,
+    def __init__(self, migration: MigrationRun, step: StepRow, store: RunStore,
                  cancel: asyncio.Event, clock: Callable[[], float] = time.monotonic) -> None:
         self.migration = migration
         self.step = step
@@ -128,61 +218,84 @@ class StepContext:
         elapsed = max(now - self._started, 1e-6)
         await self._store.progress(self.step.position, done, total, int(done / elapsed))
 
-    async def checkpoint(self, data: JSONDict) -> None:
+    async def checkpoint(self, data: Checkpoint) -> None:
         self.migration.checkpoint = data
         await self._store.checkpoint(data)
 
-    async def event(self, type: str, payload: JSONDict | None = None) -> None:
+    async def event(self, type: str, payload: EventPayload | None = None) -> None:
         await self._store.event(type, {"step": self.step.name, **(payload or {})})
 
 
 class Engine(abc.ABC):
-    """What each step of one migration type does. Steps return a JSON-able result
-    (kept in the step row, visible to later steps via ``migration.result_of``)."""
+    """What each step of one migration type does. Steps return a typed
+    :class:`StepResult` (kept in the step row, read back by later steps with
+    ``migration.result_of(step, Model)``).
+
+    An engine lives for one run of one migration (the worker builds it per claim) and
+    may hold resources across its steps (driver sessions). The runner calls
+    :meth:`aclose` exactly once when the run ends, whatever the outcome."""
 
     #: Human-readable platform name for error messages ("vmware", "ssh", ...).
     platform: str = "vmigrate"
 
     @abc.abstractmethod
-    async def run_step(self, ctx: StepContext) -> JSONDict | None:
+    async def run_step(self, ctx: StepContext) -> StepResult | None:
         """Run one forward step; raise to fail it (transient errors are retried)."""
 
-    async def run_cleanup(self, ctx: StepContext, outcome: str) -> JSONDict | None:
+    async def run_cleanup(self, ctx: StepContext, outcome: str) -> StepResult | None:
         """Run one cleanup step; ``outcome`` is completed, failed or cancelled."""
         return await self.run_step(ctx)
+
+    async def step_failed(self, ctx: StepContext, exc: BaseException) -> None:  # noqa: B027
+        """Called after an attempt of a step raised (before a retry): drop state that
+        the error may have spoiled (a session the network dropped). Never raises."""
+
+    async def aclose(self) -> None:  # noqa: B027
+        """Release what the engine held for the run (sessions). Never raises."""
 
 
 @dataclass(frozen=True, slots=True)
 class RunOutcome:
     status: str  # completed | failed | cancelled
-    error: JSONDict | None = None
+    error: Failure | None = None
 
 
-def describe_error(exc: BaseException, step: str, platform: str) -> JSONDict:
-    """A problem-like object for the migration record: names the step and the platform."""
+def describe_error(exc: BaseException, step: str, platform: str) -> Failure:
+    """Why a step failed, for the migration record: names the step and the platform."""
     if isinstance(exc, AppError):
         code, title, detail = exc.code, exc.title, exc.message
     else:
         code, title, detail = "step-failed", "Step failed", f"{type(exc).__name__}: {exc}"
-    return {
-        "type": f"https://vmigrate.dev/problems/{code}",
-        "title": title,
-        "detail": f"{step} ({platform}): {detail}",
-        "step": step,
-        "retryable": bool(getattr(exc, "retryable", False)),
-    }
+    return Failure(title=title, detail=f"{step} ({platform}): {detail}", code=code, step=step,
+                   retryable=bool(getattr(exc, "retryable", False)))
 
 
 class Runner:
     def __init__(self, engine: Engine, store: RunStore, retry: RetryPolicy,
-                 cancel: asyncio.Event, sleep: Callable[[float], Any] = asyncio.sleep) -> None:
+                 cancel: asyncio.Event,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.engine = engine
         self.store = store
         self.retry = retry
         self.cancel = cancel
         self._sleep = sleep
 
-    async def run(self, migration: MigrationView, plan: Plan) -> RunOutcome:
+    async def run(self, migration: MigrationRun, plan: Plan) -> RunOutcome:
+        """Run the plan's steps and cleanups; the engine is closed at the end, whatever
+        happens (also when the run is cancelled or fenced out)."""
+        try:
+            return await self._run(migration, plan)
+        finally:
+            closing = asyncio.ensure_future(self.engine.aclose())
+            try:
+                await asyncio.shield(closing)
+            except asyncio.CancelledError:
+                await closing
+                raise
+            except Exception:
+                log.exception("closing the engine of %s failed", migration.id)
+
+    async def _run(self, migration: MigrationRun, plan: Plan) -> RunOutcome:
         outcome = RunOutcome("completed")
         for planned in plan.steps:
             step = migration.row(planned.name)
@@ -206,7 +319,7 @@ class Runner:
         await self._cleanup(migration, plan, outcome)
         return outcome
 
-    async def _run_with_retries(self, migration: MigrationView, step: StepRow) -> None:
+    async def _run_with_retries(self, migration: MigrationRun, step: StepRow) -> None:
         attempt = 1
         while True:
             step.status = "running"
@@ -215,10 +328,11 @@ class Runner:
             try:
                 result = await self._cancellable(self.engine.run_step(ctx))
             except (Cancelled, LeaseLost):
-                await self._finish_quietly(step, "failed", None, "cancelled")
+                await self._finish_quietly(step, "failed", "cancelled")
                 raise
             except Exception as exc:
-                message = describe_error(exc, step.name, self.engine.platform)["detail"]
+                await self.engine.step_failed(ctx, exc)
+                message = describe_error(exc, step.name, self.engine.platform).detail
                 if self.retry.should_retry(exc, attempt):
                     delay = self.retry.delay(attempt)
                     await self.store.event("migration.step.retrying", {
@@ -235,15 +349,15 @@ class Runner:
             await self.store.step_finished(step.position, "completed", result, None)
             return
 
-    async def _cancellable(self, coro: Any) -> JSONDict | None:
+    async def _cancellable(self, coro: Coroutine[Any, Any, StepResult | None]
+                           ) -> StepResult | None:
         """Run a step; if cancel is requested while it runs, cancel it and raise Cancelled."""
         task = asyncio.ensure_future(coro)
         waiter = asyncio.ensure_future(self.cancel.wait())
         try:
             done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
             if task in done:
-                result: JSONDict | None = task.result()
-                return result
+                return task.result()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
@@ -255,13 +369,12 @@ class Runner:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
-    async def _finish_quietly(self, step: StepRow, status: str, result: JSONDict | None,
-                              error: str) -> None:
+    async def _finish_quietly(self, step: StepRow, status: str, error: str) -> None:
         step.status = status
         with contextlib.suppress(LeaseLost):
-            await self.store.step_finished(step.position, status, result, error)
+            await self.store.step_finished(step.position, status, None, error)
 
-    async def _cleanup(self, migration: MigrationView, plan: Plan, outcome: RunOutcome) -> None:
+    async def _cleanup(self, migration: MigrationRun, plan: Plan, outcome: RunOutcome) -> None:
         if outcome.status == "completed":
             planned = [s for s in plan.success_path() if s.cleanup]
         else:
@@ -279,15 +392,15 @@ class Runner:
             except LeaseLost:
                 raise
             except Exception as exc:
-                detail = describe_error(exc, step.name, self.engine.platform)["detail"]
+                detail = describe_error(exc, step.name, self.engine.platform).detail
                 log.warning("cleanup step %s of %s failed: %s", step.name, migration.id, detail)
                 await self.store.step_finished(step.position, "failed", None, detail)
                 await self.store.event("migration.cleanup.failed", {"step": step.name,
                                                                      "error": detail})
                 continue
-            step.status = "completed"
+            step.status, step.result = "completed", result
             await self.store.step_finished(step.position, "completed", result, None)
 
 
-EngineFactory = Callable[[MigrationView], Engine]
+EngineFactory = Callable[[MigrationRun], Engine]
 EngineRegistry = Mapping[str, EngineFactory]

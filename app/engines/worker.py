@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import ValidationError
+
 from app.config import Settings
 from app.crypto import SecretBox
 from app.db import Database
@@ -37,21 +39,25 @@ from app.engines.machine import Action, Failure, Lease, StaleEpoch
 from app.engines.plans import flags_from_spec, plan_for
 from app.engines.retry import RetryPolicy
 from app.engines.runner import (
-    Engine,
+    Checkpoint,
+    EngineFactory,
     LeaseLost,
-    MigrationView,
+    MigrationRun,
+    Recorded,
     Runner,
     RunOutcome,
+    StepResult,
     StepRow,
 )
 from app.models.enums import HypervisorMode, MigrationStatus, MigrationType
+from app.models.json import EventPayload
+from app.models.schemas.specs import MigrationSecrets, load_spec
 from app.repositories import migrations as migrations_repo
 from app.repositories import work
 
 log = logging.getLogger(__name__)
 
-JSON = dict[str, Any]
-EngineFactory = Callable[[MigrationView], Engine]
+__all__ = ["Claimed", "DbRunStore", "EngineFactory", "Worker", "WorkerConfig"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,12 +121,13 @@ class DbRunStore:
                 return str(row.name)
         raise LeaseLost(f"migration {self.claimed.id} has no step {position}")
 
-    async def step_finished(self, position: int, status: str, result: JSON | None,
+    async def step_finished(self, position: int, status: str, result: StepResult | None,
                             error: str | None) -> None:
+        stored = None if result is None else result.model_dump(mode="json")
         async with self.db.session() as session:
             await self._fenced(session)
             await work.update_step(session, self.claimed.id, position, status=status,
-                                   result=result, error=error, finished_at=datetime.now(UTC))
+                                   result=stored, error=error, finished_at=datetime.now(UTC))
             name = await self._step_name(session, position)
             await self._event(session, f"migration.step.{status}",
                               {"step": name, **({"error": error} if error else {})})
@@ -137,15 +144,15 @@ class DbRunStore:
                     "step": await self._step_name(session, position), "bytes_done": done,
                     "bytes_total": total, "rate": rate})
 
-    async def checkpoint(self, data: JSON) -> None:
+    async def checkpoint(self, data: Checkpoint) -> None:
         async with self.db.session() as session:
-            await self._fenced(session, checkpoint=data)
+            await self._fenced(session, checkpoint=data.model_dump(mode="json"))
 
-    async def event(self, type: str, payload: JSON) -> None:
+    async def event(self, type: str, payload: EventPayload) -> None:
         async with self.db.session() as session:
             await self._event(session, type, payload)
 
-    async def _event(self, session: Any, type_: str, payload: JSON) -> None:
+    async def _event(self, session: Any, type_: str, payload: EventPayload) -> None:
         try:
             await machine.append_event(session, self.claimed.id, self.claimed.tenant, type_,
                                        payload, epoch=self.claimed.epoch)
@@ -232,16 +239,26 @@ class Worker:
                 return Claimed(cand.id, cand.tenant, applied.epoch)
         return None
 
-    async def _load(self, claimed: Claimed) -> MigrationView | None:
+    async def _load(self, claimed: Claimed) -> MigrationRun | None:
+        """The claimed migration, typed: its stored spec validated back into the
+        per-type model, secrets opened, recorded results and checkpoint wrapped for
+        typed reading. Raises ``pydantic.ValidationError`` for a spec that no longer
+        validates."""
         async with self.db.session() as session:
             row = await work.load(session, claimed.id)
             if row is None:
                 return None
             steps = await migrations_repo.steps(session, claimed.id)
-        return MigrationView(
-            id=str(row.id), tenant=row.tenant, type=row.type, mode=row.mode, spec=row.spec,
-            secrets=self.box.open(row.secrets), checkpoint=row.checkpoint, attempt=row.attempt,
-            steps=[StepRow(s.position, s.name, s.cleanup, s.status, s.result) for s in steps],
+        return MigrationRun(
+            id=str(row.id), tenant=row.tenant, type=MigrationType(row.type),
+            mode=HypervisorMode(row.mode) if row.mode else None, spec=load_spec(row.spec),
+            secrets=MigrationSecrets.from_paths(self.box.open(row.secrets)),
+            checkpoint=None if row.checkpoint is None else Recorded.model_validate(
+                row.checkpoint),
+            attempt=row.attempt,
+            steps=[StepRow(s.position, s.name, s.cleanup, s.status,
+                           None if s.result is None else Recorded.model_validate(s.result))
+                   for s in steps],
         )
 
     async def _execute(self, claimed: Claimed) -> None:
@@ -249,19 +266,25 @@ class Worker:
         cancel = asyncio.Event()
         handed_back = False
         try:
-            view = await self._load(claimed)
+            try:
+                view = await self._load(claimed)
+            except ValidationError as exc:
+                log.warning("migration %s: stored spec does not validate: %s", claimed.id,
+                            exc.errors(include_input=False))
+                await self._finish(claimed, RunOutcome("failed", Failure(
+                    "Invalid spec", "the stored migration no longer validates against its "
+                    "type's schema; create it again", code="invalid-spec")))
+                return
             if view is None:
                 return
             if await store.cancel_requested():
                 cancel.set()
-            factory = self.engines.get(view.type)
-            plan = plan_for(MigrationType(view.type),
-                            HypervisorMode(view.mode) if view.mode else None,
-                            flags_from_spec(view.spec))
+            factory = self.engines.get(view.type.value)
+            plan = plan_for(view.type, view.mode, flags_from_spec(view.spec))
             if factory is None:
                 outcome = RunOutcome("failed", Failure(
-                    "No engine", f"this worker cannot run {view.type} migrations",
-                    code="no-engine").as_json())
+                    "No engine", f"this worker cannot run {view.type.value} migrations",
+                    code="no-engine"))
             else:
                 runner = Runner(factory(view), store, self.config.retry, cancel)
                 beat = asyncio.create_task(self._heartbeat(claimed, cancel,
@@ -285,7 +308,7 @@ class Worker:
             if not handed_back:
                 await asyncio.shield(self._finish(claimed, RunOutcome("failed", Failure(
                     "Internal error", "the worker failed unexpectedly; see the service log",
-                    code="internal-error", retryable=True).as_json())))
+                    code="internal-error", retryable=True))))
 
     async def _heartbeat(self, claimed: Claimed, cancel: asyncio.Event,
                          run_task: asyncio.Task[Any] | None) -> None:
@@ -316,12 +339,7 @@ class Worker:
                 await machine.apply(session, claimed.id, claimed.tenant, Action.finish_cancel,
                                     epoch=claimed.epoch)
             else:
-                err = outcome.error or {}
-                failure = Failure(
-                    title=str(err.get("title", "Migration failed")),
-                    detail=str(err.get("detail", "")),
-                    code=str(err.get("type", "migration-failed")).rsplit("/", 1)[-1],
-                    step=err.get("step"), retryable=bool(err.get("retryable", False)))
+                failure = outcome.error or Failure("Migration failed", "")
                 await machine.apply(session, claimed.id, claimed.tenant, Action.fail,
                                     epoch=claimed.epoch, failure=failure)
 

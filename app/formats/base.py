@@ -197,6 +197,12 @@ class ImageReader(abc.ABC):
         format knows it without reading the data (qcow2 L2 tables, VHD BAT, ...)."""
         return None
 
+    def skip_below(self, offset: int) -> bool:
+        """The consumer drops everything below ``offset`` (a conversion resumed there):
+        the reader may report that part as zeros without reading its data. Call before
+        :meth:`extents`. True when this reader does skip; the default reads as usual."""
+        return False
+
     async def close(self) -> None:  # noqa: B027
         """Release the underlying source."""
 

@@ -232,6 +232,7 @@ class Qcow2Reader(ImageReader):
         self._l2_entries = L.l2_entries_per_table(self._cs, extended_l2)
         self._meta = metadata
         self._zstd = header.compression_type == L.COMPRESSION_ZSTD
+        self._skip_below = 0
         self.info = ImageInfo(
             format=FMT,
             virtual_size=header.size,
@@ -291,9 +292,31 @@ class Qcow2Reader(ImageReader):
                         raise FormatError("L2 table missing", fmt=FMT, offset=off) from None
                     buf_end = buf_off + len(buf)
                 table = bytes(buf[off - buf_off : off - buf_off + cs])
-                yield self._check_overlaps(self._parse_l2(table, guest, off), off)
+                runs = self._check_overlaps(self._parse_l2(table, guest, off), off)
+                yield self._skipped(runs) if guest < self._skip_below else runs
         finally:
             await tables.aclose()
+
+    def skip_below(self, offset: int) -> bool:
+        """Clusters wholly below ``offset`` are reported as zeros and not read (their
+        L2 tables still are: they are small, and checked as always)."""
+        self._skip_below = max(0, offset)
+        return True
+
+    def _skipped(self, runs: list[Run]) -> list[Run]:
+        """Runs below the skip offset as zeros; a data run across it is split there
+        (at a cluster boundary), so only its upper part is read."""
+        cut = self._skip_below - self._skip_below % self._cs
+        out: list[Run] = []
+        for guest, length, kind, host, clen in runs:
+            if guest + length <= cut:
+                out.append((guest, length, ZERO, 0, 0))
+            elif kind == DATA and guest < cut:
+                out.append((guest, cut - guest, ZERO, 0, 0))
+                out.append((cut, guest + length - cut, DATA, host + cut - guest, clen))
+            else:
+                out.append((guest, length, kind, host, clen))
+        return out
 
     def _check_data(self, host: int, length: int, where: int) -> None:
         cs = self._cs

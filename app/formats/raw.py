@@ -216,6 +216,14 @@ class RawReader(ImageReader):
         self._granule = zero_granule
         self.info = ImageInfo(format=FMT, virtual_size=virtual_size)
         self._consumed = False
+        self._skip_below = 0
+
+    def skip_below(self, offset: int) -> bool:
+        """Random-access sources only: data below ``offset`` is not read."""
+        if not isinstance(self._source, RandomAccessSource):
+            return False
+        self._skip_below = max(0, min(offset, self.virtual_size))
+        return True
 
     async def allocation_map(self) -> list[tuple[int, int]] | None:
         if isinstance(self._source, RandomAccessSource):
@@ -253,6 +261,8 @@ class RawReader(ImageReader):
         size = self.virtual_size
         ranges = await source.data_ranges()
         ranges = [(0, size)] if ranges is None else _normalise_ranges(ranges, size)
+        if self._skip_below:
+            ranges = _clip_below(ranges, self._skip_below)
         plan = [piece for off, ln in ranges for piece in chunked(off, ln, chunk)]
         merger = ExtentMerger()
         pos = 0
@@ -497,6 +507,16 @@ class RawWriter(ImageWriter):
             self._unflushed = 0
             self._durable = self.virtual_size
         self._finished = True
+
+
+def _clip_below(ranges: list[tuple[int, int]], offset: int) -> list[tuple[int, int]]:
+    """The parts of ``(offset, length)`` ranges at or above ``offset``."""
+    clipped = []
+    for off, length in ranges:
+        lo, hi = max(off, offset), off + length
+        if hi > lo:
+            clipped.append((lo, hi - lo))
+    return clipped
 
 
 def create_writer(

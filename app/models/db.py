@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -26,6 +25,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from app.models.enums import MigrationStatus, StepStatus
+from app.models.json import JSON
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -34,8 +34,6 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-
-JSON = dict[str, Any]
 
 
 def _one_of(column: str, values: type[MigrationStatus] | type[StepStatus]) -> str:
@@ -88,6 +86,7 @@ class Migration(Base):
     __table_args__ = (
         Index("ix_migrations_tenant_created", "tenant", "created_at", "id"),
         Index("ix_migrations_runnable", "status", "lease_expires_at"),
+        Index("ix_migrations_source_key", "source_key", "status"),
         CheckConstraint(_one_of("status", MigrationStatus), name="status"),
     )
 
@@ -101,6 +100,10 @@ class Migration(Base):
     phase: Mapped[str | None] = mapped_column(String(32))
     #: The validated request, without secrets.
     spec: Mapped[JSON]
+    #: What the per-source-host claim limit counts by: the source's host when the
+    #: request names one, else its cloud id; "" when the source is no host (a library
+    #: image). Written on insert from the typed request (revision 0004 backfilled it).
+    source_key: Mapped[str] = mapped_column(String(255), default="", server_default="")
     #: Fernet token of the request's secrets (passwords, keys).
     secrets: Mapped[bytes | None] = mapped_column(LargeBinary)
     bytes_total: Mapped[int] = mapped_column(BigInteger, default=0)

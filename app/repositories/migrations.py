@@ -21,8 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models.db import Migration, MigrationEvent, MigrationStep
 from app.models.enums import MigrationStatus, StepStatus
-
-JSON = dict[str, Any]
+from app.models.json import JSON
 
 _ACTIVE = (MigrationStatus.running, MigrationStatus.cancelling)
 

@@ -19,20 +19,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.models.db import Migration, MigrationStep
 from app.models.enums import MigrationStatus
 
-JSON = dict[str, Any]
 S = MigrationStatus
 
-#: The key used to limit concurrent migrations per source host: the source's host when
-#: the request names one, else its cloud.
-SOURCE_KEY = func.coalesce(
-    Migration.spec["source"]["host"].astext, Migration.spec["source"]["cloud_id"].astext, ""
-)
 
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
     id: uuid.UUID
     tenant: str
+    #: ``migrations.source_key``: the per-source-host limit's key ("" for none).
     source_key: str
 
 
@@ -44,7 +39,7 @@ async def candidates(session: AsyncSession, limit: int) -> list[Candidate]:
     after work had started: a worker must unwind it).
     """
     stmt = (
-        select(Migration.id, Migration.tenant, SOURCE_KEY)
+        select(Migration.id, Migration.tenant, Migration.source_key)
         .where(or_(
             Migration.status == S.queued.value,
             (Migration.status.in_([S.running.value, S.cancelling.value]))
@@ -71,7 +66,7 @@ async def active_on_source(session: AsyncSession, key: str) -> int:
     stmt = select(func.count()).select_from(Migration).where(
         Migration.status.in_([S.running.value, S.cancelling.value]),
         Migration.lease_expires_at > func.now(),
-        SOURCE_KEY == key,  # noqa: SIM300 - a column expression, not a constant
+        Migration.source_key == key,
     )
     return int((await session.execute(stmt)).scalar_one())
 

@@ -47,6 +47,7 @@ from app.models.schemas.migrations import (
     migration_out,
     split_secrets,
 )
+from app.models.schemas.specs import load_spec, source_key
 from app.repositories import clouds as clouds_repo
 from app.repositories import events as events_repo
 from app.repositories import images as images_repo
@@ -179,8 +180,13 @@ async def insert(
     name: str, spec: dict[str, Any], sealed: bytes | None, *, run: bool,
 ) -> MigrationView:
     """Store a validated migration (or job) with its plan's step rows and the
-    ``migration.created`` event; with ``run``, queue it in the same transaction."""
-    plan = plan_for(type_, mode, flags_from_spec(spec))
+    ``migration.created`` event; with ``run``, queue it in the same transaction.
+
+    ``spec`` is the secret-free request as stored; it must validate as its type's
+    stored-spec model (:func:`~app.models.schemas.specs.load_spec`), which is what
+    workers will read back."""
+    typed = load_spec(spec)
+    plan = plan_for(type_, mode, flags_from_spec(typed))
     row = Migration(
         id=uuid.uuid4(),
         tenant=tenant,
@@ -189,6 +195,7 @@ async def insert(
         mode=mode.value if mode else None,
         status=MigrationStatus.pending.value,
         spec=spec,
+        source_key=source_key(typed),
         secrets=sealed,
         attempt=0,
         epoch=0,

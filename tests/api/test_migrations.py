@@ -65,8 +65,8 @@ async def test_create_hypervisor_store(client: httpx.AsyncClient, db: Database,
     assert "password" not in m["source"]
     assert m["source"]["server"] == {"id": None, "name": "web-01"}
     assert [s["name"] for s in m["steps"]] == [
-        "validate", "power_off", "snapshot", "export", "convert", "store", "remove_exports",
-        "remove_snapshot", "restore_power"]
+        "validate", "power_off", "snapshot", "transfer", "check_image", "store",
+        "discard_staged", "remove_snapshot", "restore_power"]
     assert [s["cleanup"] for s in m["steps"]][-3:] == [True, True, True]
     assert all(s["status"] == "pending" for s in m["steps"])
     assert m["progress"] == {"bytes_done": 0, "bytes_total": 0, "rate": 0, "eta_seconds": None}
@@ -362,15 +362,15 @@ async def test_progress_and_error_are_shown(
     async with db.engine.begin() as conn:
         await conn.execute(
             text("UPDATE migrations SET status = 'failed', bytes_total = 1000, "
-                 "bytes_done = 250, rate = 100, phase = 'export', error = :e WHERE id = :id"),
+                 "bytes_done = 250, rate = 100, phase = 'transfer', error = :e WHERE id = :id"),
             {"id": uuid.UUID(m["id"]),
              "e": '{"type": "https://vmigrate.dev/problems/transient", "title": "Timeout", '
-                  '"detail": "export timed out", "step": "export", "retryable": true}'})
+                  '"detail": "transfer timed out", "step": "transfer", "retryable": true}'})
     got = (await client.get(f"{URL}/{m['id']}", headers=headers)).json()
     assert got["progress"] == {"bytes_done": 250, "bytes_total": 1000, "rate": 100,
                                "eta_seconds": 8}
-    assert got["phase"] == "export"
-    assert got["error"]["detail"] == "export timed out"
+    assert got["phase"] == "transfer"
+    assert got["error"]["detail"] == "transfer timed out"
     assert got["error"]["retryable"] is True
     r = await client.post(f"{URL}/{m['id']}/run", headers=headers)
     assert (r.json()["status"], r.json()["error"], r.json()["progress"]["rate"]) == (

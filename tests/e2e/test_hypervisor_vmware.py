@@ -165,7 +165,7 @@ async def test_cancel_during_export_restores_the_source(
 
     async def exporting() -> bool:
         m = await _migration(client, token, mid)
-        in_export = m["phase"] == "export" and int(m["progress"]["bytes_done"]) > 0
+        in_export = m["phase"] == "transfer" and int(m["progress"]["bytes_done"]) > 0
         return in_export or m["status"] not in ("running", "queued")
 
     worker = make_worker(settings, db, box, store)
@@ -244,7 +244,7 @@ async def test_library_image_reprovisioned_to_vmware(
                         "datastore": "LocalDS_0"}})
     assert r.status_code == 201, r.text
     mid = r.json()["id"]
-    assert [s["name"] for s in r.json()["steps"]][:3] == ["validate", "export", "convert"]
+    assert [s["name"] for s in r.json()["steps"]][:3] == ["validate", "transfer", "check_image"]
     await run_until(make_worker(settings, db, box, store), _ends(client, token, mid))
     m = await _migration(client, token, mid)
     assert m["status"] == "completed", m["error"]

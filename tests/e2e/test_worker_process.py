@@ -9,7 +9,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,40 +36,6 @@ from tests.infra.vcsim import Vcsim
 SIZE = 12 * MiB
 
 
-@pytest.fixture
-def worker_env(settings: Settings, database_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VMIGRATE_")}
-    env.update({
-        "VMIGRATE_DATABASE_URL": database_url,
-        "VMIGRATE_DATA_DIR": str(settings.data_dir),
-        "VMIGRATE_ENCRYPTION_KEYS": ",".join(
-            k.get_secret_value() for k in settings.encryption_keys),
-        "VMIGRATE_WORKER_LEASE_SECONDS": "3",
-        "VMIGRATE_WORKER_HEARTBEAT_SECONDS": "0.5",
-        "VMIGRATE_WORKER_POLL_SECONDS": "0.1",
-        "VMIGRATE_LOG_LEVEL": "WARNING",
-    })
-    return env
-
-
-@pytest.fixture
-def spawn(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Any]:
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start() -> subprocess.Popen[bytes]:
-        log = (tmp_path / f"worker{len(procs)}.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=worker_env,
-                                stdout=log, stderr=subprocess.STDOUT)
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:  # only what this test started, by PID
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 async def _get(client: httpx.AsyncClient, token: str, mid: str) -> dict[str, Any]:
     return dict((await client.get(f"/v1/migrations/{mid}", headers=auth(token))).json())
 
@@ -96,7 +61,7 @@ async def _wait_exporting(client: httpx.AsyncClient, token: str, mid: str,
         while True:
             assert proc.poll() is None, "the worker process died on its own"
             m = await _get(client, token, mid)
-            if m["phase"] == "export" and m["progress"]["bytes_done"] > 0:
+            if m["phase"] == "transfer" and m["progress"]["bytes_done"] > 0:
                 return
             await asyncio.sleep(0.1)
 
@@ -134,7 +99,7 @@ async def test_sigkill_mid_export_resumes_on_another_worker(
                                params={"limit": 200})).json()["items"]
     types = [e["type"] for e in events]
     assert "migration.reclaimed" in types
-    assert "migration.export.restarted" in types
+    assert "migration.transfer.restarted" in types
     (image,) = (await client.get("/v1/images", headers=auth(token))).json()["items"]
     assert image["digest"] == digest_file(str(raw))
 

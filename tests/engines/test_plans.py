@@ -14,6 +14,7 @@ from app.engines.plans import (
     resume_reset,
 )
 from app.models.enums import HypervisorMode, MigrationType, StepStatus
+from app.models.schemas.specs import StoredSpec, load_spec
 
 H, IE, LS = MigrationType.hypervisor, MigrationType.image_extract, MigrationType.live_stream
 ALL = frozenset(Flag)
@@ -22,20 +23,20 @@ ALL = frozenset(Flag)
 @pytest.mark.parametrize(
     ("type_", "mode", "flags", "names"),
     [
-        (H, HypervisorMode.store, ALL, ["validate", "power_off", "snapshot", "export", "convert",
-                                        "store", "remove_exports", "remove_snapshot",
+        (H, HypervisorMode.store, ALL, ["validate", "power_off", "snapshot", "transfer",
+                                        "check_image", "store", "discard_staged", "remove_snapshot",
                                         "restore_power"]),
-        (H, HypervisorMode.store, {Flag.verify, Flag.from_vm}, ["validate", "snapshot", "export",
-                                                                "convert",
-                                                  "store", "remove_exports",
+        (H, HypervisorMode.store, {Flag.verify, Flag.from_vm}, ["validate", "snapshot", "transfer",
+                                                                "check_image",
+                                                  "store", "discard_staged",
                                                   "remove_snapshot"]),
-        (H, HypervisorMode.new, ALL, ["validate", "power_off", "snapshot", "export", "convert",
-                                      "provision", "verify", "remove_exports",
+        (H, HypervisorMode.new, ALL, ["validate", "power_off", "snapshot", "transfer",
+                                      "check_image", "provision", "verify", "discard_staged",
                                       "remove_snapshot", "restore_power"]),
         (H, HypervisorMode.new, {Flag.power_off, Flag.from_vm}, ["validate", "power_off",
                                                                  "snapshot",
-                                                   "export", "convert", "provision",
-                                                   "remove_exports", "remove_snapshot",
+                                                   "transfer", "check_image", "provision",
+                                                   "discard_staged", "remove_snapshot",
                                                    "restore_power"]),
         (IE, None, {Flag.to_library}, ["validate", "snapshot", "transfer", "store",
                                        "remove_staging"]),
@@ -52,7 +53,7 @@ def test_plan_steps(type_: MigrationType, mode: HypervisorMode | None, flags: se
     plan = plan_for(type_, mode, flags)
     assert list(plan.names) == names
     assert [s.name for s in plan.steps if s.cleanup] == [
-        n for n in names if n.startswith(("remove_", "restore_"))]
+        n for n in names if n.startswith(("remove_", "restore_", "discard_"))]
 
 
 def test_cleanup_undoes_the_same_steps_in_every_plan() -> None:
@@ -67,15 +68,15 @@ def test_cleanup_undoes_the_same_steps_in_every_plan() -> None:
 
 def test_unwind_runs_cleanup_newest_acquisition_first() -> None:
     plan = plan_for(H, HypervisorMode.store, ALL)
-    assert [s.name for s in plan.unwind({"validate", "power_off", "snapshot", "export"})] == [
-        "remove_exports", "remove_snapshot", "restore_power"]
+    assert [s.name for s in plan.unwind({"validate", "power_off", "snapshot", "transfer"})] == [
+        "discard_staged", "remove_snapshot", "restore_power"]
     assert [s.name for s in plan.unwind({"validate", "power_off", "snapshot"})] == [
         "remove_snapshot", "restore_power"]
     assert [s.name for s in plan.unwind({"validate", "power_off"})] == ["restore_power"]
     assert plan.unwind({"validate"}) == ()
     # in plan order, cleanup steps are already newest-first, so success and unwind agree
     assert [s.name for s in plan.steps if s.cleanup] == [
-        "remove_exports", "remove_snapshot", "restore_power"]
+        "discard_staged", "remove_snapshot", "restore_power"]
 
 
 def test_new_vm_leaves_the_source_off_on_success() -> None:
@@ -87,27 +88,57 @@ def test_new_vm_leaves_the_source_off_on_success() -> None:
         {"power_off"})]
 
 
+_CLOUD = "2b0c6c8e-52a4-4b8e-9d0e-0d3e6f1c9a10"
+_SSH = {"host": "h1.example.com", "username": "root", "password_set": True,
+        "private_key_set": False}
+
+
+def _spec(type_: str, **parts: object) -> StoredSpec:
+    """A stored (secret-free) spec as the API writes it, validated like a worker does."""
+    base: dict[str, object] = {"type": type_}
+    if type_ != "conversion":
+        base["name"] = "m"
+    if type_ == "hypervisor":
+        base.update(mode="store", platform="linux",
+                    source={"cloud_id": _CLOUD, "server": {"name": "vm"},
+                            "password_set": False})
+    elif type_ == "live_stream":
+        base.update(source={**_SSH, "cloud_id": _CLOUD, "server": {"name": "vm"},
+                            "device": "/dev/vg0/root"})
+    elif type_ == "image_extract":
+        base.update(source={"cloud_id": _CLOUD, "server": {"name": "vm"},
+                            "host": "win.example.com", "username": "admin",
+                            "snapshot_path": "D:\\staging", "password_set": True})
+    return load_spec({**base, **parts})
+
+
+_EXISTING = {**_SSH, "kind": "existing", "device": "/dev/sdb"}
+
+
 @pytest.mark.parametrize(
     ("spec", "flags"),
     [
-        ({"type": "hypervisor", "options": {"power_off": True, "verify": False}},
+        (_spec("hypervisor", options={"power_off": True, "verify": False}),
          {Flag.power_off, Flag.from_vm}),
-        ({"type": "hypervisor", "options": {"power_off": False, "verify": True}},
+        (_spec("hypervisor", options={"power_off": False, "verify": True}),
          {Flag.verify, Flag.from_vm}),
-        ({"type": "hypervisor", "source": {"image_id": "x"}, "options": {"power_off": True}},
+        (_spec("hypervisor", mode="new", source={"image_id": _CLOUD},
+               destination={"cloud_id": _CLOUD}, options={"power_off": True}),
          {Flag.verify}),
-        ({"type": "live_stream", "destination": {"kind": "new"}, "options": {"verify": False}},
+        (_spec("live_stream", destination={"kind": "new", "cloud_id": _CLOUD, "plan": "s"},
+               options={"verify": False}),
          {Flag.provision}),
-        ({"type": "live_stream", "destination": {"kind": "existing"}}, {Flag.verify}),
-        ({"type": "live_stream", "destination": {"kind": "existing"},
-          "options": {"sync": "warm"}}, {Flag.verify, Flag.warm}),
-        ({"type": "image_extract", "destination": {"kind": "cloud"},
-          "options": {"verify": True}}, {Flag.verify, Flag.to_cloud}),
-        ({"type": "image_extract", "destination": {"kind": "library"},
-          "options": {"verify": False}}, {Flag.to_library}),
+        (_spec("live_stream", destination=_EXISTING), {Flag.verify}),
+        (_spec("live_stream", destination=_EXISTING, options={"sync": "warm"}),
+         {Flag.verify, Flag.warm}),
+        (_spec("image_extract", destination={"kind": "cloud", "cloud_id": _CLOUD},
+               options={"verify": True}), {Flag.verify, Flag.to_cloud}),
+        (_spec("image_extract", destination={"kind": "library"}, options={"verify": False}),
+         {Flag.to_library}),
+        (_spec("conversion", image_id=_CLOUD, format="raw"), {Flag.verify}),
     ],
 )
-def test_flags_from_spec(spec: dict[str, object], flags: set[Flag]) -> None:
+def test_flags_from_spec(spec: StoredSpec, flags: set[Flag]) -> None:
     assert flags_from_spec(spec) == flags
 
 
@@ -133,7 +164,7 @@ def test_resume_at_failed_step_when_nothing_was_undone() -> None:
 
 def test_resume_before_a_step_a_cleanup_undid() -> None:
     steps = _states(("validate", False, C), ("power_off", False, C), ("snapshot", False, C),
-                    ("export", False, F), ("convert", False, P), ("store", False, P),
+                    ("transfer", False, F), ("check_image", False, P), ("store", False, P),
                     ("remove_snapshot", True, C), ("restore_power", True, C))
     reset, void = resume_reset(steps)
     assert reset == {1, 2, 3, 6, 7}
@@ -147,10 +178,10 @@ def test_resume_treats_a_failed_cleanup_as_possibly_undone() -> None:
 
 
 def test_resume_reruns_skipped_steps_after_the_resume_point() -> None:
-    steps = _states(("validate", False, C), ("snapshot", False, C), ("convert", False, K),
+    steps = _states(("validate", False, C), ("snapshot", False, C), ("check_image", False, K),
                     ("store", False, F), ("remove_staging", True, P))
     assert resume_reset(steps) == (frozenset({3}), False)
-    steps = _states(("validate", False, C), ("snapshot", False, F), ("convert", False, K),
+    steps = _states(("validate", False, C), ("snapshot", False, F), ("check_image", False, K),
                     ("remove_snapshot", True, R))
     assert resume_reset(steps) == (frozenset({1, 2, 3}), False)
 

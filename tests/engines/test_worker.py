@@ -21,7 +21,7 @@ from sqlalchemy import func, select, update
 from app.crypto import SecretBox
 from app.db import Database
 from app.engines.retry import RetryPolicy
-from app.engines.runner import Engine, JSONDict, LeaseLost, MigrationView, StepContext
+from app.engines.runner import Engine, LeaseLost, MigrationRun, StepContext, StepResult
 from app.engines.worker import DbRunStore, Worker, WorkerConfig
 from app.errors import AppError, TransientError
 from app.models.db import Migration, MigrationEvent
@@ -33,25 +33,33 @@ FAST = dict(lease_seconds=2.0, heartbeat_seconds=0.1, poll_seconds=0.05,
             retry=RetryPolicy(max_attempts=3, initial_delay=0.01, jitter=0.0))
 
 
+class Ran(StepResult):
+    ok: str
+
+
 class Script(Engine):
     """Records every step it runs; ``behaviour`` decides what a step does."""
 
     platform = "scripted"
     calls: Counter[tuple[str, str]] = Counter()
 
-    def __init__(self, view: MigrationView,
+    def __init__(self, view: MigrationRun,
                  behaviour: Callable[[StepContext], Any] | None = None) -> None:
         self.view = view
         self.behaviour = behaviour
 
-    async def run_step(self, ctx: StepContext) -> JSONDict | None:
+    async def run_step(self, ctx: StepContext) -> StepResult | None:
         Script.calls[(self.view.id, ctx.step.name)] += 1
         if self.behaviour is not None:
             result = self.behaviour(ctx)
             if asyncio.iscoroutine(result):
                 result = await result
-            return result  # type: ignore[no-any-return]
-        return {"ok": ctx.step.name}
+            if isinstance(result, StepResult):
+                return result
+        return Ran(ok=ctx.step.name)
+
+    async def aclose(self) -> None:
+        Script.calls[(self.view.id, "aclose")] += 1
 
 
 @pytest.fixture(autouse=True)
@@ -116,7 +124,9 @@ async def test_runs_plan_to_completion(client: httpx.AsyncClient, make_token: To
     assert m["error"] is None
     assert [s["status"] for s in m["steps"]] == ["completed"] * len(m["steps"])
     ran = [name for (i, name) in Script.calls if i == mid]
-    assert ran == [s["name"] for s in m["steps"]]  # plan order, each once
+    assert ran == [s["name"] for s in m["steps"]] + ["aclose"]  # plan order, each once
+    assert Script.calls[(mid, "aclose")] == 1  # the engine is closed once, at the end
+    assert m["steps"][0]["result"] == {"ok": "validate"}  # the typed result, as stored
     events = (await client.get(f"/v1/migrations/{mid}/events", headers=auth(token))).json()
     types = [e["type"] for e in events["items"]]
     assert types[:3] == ["migration.created", "migration.queued", "migration.started"]
@@ -132,7 +142,9 @@ async def test_secrets_reach_the_engine_decrypted(
     seen: list[str] = []
 
     def grab(ctx: StepContext) -> None:
-        seen.append(str(ctx.migration.secrets.get("source.password")))
+        password = ctx.migration.secrets.source.password
+        assert password is not None
+        seen.append(password.get_secret_value())
 
     await _drain(_worker(db, box, grab), _status_is(client, token, mid, "completed"))
     assert seen
@@ -146,23 +158,23 @@ async def test_permanent_failure_unwinds_started_steps_only(
     mid = await _create(client, token, db)
 
     def fail_export(ctx: StepContext) -> None:
-        if ctx.step.name == "export":
+        if ctx.step.name == "transfer":
             raise AppError("disk-1 export refused by the host")
 
     await _drain(_worker(db, box, fail_export), _status_is(client, token, mid, "failed"))
     m = await _get(client, token, mid)
-    assert m["error"]["step"] == "export"
+    assert m["error"]["step"] == "transfer"
     assert "disk-1 export refused" in m["error"]["detail"]
     assert "scripted" in m["error"]["detail"]  # the platform is named
     steps = {s["name"]: s["status"] for s in m["steps"]}
-    assert steps["export"] == "failed"
-    assert steps["convert"] == "pending"
+    assert steps["transfer"] == "failed"
+    assert steps["check_image"] == "pending"
     assert steps["store"] == "pending"
     assert steps["remove_snapshot"] == "completed"
     assert steps["restore_power"] == "completed"
     ran = [name for (i, name) in Script.calls if i == mid]
     assert ran.index("remove_snapshot") < ran.index("restore_power")  # newest first
-    assert Script.calls[(mid, "export")] == 1  # not retried
+    assert Script.calls[(mid, "transfer")] == 1  # not retried
 
 
 async def test_transient_errors_are_retried(
@@ -172,11 +184,11 @@ async def test_transient_errors_are_retried(
     mid = await _create(client, token, db)
 
     def flaky(ctx: StepContext) -> None:
-        if ctx.step.name == "export" and Script.calls[(ctx.migration.id, "export")] < 3:
+        if ctx.step.name == "transfer" and Script.calls[(ctx.migration.id, "transfer")] < 3:
             raise TransientError("connection reset by host")
 
     await _drain(_worker(db, box, flaky), _status_is(client, token, mid, "completed"))
-    assert Script.calls[(mid, "export")] == 3
+    assert Script.calls[(mid, "transfer")] == 3
     events = (await client.get(f"/v1/migrations/{mid}/events", headers=auth(token),
                                params={"limit": 200})).json()["items"]
     retries = [e for e in events if e["type"] == "migration.step.retrying"]
@@ -206,7 +218,7 @@ async def test_cancel_while_running(
     in_export = asyncio.Event()
 
     async def slow_export(ctx: StepContext) -> None:
-        if ctx.step.name == "export":
+        if ctx.step.name == "transfer":
             in_export.set()
             await asyncio.sleep(60)
 
@@ -224,7 +236,7 @@ async def test_cancel_while_running(
         await task
     steps = {s["name"]: s["status"] for s in (await _get(client, token, mid))["steps"]}
     assert steps["remove_snapshot"] == "completed"
-    assert steps["convert"] == "pending"
+    assert steps["check_image"] == "pending"
 
 
 async def test_two_workers_run_each_migration_exactly_once(
@@ -253,7 +265,7 @@ async def test_two_workers_run_each_migration_exactly_once(
         stop.set()
         await asyncio.gather(*tasks)
     for mid in ids:
-        assert Script.calls[(mid, "export")] == 1
+        assert Script.calls[(mid, "transfer")] == 1
     async with db.session() as s:
         started = await s.scalar(select(func.count()).select_from(MigrationEvent)
                                  .where(MigrationEvent.type == "migration.started"))
@@ -309,7 +321,7 @@ async def test_shutdown_releases_and_another_worker_resumes(
     in_convert = asyncio.Event()
 
     async def hang_in_convert(ctx: StepContext) -> None:
-        if ctx.step.name == "convert" and Script.calls[(ctx.migration.id, "convert")] == 1:
+        if ctx.step.name == "check_image" and Script.calls[(ctx.migration.id, "check_image")] == 1:
             in_convert.set()
             await asyncio.sleep(60)
 
@@ -321,9 +333,18 @@ async def test_shutdown_releases_and_another_worker_resumes(
     await task
     m = await _get(client, token, mid)
     assert m["status"] == "queued"  # handed back at once, no lease to wait out
-    await _drain(_worker(db, box, hang_in_convert), _status_is(client, token, mid, "completed"))
-    assert Script.calls[(mid, "export")] == 1  # completed steps are not redone
-    assert Script.calls[(mid, "convert")] == 2
+    assert Script.calls[(mid, "aclose")] == 1  # closed although the run was stopped
+    read_back: list[Ran] = []
+
+    async def resumed(ctx: StepContext) -> None:
+        if ctx.step.name == "store":
+            read_back.append(ctx.migration.result_of("transfer", Ran))
+        await hang_in_convert(ctx)
+
+    await _drain(_worker(db, box, resumed), _status_is(client, token, mid, "completed"))
+    assert read_back == [Ran(ok="transfer")]  # an earlier attempt's result, read back typed
+    assert Script.calls[(mid, "transfer")] == 1  # completed steps are not redone
+    assert Script.calls[(mid, "check_image")] == 2
 
 
 async def test_cancel_after_release_is_unwound_by_a_worker(
@@ -336,7 +357,7 @@ async def test_cancel_after_release_is_unwound_by_a_worker(
     in_export = asyncio.Event()
 
     async def hang_in_export(ctx: StepContext) -> None:
-        if ctx.step.name == "export":
+        if ctx.step.name == "transfer":
             in_export.set()
             await asyncio.sleep(60)
 
@@ -354,7 +375,7 @@ async def test_cancel_after_release_is_unwound_by_a_worker(
     steps = {s["name"]: s["status"] for s in (await _get(client, token, mid))["steps"]}
     assert steps["remove_snapshot"] == "completed"
     assert steps["restore_power"] == "completed"
-    assert steps["convert"] == "pending"
+    assert steps["check_image"] == "pending"
 
 
 async def test_cancel_before_any_work_is_immediate(
@@ -364,3 +385,17 @@ async def test_cancel_before_any_work_is_immediate(
     mid = await _create(client, token, db)
     r = await client.post(f"/v1/migrations/{mid}/cancel", headers=auth(token))
     assert r.json()["status"] == "cancelled"
+
+
+async def test_a_stored_spec_that_no_longer_validates_fails_without_running(
+    client: httpx.AsyncClient, make_token: TokenFactory, db: Database, box: SecretBox
+) -> None:
+    token = await make_token()
+    mid = await _create(client, token, db)
+    async with db.session() as s:  # e.g. written by a build that knew another option
+        await s.execute(update(Migration).where(Migration.id == uuid.UUID(mid)).values(
+            spec=Migration.spec.op("||")(func.jsonb_build_object("surprise", 1))))
+    await _drain(_worker(db, box), _status_is(client, token, mid, "failed"))
+    m = await _get(client, token, mid)
+    assert m["error"]["type"].endswith("/invalid-spec")
+    assert not [k for k in Script.calls if k[0] == mid]  # no engine was built, no step ran
