@@ -301,6 +301,10 @@ class _StagingEngine(Engine):
             checked.append(CheckedImage(label=disk.label, digest=digest, size=size))
         return CheckImageResult(disks=tuple(checked))
 
+    def _image_name(self, server_name: str, disk_label: str) -> str:
+        """The library name of a stored disk: ``<server>-<disk>``."""
+        return f"{server_name}-{disk_label}".replace(" ", "-")[:255]
+
     async def _store(self, ctx: StepContext) -> StoreResult:
         server_name = self._validated().server_name
         ids = []
@@ -317,7 +321,7 @@ class _StagingEngine(Engine):
             async with self.deps.db.session() as session:
                 await images_repo.insert_image(session, VirtualImage(
                     id=image_id, tenant=self.run.tenant, status=ImageStatus.ready,
-                    name=f"{server_name}-{disk.label}".replace(" ", "-")[:255],
+                    name=self._image_name(server_name, disk.label),
                     format=disk.format.value, virtual_size=disk.virtual_size, size=size,
                     digest=disk.digest, location=staged.key,
                     migration_id=lineage.migration_id, cloud_id=lineage.cloud_id,
@@ -560,6 +564,10 @@ class ConversionEngine(_StagingEngine):
 
     def _lineage(self) -> Lineage:
         return Lineage(uuid.UUID(self.run.id), parent_id=self.spec.image_id)
+
+    def _image_name(self, server_name: str, disk_label: str) -> str:
+        # The conversion's name (the request's, or "<image> to <format>") names the image.
+        return self.spec.image_name or super()._image_name(server_name, disk_label)
 
     async def _validate(self, ctx: StepContext) -> ValidateResult:
         return await self._validate_image(self.spec.format)

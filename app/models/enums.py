@@ -41,10 +41,13 @@ class Platform(StrEnum):
 
 
 class ImageFormat(StrEnum):
+    """The disk formats of library images (every format with a reader and a writer)."""
+
     vhd = "vhd"
     qcow2 = "qcow2"
     raw = "raw"
     vmdk = "vmdk"
+    vhdx = "vhdx"
 
 
 class MigrationStatus(StrEnum):

@@ -58,6 +58,7 @@ from app.models.schemas.fields import (
     WinRMPort,
     invalid,
 )
+from app.models.schemas.images import ConversionFormat
 
 
 class _Strict(BaseModel):
@@ -171,6 +172,11 @@ class HypervisorDestination(_Strict):
     zone: Label | None = None
 
 
+#: The formats a mode-``store`` migration leaves in the library: the product spec's list
+#: (a stored image converts to vhdx, like any library image, afterwards).
+StoreFormat = Literal[ImageFormat.vhd, ImageFormat.qcow2, ImageFormat.raw, ImageFormat.vmdk]
+
+
 class _HypervisorCommon(_Strict):
     type: Literal["hypervisor"]
     name: Name
@@ -178,7 +184,7 @@ class _HypervisorCommon(_Strict):
     platform: Platform = Field(description="Guest OS type.")
     destination: HypervisorDestination | None = Field(
         default=None, description="Mode new only: where to provision.")
-    format: ImageFormat | None = Field(
+    format: StoreFormat | None = Field(
         default=None, description="Mode store only: library image format (default qcow2).")
     options: HypervisorOptions = Field(default_factory=HypervisorOptions)
 
@@ -488,7 +494,7 @@ class ConversionMigration(_MigrationOutBase):
     name: str
     mode: None = None
     image_id: uuid.UUID = Field(description="The library image converted.")
-    format: ImageFormat = Field(description="The format of the new image.")
+    format: ConversionFormat = Field(description="The format of the new image.")
     options: Options = Field(default_factory=Options)
 
 
