@@ -14,8 +14,7 @@ from typing import get_args
 
 from app.drivers.kit.spec import DriverSpec, Role
 from app.drivers.registry import ENGINES, SPECS, EngineSupport, can_play, spec_for
-from app.models.enums import CloudKind, ImageFormat
-from app.models.schemas.migrations import StoreFormat
+from app.models.enums import CloudKind, ImageFormat, StoreFormat
 
 __all__ = ["IMPORT_FORMATS", "MATRIX", "STORE_FORMATS", "CapabilityMatrix", "Role",
            "import_formats", "matrix_from"]

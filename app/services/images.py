@@ -198,21 +198,15 @@ async def upload(
             format=found.format, virtual_size=found.virtual_size, size=size,
             digest=found.digest, location=staged.key,
         )
-        stored = await repo.insert_image(session, image)
-        await events_repo.record(session, tenant, "image.created", image_event(stored))
-        return stored
+        created = await repo.add_image(session, image)
+        await events_repo.record(session, tenant, "image.created", dict(created))
+        return image
     except BaseException:
         if published:
             await store.delete(staged.key)
         else:
             await staged.discard()
         raise
-
-
-def image_event(image: VirtualImage) -> dict[str, object]:
-    """The payload of ``image.created``: what a consumer needs without another call."""
-    return {"image_id": str(image.id), "name": image.name, "format": image.format,
-            "virtual_size": image.virtual_size, "size": image.size, "digest": image.digest}
 
 
 async def list_images(

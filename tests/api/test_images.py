@@ -211,6 +211,25 @@ async def test_conversion_job_makes_a_new_image(
                    out, raw_disk, check=False)
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
     assert list((settings.library_dir / "staging").glob("*")) == []
+    # One image.created payload for every way an image enters the library: the upload's
+    # (tenant-level) and the conversion's (in the job's own log) carry the same fields.
+    r = await client.get("/v1/events?type=image.created", headers=auth(token))
+    created = {e["payload"]["image_id"]: e for e in r.json()["items"]}
+    assert set(created) == {source["id"], new["id"]}
+    uploaded, converted = created[source["id"]], created[new["id"]]
+    assert uploaded["migration_id"] is None
+    assert converted["migration_id"] == job["id"]
+    # (events in a migration's log also name the step that wrote them)
+    assert converted["payload"].pop("step") == "store"
+    assert set(uploaded["payload"]) == set(converted["payload"]) == {
+        "image_id", "name", "format", "virtual_size", "size", "digest", "migration_id",
+        "parent_id"}
+    assert converted["payload"] == {
+        "image_id": new["id"], "name": new["name"], "format": target,
+        "virtual_size": new["virtual_size"], "size": new["size"], "digest": new["digest"],
+        "migration_id": job["id"], "parent_id": source["id"]}
+    assert (uploaded["payload"]["migration_id"], uploaded["payload"]["parent_id"]) == (
+        None, None)
 
 
 async def test_conversion_requests_are_checked(

@@ -36,7 +36,13 @@ from pydantic import (
 )
 
 from app.models.db import Migration, MigrationEvent, MigrationStep
-from app.models.enums import HypervisorMode, ImageFormat, MigrationStatus, Platform, StepStatus
+from app.models.enums import (
+    HypervisorMode,
+    MigrationStatus,
+    Platform,
+    StepStatus,
+    StoreFormat,
+)
 from app.models.schemas.fields import (
     AccountName,
     BlockDevice,
@@ -170,11 +176,6 @@ class HypervisorDestination(_Strict):
     network: Label | None = None
     flavor: Label | None = None
     zone: Label | None = None
-
-
-#: The formats a mode-``store`` migration leaves in the library: the product spec's list
-#: (a stored image converts to vhdx, like any library image, afterwards).
-StoreFormat = Literal[ImageFormat.vhd, ImageFormat.qcow2, ImageFormat.raw, ImageFormat.vmdk]
 
 
 class _HypervisorCommon(_Strict):
