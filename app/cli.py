@@ -286,24 +286,44 @@ def tokens() -> None:
     """API tokens."""
 
 
-@tokens.command("create")
+class _TokensCreate(click.Command):
+    """``tokens create``: its help ends with the valid scopes (read from the service when
+    the help is shown, so other commands never import it)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from app.services.tokens import SCOPE_HELP
+
+        with formatter.section("Scopes (AREA:write implies AREA:read)"):
+            formatter.write_dl(list(SCOPE_HELP.items()))
+        super().format_epilog(ctx, formatter)
+
+
+@tokens.command("create", cls=_TokensCreate)
 @click.option("--tenant", required=True, help="The tenant the token acts for.")
-@click.option("--scopes", required=True, help="Comma-separated, e.g. migrations:write,clouds:write")
+@click.option("--scopes", default=None,
+              help="Comma-separated scopes (listed below), e.g. migrations:write,clouds:write.")
+@click.option("--all-scopes", is_flag=True,
+              help="Every scope: migrations:write, clouds:write, images:write and "
+              "webhooks:write (each implies its :read).")
 @click.option("--name", default="", help="A label to recognise the token by.")
-def tokens_create(tenant: str, scopes: str, name: str) -> None:
-    """Create a token and print it once (only its hash is stored)."""
+def tokens_create(tenant: str, scopes: str | None, all_scopes: bool, name: str) -> None:
+    """Create a token and print it once (only its hash is stored). Give --scopes or
+    --all-scopes."""
     from app.db import upgrade
     from app.errors import AppError
-    from app.services.tokens import create_token
+    from app.services.tokens import ALL_SCOPES, create_token
+
+    if (scopes is None) == (not all_scopes):
+        raise click.UsageError("give either --scopes or --all-scopes")
+    wanted = list(ALL_SCOPES) if all_scopes else [
+        s.strip() for s in (scopes or "").split(",") if s.strip()]
 
     async def run() -> str:
         database = await _open_db(_settings())
         try:
             await upgrade(database)
             async with database.session() as session:
-                _, token = await create_token(
-                    session, tenant, [s.strip() for s in scopes.split(",") if s.strip()], name
-                )
+                _, token = await create_token(session, tenant, wanted, name)
             return token
         finally:
             await database.dispose()

@@ -262,10 +262,20 @@ def _failed(what: str) -> Build:
     return build
 
 
+def resolution_failure(exc: BaseException) -> socket.gaierror | None:
+    """The name-resolution error behind ``exc``: itself, or what a library wrapped
+    (httpx raises ``ConnectError`` from httpcore's, from the ``gaierror``)."""
+    return next((c for c in causes(exc) if isinstance(c, socket.gaierror)), None)
+
+
 def _resolve(exc: BaseException, b: Boundary, action: str) -> AppError:
-    assert isinstance(exc, socket.gaierror)
-    cls = b.family.unavailable if exc.errno == socket.EAI_AGAIN else b.family.failed
-    return cls(b.scrub(f"{action}: cannot resolve the host of {b.where}: {exc.strerror}"))
+    """One sentence whichever library failed to resolve: the host and the resolver's
+    words (never the exception's type name or ``[Errno -2]``)."""
+    found = resolution_failure(exc)
+    assert found is not None
+    reason = found.strerror or str(found)
+    cls = b.family.unavailable if found.errno == socket.EAI_AGAIN else b.family.failed
+    return cls(b.scrub(f"{action}: cannot resolve the host of {b.where}: {reason}"))
 
 
 def _os_error(exc: BaseException, b: Boundary, action: str) -> AppError:
@@ -280,13 +290,13 @@ def _os_error(exc: BaseException, b: Boundary, action: str) -> AppError:
 NETWORK = ErrorTable([
     ErrorRule(is_verification_failure, lambda exc, b, action: untrusted(b, exc)),
     ErrorRule(httpx.HTTPStatusError, _http_status),
+    ErrorRule(lambda exc: resolution_failure(exc) is not None, _resolve),
     ErrorRule((httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError),
               _unavailable("connection failed")),
     ErrorRule(httpx.HTTPError, _failed("HTTP request failed")),
     ErrorRule((ssl.SSLEOFError, ssl.SSLZeroReturnError), _unavailable("TLS connection closed")),
     ErrorRule(ssl.SSLError, _failed("TLS handshake failed")),
     ErrorRule(TimeoutError, _unavailable("timed out")),
-    ErrorRule(socket.gaierror, _resolve),
     ErrorRule(OSError, _os_error),
     ErrorRule((http.client.HTTPException, EOFError), _unavailable("connection broken")),
 ])

@@ -30,6 +30,17 @@ pytest_plugins = ["tests.infra.vcsim_fixtures", "tests.infra.fixtures"]
 
 TokenFactory = Callable[..., Awaitable[str]]
 
+#: Fixtures that boot a QEMU guest or build and start the vCenter simulator: a test that
+#: uses one (directly or through another fixture) is ``slow``, so that
+#: ``scripts/test -m "not slow"`` runs everything else in a few minutes.
+SLOW_FIXTURES = frozenset({"lvm_guest", "lvm_guest_session", "vcsim"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 async def database_url() -> AsyncIterator[str]:

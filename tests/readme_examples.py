@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -503,10 +503,17 @@ def _after_colon(header: Text) -> Text:
 
 
 def _target(url: Text, where: str) -> Text:
-    """The path and query of ``http://host:port/path?query`` (variables kept)."""
+    """The path and query of ``http://host:port/path?query``, or of ``$BASE/path?query``
+    where ``$BASE`` is the service's address the document has the reader set (variables
+    kept; the base itself is dropped: requests go to whatever app the caller runs)."""
     first = url[0] if url else ""
-    if not isinstance(first, str) or not re.match(r"https?://[^/]+/", first):
-        raise DocError(f"{where}: the URL must start with http(s)://host/ written out")
+    if isinstance(first, Var):
+        rest = url[1] if len(url) > 1 else ""
+        if not isinstance(rest, str) or not rest.startswith("/"):
+            raise DocError(f"{where}: after ${first.name} the URL needs its /path written out")
+        return tuple(url[1:])
+    if not re.match(r"https?://[^/]+/", first):
+        raise DocError(f"{where}: the URL must start with http(s)://host/ or $BASE/")
     split = urlsplit(first)
     rest = first[len(f"{split.scheme}://{split.netloc}"):]
     return _join([rest, *url[1:]])
@@ -533,14 +540,19 @@ def _jq(step: Step, where: str) -> tuple[str, ...] | None:
 Example = Request | OtherCommand
 
 
-def examples(path: Path) -> list[Example]:
-    """Every request (and every other shell command beside one) in ``path``, in order.
+def examples(path: Path, *, skip: Sequence[str] = ()) -> list[Example]:
+    """Every request (and every other shell command beside one) in ``path``, in order,
+    leaving out the sections (``## heading``) named in ``skip``.
 
     Shell blocks without curl are read too (so a malformed one fails here), but only
     their requests are returned. Raises :class:`DocError` for anything not understood."""
     source = path.name
+    text = path.read_text()
+    skipped = [section_lines(text, heading, source) for heading in skip]
     out: list[Example] = []
-    for block in code_blocks(path.read_text(), source):
+    for block in code_blocks(text, source):
+        if any(first <= block.line <= last for first, last in skipped):
+            continue
         if block.language in SHELL_LANGUAGES:
             steps = parse_shell(block.text, block.line, source)
             if any(_is_curl(s.pipeline[0]) for s in steps):
@@ -551,6 +563,60 @@ def examples(path: Path) -> list[Example]:
             raise DocError(f"{source}:{block.line}: curl in a ```{block.language or '(plain)'}"
                            " block: mark it ```sh so its request is read")
     return out
+
+
+def section_lines(markdown: str, heading: str, source: str) -> tuple[int, int]:
+    """The first and last line (1-based) of the section ``## heading``: up to the next
+    heading of the same or a higher level. DocError unless there is exactly one."""
+    lines = markdown.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.strip() == f"## {heading}"]
+    if len(starts) != 1:
+        raise DocError(f"{source}: needs exactly one '## {heading}' section, "
+                       f"found {len(starts)}")
+    end = next((j for j in range(starts[0] + 1, len(lines))
+                if re.match(r"^#{1,2} ", lines[j])), len(lines))
+    return starts[0] + 1, end
+
+
+def assigned(path: Path, heading: str, name: str) -> Example:
+    """The ``NAME=$(...)`` step of a section as an example (a request or a command), for
+    a later section that goes on with ``$NAME``. Blocks this reader cannot parse (a
+    section run by a real shell) are passed over; DocError unless NAME is set once."""
+    found: list[Example] = []
+    for block in shell_blocks(path, heading):
+        try:
+            steps = parse_shell(block.text, block.line, path.name)
+        except DocError:
+            continue
+        for step in steps:
+            if step.assign != name:
+                continue
+            if _is_curl(step.pipeline[0]):
+                found.append(curl_request(step, path.name))
+            else:
+                found.extend(_shell_examples([step], path.name))
+    if len(found) != 1:
+        raise DocError(f"{path.name}: '## {heading}' sets ${name} {len(found)} times, not once")
+    return found[0]
+
+
+def section_text(markdown: str, heading: str, source: str, *, inside: bool) -> str:
+    """The text of the section (``inside``), or the document without it."""
+    first, last = section_lines(markdown, heading, source)
+    lines = markdown.splitlines()
+    kept = lines[first - 1:last] if inside else lines[:first - 1] + lines[last:]
+    return "\n".join(kept) + "\n"
+
+
+def shell_blocks(path: Path, heading: str) -> list[Block]:
+    """The shell blocks of one section, in order, as written (to be run by a shell)."""
+    text = path.read_text()
+    first, last = section_lines(text, heading, path.name)
+    found = [b for b in code_blocks(text, path.name)
+             if b.language in SHELL_LANGUAGES and first <= b.line <= last]
+    if not found:
+        raise DocError(f"{path.name}:{first}: no shell blocks in '## {heading}'")
+    return found
 
 
 def _shell_examples(steps: list[Step], source: str) -> Iterator[Example]:

@@ -70,6 +70,45 @@ async def test_tokens_create_rejects_bad_input(
         assert (await session.execute(select(ApiToken))).first() is None
 
 
+async def test_tokens_create_all_scopes_reaches_every_area(
+    database_url: str, db: Database, tmp_path: Path, client: httpx.AsyncClient
+) -> None:
+    result = await invoke(["tokens", "create", "--tenant", "acme", "--all-scopes"],
+                          database_url, tmp_path)
+    assert result.exit_code == 0, result.output
+    token = result.output.strip()
+    async with db.session() as session:
+        row = (await session.execute(select(ApiToken))).scalar_one()
+    assert sorted(row.scopes) == ["clouds:write", "images:write", "metrics:read",
+                                  "migrations:write", "webhooks:write"]
+    for path in ("/v1/clouds", "/v1/migrations", "/v1/images", "/v1/webhooks", "/v1/events",
+                 "/metrics"):
+        assert (await client.get(path, headers=auth(token))).status_code == 200, path
+
+
+@pytest.mark.parametrize("args", [[], ["--scopes", "clouds:read", "--all-scopes"]])
+async def test_tokens_create_needs_scopes_or_all_scopes_not_both(
+    database_url: str, db: Database, tmp_path: Path, args: list[str]
+) -> None:
+    result = await invoke(["tokens", "create", "--tenant", "acme", *args], database_url,
+                          tmp_path)
+    assert result.exit_code == 2
+    assert "either --scopes or --all-scopes" in result.output
+    async with db.session() as session:
+        assert (await session.execute(select(ApiToken))).first() is None
+
+
+def test_tokens_create_help_lists_every_scope() -> None:
+    from app.services.tokens import SCOPE_HELP
+
+    result = CliRunner().invoke(main, ["tokens", "create", "--help"])
+    assert result.exit_code == 0
+    listed = result.output.split("Scopes (AREA:write implies AREA:read):", 1)[1]
+    for scope, meaning in SCOPE_HELP.items():
+        assert f"{scope}  " in listed, scope
+        assert meaning in listed, scope
+
+
 async def test_tokens_revoke(
     database_url: str, db: Database, tmp_path: Path, client: httpx.AsyncClient
 ) -> None:

@@ -116,3 +116,32 @@ def test_the_scrubber() -> None:
     scrub = Scrubber(["abc", "", "abcdef"]).with_secrets("xyz")
     assert scrub("abcdef abc xyz ab") == "*** *** *** ab"  # the longer secret masked whole
     assert "abc" not in repr(scrub)
+
+
+def _wrapped_resolution_failure(errno: int, reason: str) -> httpx.ConnectError:
+    """What httpx raises when the host does not resolve: a ConnectError caused (through
+    httpcore's) by the resolver's gaierror, its text the gaierror's."""
+    try:
+        try:
+            raise socket.gaierror(errno, reason)
+        except socket.gaierror as exc:
+            raise httpx.ConnectError(str(exc)) from exc
+    except httpx.ConnectError as outer:
+        return outer
+
+
+@pytest.mark.parametrize(("exc", "kind"), [
+    (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), Failed),
+    (_wrapped_resolution_failure(socket.EAI_NONAME, "Name or service not known"), Failed),
+    (_wrapped_resolution_failure(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+     Down),
+])
+def test_a_host_that_does_not_resolve_reads_the_same_from_any_library(
+    exc: BaseException, kind: type[AppError]
+) -> None:
+    error = NETWORK.translate(exc, B, "connect")
+    assert type(error) is kind
+    assert str(error).startswith("connect: cannot resolve the host of api.example:443: ")
+    assert "gaierror" not in str(error)
+    assert "ConnectError" not in str(error)
+    assert "Errno" not in str(error)

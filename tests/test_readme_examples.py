@@ -25,10 +25,13 @@ from tests.readme_examples import (
     OtherCommand,
     Request,
     Var,
+    assigned,
     examples,
     expand,
     json_body,
     literal,
+    section_text,
+    shell_blocks,
 )
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -64,12 +67,18 @@ def kept(response: httpx.Response, path: tuple[str, ...], where: str) -> str:
     return str(value)
 
 
+QUICK_START = "Quick start"  # run by a real shell: tests/test_readme_quickstart.py
+
+
 async def test_every_readme_request_is_accepted(
     client: httpx.AsyncClient, db: Database, database_url: str, tmp_path: Path
 ) -> None:
-    variables: dict[str, str] = {}
+    # The examples after the quick start go on from it: its $TOKEN and $CLOUD, made here
+    # by the quick start's own lines; $API is the app this client talks to.
+    variables: dict[str, str] = {"API": ""}
     sent: list[tuple[str, str, int]] = []
-    for example in examples(README):
+    carried = [assigned(README, QUICK_START, "TOKEN"), assigned(README, QUICK_START, "CLOUD")]
+    for example in [*carried, *examples(README, skip=(QUICK_START,))]:
         if isinstance(example, OtherCommand):
             if example.assign is None:
                 raise DocError(f"{example.where}: a command beside the requests that the "
@@ -86,14 +95,12 @@ async def test_every_readme_request_is_accepted(
             name, path = example.keep
             variables[name] = kept(response, path, example.where)
     bodies = [m for m, _, _ in sent if m in ("POST", "PUT", "PATCH")]
-    assert len(bodies) >= 7, sent
-    assert {"TOKEN", "CLOUD", "ID", "LATER", "ESXI", "DB1"} <= variables.keys()
+    assert len(bodies) >= 6, sent
+    assert {"TOKEN", "CLOUD", "LATER", "ESXI", "DB1"} <= variables.keys()
     # What the examples claim happened did happen.
     headers = {"Authorization": f"Bearer {variables['TOKEN']}"}
     later = (await client.get(f"/v1/migrations/{variables['LATER']}", headers=headers)).json()
     assert later["status"] == "queued"
-    assert (await client.get(f"/v1/migrations/{variables['ID']}",
-                             headers=headers)).status_code == 404  # removed
     kinds = {c["kind"] for c in (await client.get("/v1/clouds", headers=headers)).json()[
         "items"]}
     assert kinds == {"vmware", "esxi", "linux"}
@@ -101,10 +108,11 @@ async def test_every_readme_request_is_accepted(
 
 def test_every_body_in_the_readme_is_read() -> None:
     # Counted from the raw text, independently of the reader: nothing may slip past it.
-    text = README.read_text()
+    text = section_text(README.read_text(), QUICK_START, README.name, inside=False)
     written = len(re.findall(r"(?:^|\s)(?:-d|--data(?:-raw|-binary)?|--json)\s", text)) + len(
         re.findall(r"^ {0,3}(?:```|~~~)\s*json\s*$", text, flags=re.MULTILINE))
-    read = [e for e in examples(README) if isinstance(e, Request) and e.body is not None]
+    read = [e for e in examples(README, skip=(QUICK_START,))
+            if isinstance(e, Request) and e.body is not None]
     assert len(read) == written
     variables = {name: "00000000-0000-4000-8000-000000000000"
                  for e in read for part in e.body or () if isinstance(part, Var)
@@ -116,11 +124,13 @@ def test_every_body_in_the_readme_is_read() -> None:
 def test_readme_examples_use_only_platforms_with_drivers() -> None:
     allowed = {"vmware", "esxi", "linux"}
     kinds = set()
-    for example in examples(README):
+    for example in examples(README, skip=(QUICK_START,)):
         if isinstance(example, Request) and example.body is not None:
             body = json.loads(json_body(example, _AnyId()))
             if "kind" in body and "settings" in body:
                 kinds.add(body["kind"])
+    quick_start = section_text(README.read_text(), QUICK_START, README.name, inside=True)
+    kinds |= set(re.findall(r'"kind": "([a-z]+)"', quick_start))
     assert kinds, "no cloud examples found"
     assert kinds <= allowed, f"README examples name platforms without a driver: {kinds}"
 
@@ -209,6 +219,7 @@ def test_other_commands_are_kept_with_their_assignment(tmp_path: Path) -> None:
     ("```sh\nX=$(curl http://h/v1/a)\n```\n", "must end in '| jq -r .field'"),
     ("```sh\ncurl http://h/v1/a > out\n```\n", "'>' is not understood"),
     ("```sh\ncurl /v1/a\n```\n", "URL must start with http"),
+    ("```sh\ncurl $API\n```\n", "after $API the URL needs its /path"),
     ("```text\ncurl http://h/v1/a -d '{}'\n```\n", "mark it ```sh"),
     ("```json\n{\"a\": 1}\n```\n", "needs its endpoint"),
     ("```sh\ncurl http://h/v1/a\n", "never closed"),
@@ -228,3 +239,29 @@ def test_an_unset_variable_or_a_bad_body_fails_loudly(tmp_path: Path) -> None:
         json_body(request, {"B": "{"})
     with pytest.raises(DocError, match="not a JSON object"):
         json_body(only_request(tmp_path, "```sh\ncurl http://h/v1/a -d '[1]'\n```\n"), {})
+
+
+def test_a_base_variable_before_the_path(tmp_path: Path) -> None:
+    request = only_request(tmp_path, (
+        "```sh\nX=$(curl -sS --fail-with-body \"$API/v1/things/$ID?a=1\" | jq -r .id)\n```\n"))
+    assert expand(request.target, {"ID": "7"}, "") == "/v1/things/7?a=1"
+
+
+def test_sections_are_skipped_and_found(tmp_path: Path) -> None:
+    path = tmp_path / "DOC.md"
+    path.write_text(
+        "# Title\n\n## Quick start\n\n```sh\nhead -c 1M /dev/zero > disk.raw\n```\n\n"
+        "### More\n\n```bash\nT=$(vmigrate tokens create --tenant a --all-scopes)\n"
+        "curl http://h/v1/a\n```\n\n## Later\n\n```sh\ncurl http://h/v1/b\n```\n")
+    later = examples(path, skip=("Quick start",))
+    assert [expand(e.target, {}, "") for e in later if isinstance(e, Request)] == ["/v1/b"]
+    assert [b.line for b in shell_blocks(path, "Quick start")] == [6, 12]
+    token = assigned(path, "Quick start", "T")
+    assert isinstance(token, OtherCommand)
+    assert [literal(w) for w in token.argv][-1] == "--all-scopes"
+    with pytest.raises(DocError, match="sets \\$U 0 times"):
+        assigned(path, "Quick start", "U")
+    with pytest.raises(DocError, match="exactly one '## Nowhere'"):
+        shell_blocks(path, "Nowhere")
+    with pytest.raises(DocError, match="'>' is not understood"):
+        examples(path)

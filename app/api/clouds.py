@@ -92,7 +92,7 @@ async def create_cloud(
 ) -> CloudOut:
     """Register a cloud. The settings and credentials fields depend on `kind`."""
     cloud = await service.create_cloud(session, ctx.box, principal.tenant, body)
-    response.headers["Location"] = str(request.url_for("get_cloud", cloud_id=cloud.id).path)
+    response.headers["Location"] = request.url_for("get_cloud", cloud_id=cloud.id).path
     response.headers["ETag"] = etag(cloud.version)
     return cloud
 

@@ -4,9 +4,12 @@ A pure ASGI middleware, so it covers every POST route without each one opting in
 For a POST carrying the header and a valid bearer token:
 
 - the first request claims ``(tenant, key)`` (a committed row, visible to every API
-  process), runs, and its response (status, body, ``Location``/``ETag``/...) is
-  stored if it is 2xx or 4xx. A 5xx or an exception releases the claim, so a retry
-  runs again: those outcomes are not decisions worth repeating;
+  process) and runs. The key is bound to it only if the service accepted it (a 2xx):
+  then its response (status, body, ``Location``/``ETag``/...) is stored. A request that
+  was refused (4xx: a body that fails validation, a conflict, a missing scope) changed
+  nothing, since its transaction rolled back; it releases the claim like a 5xx or an
+  exception does, so the corrected request may use the same key (Stripe's semantics:
+  no idempotent result is kept for a request that never started);
 - a repeat with the same method, path and body gets the stored response, marked
   ``Idempotent-Replayed: true``, without the route running again;
 - a repeat with a different request is a 422 problem (the key was reused by mistake);
@@ -55,7 +58,9 @@ _MAX_STORED = 4 * 1024 * 1024
 _HEADER_DESCRIPTION = (
     "Makes the POST safe to retry: a repeat with the same key and body returns the first "
     "response instead of running again (keys last `idempotency_ttl_seconds`). Same key, "
-    "different request: 422; while the first is still running: 409.")
+    "different request: 422; while the first is still running: 409. Only an accepted "
+    "request (2xx) binds the key: after a refusal (4xx) correct the request and send it "
+    "again with the same key.")
 
 
 #: Declare on a POST route (``key: IdempotencyKeyHeader = None``) to document the header
@@ -168,7 +173,7 @@ class Idempotency:
             await self._release(ctx, tenant, key, outcome)
             raise
         status = captured.status
-        if status is None or status >= 500 or captured.size > _MAX_STORED:
+        if status is None or not 200 <= status < 300 or captured.size > _MAX_STORED:
             await self._release(ctx, tenant, key, outcome)
             return
         try:

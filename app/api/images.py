@@ -10,6 +10,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -21,7 +22,12 @@ from app.api.problems import problem_responses
 from app.errors import AppError
 from app.formats.base import FORMATS, RandomAccessSource
 from app.models.schemas.images import ConversionFormat, ImageOut
-from app.models.schemas.migrations import MigrationOut, MigrationView, Options
+from app.models.schemas.migrations import (
+    ConversionMigration,
+    MigrationOut,
+    MigrationView,
+    Options,
+)
 from app.services import images as service
 from app.services.tokens import Principal
 
@@ -40,6 +46,24 @@ class RangeNotSatisfiable(AppError):
     status = 416
     code = "range-not-satisfiable"
     title = "Range not satisfiable"
+
+
+def download_name(name: str, fmt: str) -> str:
+    """The file name a download is saved under: the image's name, with the format's
+    extension unless it already ends in it (``web-01`` in qcow2 -> ``web-01.qcow2``)."""
+    base = name.replace("/", "_").replace("\\", "_").strip() or "image"
+    return base if base.lower().endswith(f".{fmt}") else f"{base}.{fmt}"
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with the name (RFC 6266): an ASCII ``filename`` for every client,
+    and ``filename*`` (RFC 8187, UTF-8) when the name is not plain ASCII."""
+    ascii_name = "".join(c if 0x20 <= ord(c) < 0x7F and c not in '"\\%' else "_"
+                         for c in filename)
+    header = f'attachment; filename="{ascii_name}"'
+    if ascii_name != filename:
+        header += f"; filename*=UTF-8''{quote(filename, safe='')}"
+    return header
 
 
 def _disconnected(request: Request) -> Callable[[], Awaitable[None]]:
@@ -81,7 +105,7 @@ async def upload_image(
                                    ctx.settings.image_check_min_bytes_per_second),
         gone=_disconnected(request),
     )
-    response.headers["Location"] = f"/v1/images/{image.id}"
+    response.headers["Location"] = request.url_for("get_image", image_id=image.id).path
     return ImageOut.model_validate(image)
 
 
@@ -179,7 +203,8 @@ async def download_image(
         raise
     start, end = wanted or (0, source.size)
     headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Length": str(end - start),
-               "Content-Disposition": f'attachment; filename="{image.id}.{image.format}"'}
+               "Content-Disposition": content_disposition(download_name(image.name,
+                                                                        image.format))}
     if wanted is not None:
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{source.size}"
     return StreamingResponse(_stream(source, start, end), status_code=206 if wanted else 200,
@@ -200,15 +225,28 @@ class ConversionRequest(BaseModel):
     response_model=MigrationOut, responses=problem_responses(400, 401, 403, 404, 409, 422),
 )
 async def convert_image(
-    image_id: uuid.UUID, body: ConversionRequest, response: Response, principal: Writer,
-    session: Session,
+    image_id: uuid.UUID, body: ConversionRequest, request: Request, response: Response,
+    principal: Writer, session: Session,
 ) -> MigrationView:
     """Convert a library image into another format: a job run by workers like a
-    migration (watch it at the Location); it ends by adding the new image, whose
-    ``parent_id`` is this one."""
+    migration (watch it at the Location, with `images:read`); it ends by adding the new
+    image, whose ``parent_id`` is this one and whose ``migration_id`` is the job's id."""
     job = await service.request_conversion(session, principal.tenant, image_id, body.format,
                                            body.name, body.options.model_dump(mode="json"))
-    response.headers["Location"] = f"/v1/migrations/{job.id}"
+    response.headers["Location"] = request.url_for("get_conversion", job_id=job.id).path
+    return job
+
+
+@router.get(
+    "/conversions/{job_id}", operation_id="get_conversion", response_model=ConversionMigration,
+    responses=problem_responses(401, 403, 404, 422),
+)
+async def get_conversion(job_id: uuid.UUID, principal: Reader, session: Session
+                         ) -> ConversionMigration:
+    """A conversion job: its status, steps and progress (the same document as
+    `GET /v1/migrations/{id}`, readable with `images:read`)."""
+    job = await service.get_conversion(session, principal.tenant, job_id)
+    assert isinstance(job, ConversionMigration)
     return job
 
 

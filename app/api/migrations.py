@@ -77,7 +77,7 @@ async def create_migration(
     who: Writer,
 ) -> MigrationView:
     view = await service.create(tx, ctx.box, who.tenant, body)
-    response.headers["Location"] = str(request.url_for("get_migration", migration_id=view.id))
+    response.headers["Location"] = request.url_for("get_migration", migration_id=view.id).path
     return view
 
 

@@ -258,6 +258,18 @@ async def delete_content(store: ImageStore, location: str) -> None:
 CONVERTIBLE = ("raw", "qcow2", "vmdk", "vhd", "vhdx")
 
 
+async def get_conversion(session: AsyncSession, tenant: str, job_id: uuid.UUID
+                         ) -> MigrationView:
+    """A conversion job of the tenant's; any other migration is NotFound here (it is
+    read at ``/v1/migrations`` with the migrations scopes)."""
+    from app.services import migrations
+
+    job = await migrations.get(session, tenant, job_id)
+    if job.type != MigrationType.conversion.value:
+        raise NotFound(f"conversion {job_id} not found")
+    return job
+
+
 async def request_conversion(
     session: AsyncSession, tenant: str, image_id: uuid.UUID, fmt: str, name: str | None,
     options: dict[str, Any] | None = None,

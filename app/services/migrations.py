@@ -49,6 +49,7 @@ from app.models.schemas.migrations import (
 )
 from app.models.schemas.specs import load_spec, source_key
 from app.repositories import clouds as clouds_repo
+from app.repositories import events as events_repo
 from app.repositories import images as images_repo
 from app.repositories import migrations as repo
 
@@ -298,9 +299,9 @@ async def delete(session: AsyncSession, tenant: str, migration_id: uuid.UUID) ->
             f"cannot delete a migration that is {current.status}; cancel it and "
             f"wait until it is cancelled (deletable when: {allowed})"
         )
-    await repo.insert_event(
-        session, tenant, None, seq + 1, "migration.deleted", {"migration_id": str(migration_id)}
-    )
+    # Tenant-level, like every event without a migration: seq 0 (docs/webhooks.md).
+    await events_repo.record(session, tenant, "migration.deleted",
+                             {"migration_id": str(migration_id)})
 
 
 async def events(

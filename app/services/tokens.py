@@ -16,13 +16,26 @@ from app.models.db import ApiToken
 
 TOKEN_PREFIX = "vmg_"  # noqa: S105 - a public prefix, not a secret
 
-#: Every scope a token can carry. ``*:read`` scopes are implied by ``*:write``.
-SCOPES = (
-    "migrations:read", "migrations:write",
-    "clouds:read", "clouds:write",
-    "images:read", "images:write",
-    "webhooks:read", "webhooks:write",
-    "metrics:read",  # GET /metrics: counts only, no tenant's data
+#: Every scope a token can carry, with what it allows. ``AREA:write`` implies
+#: ``AREA:read``. The tenant's event log (``/v1/events``) needs any ``:read`` scope and
+#: shows the areas the token can read.
+SCOPE_HELP: dict[str, str] = {
+    "migrations:read": "list and read migrations and their events",
+    "migrations:write": "create, run, cancel and delete migrations",
+    "clouds:read": "list and read clouds (credentials are never shown)",
+    "clouds:write": "register, update and delete clouds",
+    "images:read": "list, read and download library images; watch conversions",
+    "images:write": "upload, convert and delete library images",
+    "webhooks:read": "list and read webhook endpoints and their deliveries",
+    "webhooks:write": "create, update, delete webhooks; rotate secrets; redeliver",
+    "metrics:read": "scrape GET /metrics (counts only, no tenant's data)",
+}
+SCOPES = tuple(SCOPE_HELP)
+#: The smallest set that allows everything: the ``:write`` scopes (which imply their
+#: ``:read``) and the read scopes that have no ``:write``.
+ALL_SCOPES = tuple(
+    s for s in SCOPES
+    if s.endswith(":write") or f"{s.partition(':')[0]}:write" not in SCOPE_HELP
 )
 
 _TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")

@@ -1,4 +1,5 @@
-"""Idempotency-Key on POST: replay, reuse, in-flight duplicates, expiry, 5xx."""
+"""Idempotency-Key on POST: replay, reuse, in-flight duplicates, expiry; a request that
+was refused (4xx) or failed (5xx) binds nothing."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from sqlalchemy import func, select, text
 
 from app.config import Settings
 from app.db import Database
-from app.errors import TransientError
+from app.errors import Conflict, TransientError
 from app.main import create_app
 from app.models.db import Cloud, IdempotencyKey
 from tests.api.test_clouds import cloud_body
@@ -44,6 +45,14 @@ async def probe_client(
             probe.entered.set()
             await probe.release.wait()
         return {"run": probe.runs, **payload}
+
+    @app.post("/v1/probe/refused", status_code=201)
+    async def refused_probe(payload: dict[str, int]) -> None:
+        probe.runs += 1
+        if probe.hold:
+            probe.entered.set()
+            await probe.release.wait()
+        raise Conflict("not now")
 
     @app.post("/v1/probe/fail")
     async def fail_probe() -> None:
@@ -91,7 +100,58 @@ async def test_same_object_reserialised_is_a_repeat(
     assert probe.runs == 1
 
 
-async def test_client_errors_are_stored_too(
+async def test_a_refused_request_binds_nothing(
+    client: httpx.AsyncClient, make_token: TokenFactory, db: Database
+) -> None:
+    # A 4xx changed nothing (the request's transaction rolled back), so there is nothing
+    # to protect from a repeat: the corrected request with the same key runs, and from
+    # then on the key answers with its result (Stripe's semantics).
+    token = await make_token()
+    good = cloud_body()
+    bad = {**good, "kind": "nowhere"}
+    first = await client.post("/v1/clouds", json=bad, headers=keyed(token, "fix-me"))
+    assert first.status_code == 422
+    async with db.session() as session:
+        assert await session.scalar(select(func.count()).select_from(IdempotencyKey)) == 0
+    fixed = await client.post("/v1/clouds", json=good, headers=keyed(token, "fix-me"))
+    assert fixed.status_code == 201, fixed.text
+    assert "idempotent-replayed" not in fixed.headers
+    again = await client.post("/v1/clouds", json=good, headers=keyed(token, "fix-me"))
+    assert again.status_code == 201
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.content == fixed.content
+    # The key is bound now: the refused body sent with it again is a different request.
+    reused = await client.post("/v1/clouds", json=bad, headers=keyed(token, "fix-me"))
+    assert reused.status_code == 422
+    assert reused.json()["type"].endswith("/idempotency-key-reused")
+    async with db.session() as session:
+        assert await session.scalar(select(func.count()).select_from(Cloud)) == 1
+
+
+async def test_the_readme_case_a_migration_corrected_after_a_422(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    # Issue 20: the README's body without "name" and with server as a string was a 422;
+    # the corrected request with the same key must then be created, once.
+    token = await make_token()
+    cloud = (await client.post("/v1/clouds", json=cloud_body(), headers=auth(token))).json()
+    wrong = {"type": "hypervisor", "mode": "store", "platform": "linux", "format": "qcow2",
+             "source": {"cloud_id": cloud["id"], "server": "web-01"}}
+    right = {**wrong, "name": "web-01 to the library",
+             "source": {"cloud_id": cloud["id"], "server": {"name": "web-01"}}}
+    refused = await client.post("/v1/migrations", json=wrong, headers=keyed(token, "4b1d9a2e"))
+    assert refused.status_code == 422
+    created = await client.post("/v1/migrations", json=right, headers=keyed(token, "4b1d9a2e"))
+    assert created.status_code == 201, created.text
+    replayed = await client.post("/v1/migrations", json=right,
+                                 headers=keyed(token, "4b1d9a2e"))
+    assert replayed.headers["idempotent-replayed"] == "true"
+    assert replayed.json()["id"] == created.json()["id"]
+    listed = (await client.get("/v1/migrations", headers=auth(token))).json()["items"]
+    assert [m["id"] for m in listed] == [created.json()["id"]]
+
+
+async def test_a_conflict_binds_nothing_either(
     client: httpx.AsyncClient, make_token: TokenFactory
 ) -> None:
     token = await make_token()
@@ -99,13 +159,34 @@ async def test_client_errors_are_stored_too(
     body = cloud_body(name="taken")
     first = await client.post("/v1/clouds", json=body, headers=keyed(token, "dup"))
     assert first.status_code == 409
-    # Even after the conflict is gone, the key's answer stays the same.
+    assert (await client.post("/v1/clouds", json=body, headers=keyed(token, "dup"))
+            ).status_code == 409  # ran again, and conflicted again
+    # Once the conflict is gone, the same request with the same key goes through.
     listing = (await client.get("/v1/clouds", headers=auth(token))).json()
     await client.delete(f"/v1/clouds/{listing['items'][0]['id']}", headers=auth(token))
     again = await client.post("/v1/clouds", json=body, headers=keyed(token, "dup"))
-    assert again.status_code == 409
-    assert again.headers["content-type"] == "application/problem+json"
-    assert again.content == first.content
+    assert again.status_code == 201, again.text
+    assert "idempotent-replayed" not in again.headers
+
+
+async def test_a_duplicate_of_a_request_that_is_then_refused_may_run(
+    probe_client: tuple[httpx.AsyncClient, Probe], make_token: TokenFactory
+) -> None:
+    client, probe = probe_client
+    token = await make_token()
+    probe.hold = True
+    first = asyncio.create_task(
+        client.post("/v1/probe/refused", json={"x": 1}, headers=keyed(token, "k")))
+    await asyncio.wait_for(probe.entered.wait(), 10)
+    dup = await client.post("/v1/probe/refused", json={"x": 1}, headers=keyed(token, "k"))
+    assert dup.status_code == 409  # concurrent: in flight
+    probe.release.set()
+    assert (await first).status_code == 409
+    probe.hold = False
+    later = await client.post("/v1/probe/refused", json={"x": 1}, headers=keyed(token, "k"))
+    assert later.status_code == 409
+    assert "idempotent-replayed" not in later.headers
+    assert probe.runs == 2  # the first and the later one ran; the duplicate did not
 
 
 async def test_different_body_with_same_key_is_422(

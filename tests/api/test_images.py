@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.api.images import content_disposition, download_name
 from app.config import Settings
 from app.crypto import SecretBox
 from app.db import Database
@@ -169,7 +170,7 @@ async def test_conversion_job_makes_a_new_image(
     client: httpx.AsyncClient, make_token: TokenFactory, raw_disk: Path, settings: Settings,
     db: Database, tmp_path: Path, target: str,
 ) -> None:
-    token = await make_token("acme")
+    token = await make_token("acme", "images:write")  # no migrations scope needed
     source = (await _upload(client, token, _convert(raw_disk, "qcow2"))).json()
     named = {"name": f"converted to {target}"} if target != "qcow2" else {}
     r = await client.post(f"/v1/images/{source['id']}/conversions", headers=auth(token),
@@ -177,7 +178,8 @@ async def test_conversion_job_makes_a_new_image(
     assert r.status_code == 202, r.text
     job = r.json()
     assert (job["type"], job["status"], job["format"]) == ("conversion", "queued", target)
-    assert r.headers["location"] == f"/v1/migrations/{job['id']}"
+    watch = r.headers["location"]
+    assert watch == f"/v1/images/conversions/{job['id']}"
 
     box = SecretBox([k.get_secret_value().encode() for k in settings.encryption_keys])
     deps = EngineDeps(settings=settings, db=db, box=box, store=LocalStore(settings.library_dir))
@@ -186,8 +188,8 @@ async def test_conversion_job_makes_a_new_image(
     task = asyncio.create_task(worker.run(stop))
     try:
         async with asyncio.timeout(60):
-            while (await client.get(f"/v1/migrations/{job['id']}",
-                                    headers=auth(token))).json()["status"] != "completed":
+            while (await client.get(watch, headers=auth(token))).json()["status"] \
+                    != "completed":
                 await asyncio.sleep(0.05)
     finally:
         stop.set()
@@ -201,6 +203,8 @@ async def test_conversion_job_makes_a_new_image(
     assert new["migration_id"] == job["id"]
     assert new["digest"] == source["digest"] == digest_file(str(raw_disk))
     data = await client.get(f"/v1/images/{new['id']}/content", headers=auth(token))
+    assert data.headers["content-disposition"] == \
+        f'attachment; filename="{new["name"]}.{target}"'  # after the image, not its id
     out = tmp_path / f"out.{target}"
     out.write_bytes(data.content)
     cmp = qemu_img("compare", "-f", "vpc" if target == "vhd" else target, "-F", "raw",
@@ -241,6 +245,44 @@ async def test_conversion_requests_are_checked(
     assert extra.status_code == 422
     assert (await client.post(url, headers=auth(other), json={"format": "vmdk"})).status_code \
         == 404
+    job = await client.post(url, headers=auth(acme), json={"format": "vmdk"})
+    assert (await client.get(job.headers["location"], headers=auth(other))).status_code == 404
+    images_only = await make_token("acme", "images:read")
+    assert (await client.get(job.headers["location"], headers=auth(images_only))).json()[
+        "id"] == job.json()["id"]
+    assert (await client.get(f"/v1/migrations/{job.json()['id']}",
+                             headers=auth(images_only))).status_code == 403
+
+
+async def test_only_conversions_are_read_as_conversions(
+    client: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    token = await make_token("acme")
+    cloud = await client.post("/v1/clouds", headers=auth(token), json={
+        "name": "vc", "kind": "vmware", "settings": {"host": "vc.example.com"},
+        "credentials": {"username": "u", "password": "p"}})
+    migration = await client.post("/v1/migrations", headers=auth(token), json={
+        "type": "hypervisor", "name": "m", "mode": "store", "platform": "linux",
+        "format": "qcow2",
+        "source": {"cloud_id": cloud.json()["id"], "server": {"name": "web-01"}}})
+    assert migration.status_code == 201, migration.text
+    got = await client.get(f"/v1/images/conversions/{migration.json()['id']}",
+                           headers=auth(token))
+    assert got.status_code == 404
+    assert got.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize(("name", "fmt", "header"), [
+    ("web-01", "qcow2", 'attachment; filename="web-01.qcow2"'),
+    ("disk.VMDK", "vmdk", 'attachment; filename="disk.VMDK"'),
+    ('a "quoted"\\name', "raw", 'attachment; filename="a _quoted__name.raw"; '
+     "filename*=UTF-8''a%20%22quoted%22_name.raw"),
+    ("dc1/web", "vhd", 'attachment; filename="dc1_web.vhd"'),
+    ("Größe", "raw",
+     "attachment; filename=\"Gr__e.raw\"; filename*=UTF-8''Gr%C3%B6%C3%9Fe.raw"),
+])
+def test_downloads_are_named_after_the_image(name: str, fmt: str, header: str) -> None:
+    assert content_disposition(download_name(name, fmt)) == header
 
 
 async def test_delete_removes_bytes_only_after_the_commit(

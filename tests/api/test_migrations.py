@@ -58,7 +58,7 @@ async def test_create_hypervisor_store(client: httpx.AsyncClient, db: Database,
     r = await client.post(URL, json=hypervisor(vc), headers=headers)
     assert r.status_code == 201, r.text
     m = r.json()
-    assert r.headers["location"].endswith(f"/v1/migrations/{m['id']}")
+    assert r.headers["location"] == f"/v1/migrations/{m['id']}"
     assert (m["type"], m["mode"], m["status"], m["attempt"], m["format"]) == (
         "hypervisor", "store", "pending", 0, "qcow2")
     assert m["source"]["password_set"] is True
@@ -230,8 +230,8 @@ async def test_run_cancel_delete_lifecycle(
     assert_problem(await client.delete(url, headers=headers), 404)
     async with db.session() as session:
         left = (await session.execute(select(MigrationEvent))).scalars().all()
-    assert [(e.type, e.migration_id, e.payload) for e in left] == [
-        ("migration.deleted", None, {"migration_id": m["id"]})]
+    assert [(e.type, e.migration_id, e.seq, e.payload) for e in left] == [
+        ("migration.deleted", None, 0, {"migration_id": m["id"]})]
 
 
 @pytest.mark.parametrize("status", ["running", "cancelling", "completed"])

@@ -124,6 +124,16 @@ def test_info_json_and_digest(source: Path, tmp_path: Path) -> None:
     assert "digest: " not in text
 
 
+def test_info_json_ends_with_a_newline_from_the_real_command(source: Path) -> None:
+    # The installed `vmigrate` ends without the interpreter's teardown (app.cli.run):
+    # the JSON must still end its last line, so a shell prompt does not follow it.
+    vmigrate = Path(sys.executable).with_name("vmigrate")
+    proc = subprocess.run([str(vmigrate), "info", str(source), "--json"],
+                          capture_output=True, check=True, timeout=60)
+    assert proc.stdout.endswith(b"}\n")
+    assert json.loads(proc.stdout)["format"] == "raw"
+
+
 def test_info_of_a_raw_file_counts_its_data_ranges(source: Path) -> None:
     info = json.loads(run("info", source, "--json").output)
     assert info["format"] == "raw"
