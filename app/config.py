@@ -53,6 +53,22 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(
         default=10, ge=1, description="Database connections per process (pool size)."
     )
+    auth_cache_seconds: float = Field(
+        default=10.0, ge=0, le=300,
+        description="How long an API process trusts a token it has read from the database: "
+        "a revoked token is refused by every process within this many seconds. 0 reads the "
+        "token on every request.",
+    )
+    api_max_in_flight: int = Field(
+        default=32, ge=1,
+        description="Requests one API process works on at once (event streams and health "
+        "checks aside); past it a request is answered at once with a 503 problem and "
+        "`Retry-After` instead of waiting in a queue.",
+    )
+    api_retry_after_seconds: int = Field(
+        default=1, ge=1, le=3600,
+        description="The `Retry-After` of an overload 503 (seconds).",
+    )
     library_s3_bucket: str | None = Field(
         default=None,
         description="Keep library images in this S3 bucket instead of `DATA_DIR/library`.",

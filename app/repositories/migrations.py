@@ -16,7 +16,24 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, delete, func, null, or_, select, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    case,
+    delete,
+    func,
+    literal_column,
+    null,
+    or_,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy import (
+    insert as sql_insert,
+)
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models.db import Migration, MigrationEvent, MigrationStep
@@ -237,6 +254,129 @@ async def page(
         stmt = stmt.where(tuple_(Migration.created_at, Migration.id) < tuple_(*before))
     stmt = stmt.order_by(Migration.created_at.desc(), Migration.id.desc()).limit(limit)
     return list((await session.execute(stmt)).scalars())
+
+
+# --- read paths: one statement per migration or page, no ORM objects ----------------
+
+#: What the API shows of a step, as one JSON object per step.
+_STEP_JSON = func.jsonb_build_object(
+    "position", MigrationStep.position, "name", MigrationStep.name,
+    "cleanup", MigrationStep.cleanup, "status", MigrationStep.status,
+    "bytes_done", MigrationStep.bytes_done, "bytes_total", MigrationStep.bytes_total,
+    "started_at", MigrationStep.started_at, "finished_at", MigrationStep.finished_at,
+    "error", MigrationStep.error, "result", MigrationStep.result,
+)
+#: The migration's steps in order, aggregated in the same statement (no N+1).
+_STEPS = (
+    select(func.coalesce(
+        func.jsonb_agg(aggregate_order_by(_STEP_JSON, MigrationStep.position)),
+        literal_column("'[]'::jsonb"),
+    ))
+    .where(MigrationStep.migration_id == Migration.id)
+    .scalar_subquery()
+    .label("steps")
+)
+_VIEW_COLUMNS = (
+    Migration.id, Migration.name, Migration.type, Migration.status, Migration.phase,
+    Migration.spec, Migration.error, Migration.attempt, Migration.cancel_requested,
+    Migration.version, Migration.bytes_done, Migration.bytes_total, Migration.rate,
+    Migration.created_at, Migration.updated_at, Migration.started_at, Migration.finished_at,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A migration as the API shows it, read in one statement: its columns, and its
+    steps as the JSON objects of :data:`_STEP_JSON` in position order."""
+
+    id: uuid.UUID
+    name: str
+    type: str
+    status: str
+    phase: str | None
+    spec: JSON
+    error: JSON | None
+    attempt: int
+    cancel_requested: bool
+    version: int
+    bytes_done: int
+    bytes_total: int
+    rate: int
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    steps: list[JSON]
+
+
+def _records_query() -> Select[*tuple[Any, ...]]:
+    return select(*_VIEW_COLUMNS, _STEPS)
+
+
+async def record(session: AsyncSession, tenant: str, migration_id: uuid.UUID) -> Record | None:
+    """One migration with its steps, in one statement."""
+    stmt = _records_query().where(Migration.id == migration_id, Migration.tenant == tenant)
+    row = (await session.execute(stmt)).one_or_none()
+    return None if row is None else Record(*row)
+
+
+def page_query(
+    tenant: str,
+    *,
+    statuses: Sequence[str],
+    types: Sequence[str],
+    before: tuple[datetime, uuid.UUID] | None,
+    limit: int,
+) -> Select[*tuple[Any, ...]]:
+    """Newest first by (created_at, id), after ``before`` (the last row of the previous
+    page): a backward range scan of ``ix_migrations_tenant_created`` that stops after
+    ``limit`` rows, however many rows the tenant has."""
+    stmt = _records_query().where(Migration.tenant == tenant)
+    if statuses:
+        stmt = stmt.where(Migration.status.in_(statuses))
+    if types:
+        stmt = stmt.where(Migration.type.in_(types))
+    if before is not None:
+        stmt = stmt.where(tuple_(Migration.created_at, Migration.id) < tuple_(*before))
+    return stmt.order_by(Migration.created_at.desc(), Migration.id.desc()).limit(limit)
+
+
+async def records(
+    session: AsyncSession,
+    tenant: str,
+    *,
+    statuses: Sequence[str],
+    types: Sequence[str],
+    before: tuple[datetime, uuid.UUID] | None,
+    limit: int,
+) -> list[Record]:
+    """A page of migrations with their steps, in one statement."""
+    stmt = page_query(tenant, statuses=statuses, types=types, before=before, limit=limit)
+    return [Record(*row) for row in await session.execute(stmt)]
+
+
+# --- write paths for many rows at once ----------------------------------------------
+
+
+async def insert_many(
+    session: AsyncSession,
+    migrations: Sequence[Mapping[str, Any]],
+    steps: Sequence[Mapping[str, Any]],
+    events: Sequence[Mapping[str, Any]],
+) -> list[tuple[uuid.UUID, datetime]]:
+    """Insert migrations, their step rows and their events: three statements whatever
+    the count (multi-row VALUES). Returns each migration's (id, created_at), in order."""
+    created = await session.execute(
+        sql_insert(Migration).returning(Migration.id, Migration.created_at,
+                                        sort_by_parameter_order=True),
+        list(migrations),
+    )
+    stamps = [(row[0], row[1]) for row in created]
+    if steps:
+        await session.execute(sql_insert(MigrationStep), list(steps))
+    if events:
+        await session.execute(sql_insert(MigrationEvent), list(events))
+    return stamps
 
 
 async def delete_unless_active(

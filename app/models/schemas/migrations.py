@@ -527,6 +527,17 @@ def migration_out(row: Migration) -> MigrationView:
     return _OUT.validate_python(data)
 
 
+def view_of(data: dict[str, Any]) -> MigrationView:
+    """Validate a migration's view from plain data (columns, the stored spec, steps as
+    JSON objects), in one pass: the read paths build no ORM objects on the way."""
+    return _OUT.validate_python(data)
+
+
+def dump_view(view: MigrationView) -> bytes:
+    """The JSON of a view, as the API sends it."""
+    return _OUT.dump_json(view)
+
+
 class EventOut(BaseModel):
     id: int = Field(description="Unique across the tenant's events and allocated in the "
                     "order they are written (the `after` of /v1/events). An event can "
