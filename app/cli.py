@@ -40,14 +40,24 @@ def _logging(settings: Settings) -> None:
 @click.option("--port", type=int, default=None, help="Port (default: VMIGRATE_PORT or 8080).")
 @click.option("--no-worker", is_flag=True, help="Serve the API only; run `vmigrate worker` "
               "processes separately.")
-def serve(host: str | None, port: int | None, no_worker: bool) -> None:
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Run N API processes, and VMIGRATE_SERVE_WORKER_PROCESSES migration "
+              "workers as processes of their own (none with --no-worker). Unset: one "
+              "process serving the API with a worker inside it.")
+def serve(host: str | None, port: int | None, no_worker: bool, workers: int | None) -> None:
     """Run the HTTP API and a worker (starts the embedded PostgreSQL when no database URL
     is set)."""
     from app.main import create_app
     from app.server import serve as run_server
+    from app.server import serve_processes
 
     settings = _settings()
     _logging(settings)
+    if workers is not None:
+        serve_processes(settings, host=host or settings.host, port=port or settings.port,
+                        log_level=settings.log_level.lower(), workers=workers,
+                        migration_workers=0 if no_worker else settings.serve_worker_processes)
+        return
     run_server(create_app(settings, run_worker=not no_worker), host=host or settings.host,
                port=port or settings.port, log_level=settings.log_level.lower())
 

@@ -65,6 +65,11 @@ class Settings(BaseSettings):
         "checks aside); past it a request is answered at once with a 503 problem and "
         "`Retry-After` instead of waiting in a queue.",
     )
+    serve_worker_processes: int = Field(
+        default=1, ge=0, le=64,
+        description="`vmigrate serve --workers N`: how many migration worker processes run "
+        "beside the N API processes.",
+    )
     api_retry_after_seconds: int = Field(
         default=1, ge=1, le=3600,
         description="The `Retry-After` of an overload 503 (seconds).",

@@ -1,0 +1,142 @@
+"""Overload is answered, not queued: a bound on the requests one process works on.
+
+:class:`InFlightLimit` is a pure ASGI middleware. It counts the requests the process is
+working on; past ``max_in_flight`` a request gets a 503 problem document with
+``Retry-After`` at once, before routing, authentication or any database work, so a
+flood costs a few dozen microseconds a request and the requests already admitted keep
+their latency. A client sees a quick 503 it can retry (or send to another replica),
+never a request that sits in a queue until the client has given up.
+
+It also stops work nobody waits for: a request whose client disconnects before the
+response has been sent is cancelled (its transaction rolls back, its connection goes
+back to the pool), where the framework would otherwise finish it and write into a
+closed socket.
+
+Long-lived requests (event streams) and probes are neither counted nor cancelled: an
+event stream ends when its client goes and a probe must answer however loaded the
+process is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.problems import PROBLEM_BASE, PROBLEM_MEDIA_TYPE
+
+#: Paths never limited (liveness and readiness probes).
+PROBES = frozenset({"/healthz", "/readyz"})
+
+
+def is_event_stream(scope: Scope) -> bool:
+    """Whether the request asks for Server-Sent Events (a response without an end)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"accept" and b"text/event-stream" in value:
+            return True
+    return False
+
+
+class InFlightLimit:
+    """At most ``max_in_flight`` requests at once in this process; the rest get a 503
+    problem with ``Retry-After: retry_after`` at once. Disconnected clients' requests
+    are cancelled."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_in_flight: int,
+        retry_after: int = 1,
+        exempt_paths: frozenset[str] = PROBES,
+        exempt: Callable[[Scope], bool] = is_event_stream,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.app = app
+        self.max_in_flight = max_in_flight
+        self.exempt_paths = exempt_paths
+        self.exempt = exempt
+        self.in_flight = 0
+        #: Requests answered 503 and requests cancelled because the client left.
+        self.refused = 0
+        self.cancelled = 0
+        body = json.dumps({
+            "type": PROBLEM_BASE + "overloaded",
+            "title": "Server overloaded",
+            "status": 503,
+            "detail": f"this API process is already working on {max_in_flight} requests; "
+                      f"retry in {retry_after} s (or on another replica)",
+        }).encode()
+        self._refusal_start: Message = {
+            "type": "http.response.start", "status": 503,
+            "headers": [(b"content-type", PROBLEM_MEDIA_TYPE.encode()),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"retry-after", str(retry_after).encode())],
+        }
+        self._refusal_body: Message = {"type": "http.response.body", "body": body}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] != "http" or scope["path"] in self.exempt_paths
+                or self.exempt(scope)):
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_in_flight:
+            self.refused += 1
+            await send(self._refusal_start)
+            await send(self._refusal_body)
+            return
+        self.in_flight += 1
+        try:
+            await self._cancel_on_disconnect(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _cancel_on_disconnect(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app; cancel it if the client disconnects before the response ended.
+
+        One task reads the server's ``receive`` (nothing else does): it hands the body
+        to the app through a one-slot queue (so an upload is still read only as fast as
+        the app takes it), then waits for the disconnect the server reports, which after
+        a complete response just means "done"."""
+        inbox: asyncio.Queue[Message] = asyncio.Queue(maxsize=1)
+        responded = False
+
+        async def app_receive() -> Message:
+            return await inbox.get()
+
+        async def app_send(message: Message) -> None:
+            nonlocal responded
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                responded = True
+            await send(message)
+
+        app_task = asyncio.ensure_future(self.app(scope, app_receive, app_send))
+
+        async def pump() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if not responded and not app_task.done():
+                        self.cancelled += 1
+                        app_task.cancel()
+                    with contextlib.suppress(asyncio.QueueFull):
+                        inbox.put_nowait(message)
+                    return
+                await inbox.put(message)
+
+        pump_task = asyncio.ensure_future(pump())
+        try:
+            await asyncio.wait({app_task})
+        finally:
+            if not app_task.done():  # we were cancelled ourselves (server shutdown)
+                app_task.cancel()
+                await asyncio.wait({app_task})
+            pump_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump_task
+        if app_task.cancelled():
+            return  # the client left: nobody to answer
+        app_task.result()  # re-raises what the app raised
