@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import event, text, update
-from sqlalchemy.dialects import postgresql
 
 from app.api.deps import AppContext
 from app.config import Settings
@@ -249,7 +248,7 @@ async def test_the_list_walks_its_index_at_100k_rows(db: Database) -> None:
     for before in (None, (cursor_row[0], cursor_row[1])):
         stmt = repo.rendered_page_query("big", statuses=[], types=[], before=before,
                                         limit=51)
-        sql = str(stmt.compile(dialect=postgresql.dialect(),
+        sql = str(stmt.compile(dialect=db.engine.dialect,
                                compile_kwargs={"literal_binds": True}))
         async with db.engine.connect() as conn:
             plan = (await conn.execute(text("EXPLAIN (FORMAT JSON) " + sql))).scalar_one()
