@@ -74,6 +74,14 @@ class Settings(BaseSettings):
         default=1, ge=1, le=3600,
         description="The `Retry-After` of an overload 503 (seconds).",
     )
+    db_connect_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="Bound on opening a database connection (and on "
+        "waiting for a free pooled one); past it the request answers 503."
+    )
+    db_retry_max_seconds: float = Field(
+        default=5.0, gt=0, description="Longest wait between two attempts of a worker, "
+        "dispatcher or event listener loop that waits for the database to come back."
+    )
     library_s3_bucket: str | None = Field(
         default=None,
         description="Keep library images in this S3 bucket instead of `DATA_DIR/library`.",
@@ -99,6 +107,15 @@ class Settings(BaseSettings):
     )
     log_level: str = Field(
         default="INFO", description="Python log level: DEBUG, INFO, WARNING, ERROR."
+    )
+    image_check_min_seconds: float = Field(
+        default=60.0, gt=0, description="Checking an uploaded image (parse and digest) may "
+        "take this long, or longer for a large file (image_check_min_bytes_per_second); "
+        "past it the upload is refused and nothing is stored."
+    )
+    image_check_min_bytes_per_second: float = Field(
+        default=20 * 1024 * 1024, gt=0, description="The slowest rate, in bytes of the "
+        "uploaded file per second, at which checking it may proceed before it is refused."
     )
     worker_concurrency: int = Field(
         default=4, ge=1, description="Migrations one worker process runs at once."

@@ -13,23 +13,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import quote
 
+import asyncpg
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+
+from app.errors import AppError
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +55,169 @@ ALEMBIC_INI_PLACES = (
 )
 
 
+class DatabaseUnavailable(AppError):
+    """The database cannot be reached (down, restarting, unreachable, pool exhausted).
+
+    Raised by :meth:`Database.session` in place of the driver's error: the API answers
+    503 with ``Retry-After``; loops back off and try again; steps retry."""
+
+    status = 503
+    code = "database-unavailable"
+    title = "Database unavailable"
+    retryable = True
+
+
+#: asyncpg errors that mean "the connection or the server went away", not "the query
+#: was wrong": the operator stopping, crashing or starting the server, a lost socket.
+_ASYNCPG_GONE: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,  # includes ConnectionDoesNotExistError
+    asyncpg.exceptions.OperatorInterventionError,  # admin/crash shutdown, starting up
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, out of memory
+)
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) says the database is unreachable, as opposed
+    to a statement failing. Walks SQLAlchemy's ``orig`` and the ``__cause__`` chain."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        err = stack.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, DatabaseUnavailable):
+            return True
+        if isinstance(err, sa_exc.DBAPIError) and err.connection_invalidated:
+            return True
+        if isinstance(err, sa_exc.TimeoutError):  # no pooled connection came free
+            return True
+        if isinstance(err, (OSError, TimeoutError, *_ASYNCPG_GONE)):
+            return True
+        stack.extend([getattr(err, "orig", None), err.__cause__])
+    return False
+
+
+class Outage:
+    """What one process knows about the database being away, shared by every loop and
+    request of that process: the first failure of an outage logs one warning, the first
+    success after it logs one line saying how long it lasted. Nothing is logged per
+    attempt, however many loops retry."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.down_since: float | None = None
+        self.failures = 0
+        self.outages = 0
+
+    @property
+    def down(self) -> bool:
+        return self.down_since is not None
+
+    def down_for(self) -> float:
+        return 0.0 if self.down_since is None else self._clock() - self.down_since
+
+    def failed(self, exc: BaseException) -> None:
+        self.failures += 1
+        if self.down_since is None:
+            self.down_since = self._clock()
+            self.outages += 1
+            log.warning("database unreachable (%s); retrying with backoff, API requests "
+                        "get 503 until it is back", describe(exc))
+
+    def succeeded(self) -> None:
+        if self.down_since is not None:
+            log.warning("database reachable again after %.1f s (%d failed attempts)",
+                        self.down_for(), self.failures)
+            self.down_since = None
+            self.failures = 0
+
+
+def describe(exc: BaseException) -> str:
+    """The innermost driver error's type and message, one line, bounded (driver
+    messages name hosts and sockets, never passwords)."""
+    inner: BaseException = exc
+    while True:
+        nxt = getattr(inner, "orig", None) or inner.__cause__
+        if not isinstance(nxt, BaseException) or nxt is inner:
+            break
+        inner = nxt
+    text_ = " ".join(str(inner).split())[:200]
+    return f"{type(inner).__name__}: {text_}" if text_ else type(inner).__name__
+
+
+class Backoff:
+    """Exponential backoff with jitter for loops that wait for the database."""
+
+    def __init__(self, initial: float = 0.25, cap: float = 5.0,
+                 rng: random.Random | None = None) -> None:
+        self.initial = initial
+        self.cap = cap
+        self._next = initial
+        self._rng = rng or random.Random()
+
+    def reset(self) -> None:
+        self._next = self.initial
+
+    def next(self) -> float:
+        """The delay to wait now (half to all of the current step), and double it."""
+        delay = self._next
+        self._next = min(self.cap, self._next * 2)
+        return delay / 2 + self._rng.random() * delay / 2
+
+
 class Database:
     """An async engine and its session factory."""
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, connect_timeout: float = 10.0,
+                 retry_cap: float = 5.0) -> None:
         self.url = url
         self.engine: AsyncEngine = create_async_engine(
-            url, pool_size=pool_size, pool_pre_ping=True
+            url, pool_size=pool_size, pool_pre_ping=True, pool_timeout=connect_timeout,
+            connect_args={"timeout": connect_timeout},
         )
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.outage = Outage()
+        #: Longest wait between two attempts of a loop waiting for the database.
+        self.retry_cap = retry_cap
+
+    def backoff(self) -> Backoff:
+        return Backoff(cap=self.retry_cap)
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
-        """A session whose transaction commits on success and rolls back on error."""
-        async with self.sessions() as session, session.begin():
-            yield session
+        """A session whose transaction commits on success and rolls back on error.
+
+        A lost or unreachable database raises :class:`DatabaseUnavailable` (whatever
+        the driver said), and is noted in :attr:`outage`."""
+        try:
+            async with self.sessions() as session, session.begin():
+                yield session
+        except DatabaseUnavailable as exc:
+            self.outage.failed(exc)
+            raise
+        except AppError:
+            raise
+        except Exception as exc:
+            if not is_disconnect(exc):
+                raise
+            self.outage.failed(exc)
+            raise DatabaseUnavailable(f"the database is unreachable ({type(exc).__name__}); "
+                                      "retry shortly") from exc
+        self.outage.succeeded()
 
     async def ping(self) -> None:
-        async with self.engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            if not is_disconnect(exc):
+                raise
+            self.outage.failed(exc)
+            raise DatabaseUnavailable(f"the database is unreachable ({type(exc).__name__})"
+                                      ) from exc
+        self.outage.succeeded()
 
     async def dispose(self) -> None:
         await self.engine.dispose()

@@ -11,17 +11,18 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Security
 from fastapi.security import HTTPBearer
 
 from app.api import health, problems
 from app.api.deps import AppContext
-from app.api.idempotency import Idempotency
+from app.api.idempotency import Idempotency, document_header
 from app.api.limits import BodyLimit
 from app.config import Settings
 from app.crypto import SecretBox, load_keys
-from app.db import Database, embedded_postgres_url, upgrade
+from app.db import Database, embedded_postgres_url, is_disconnect, upgrade
 from app.engines.deps import EngineDeps
 from app.engines.registry import default_engines
 from app.engines.worker import Worker, WorkerConfig
@@ -34,9 +35,10 @@ log = logging.getLogger(__name__)
 
 API_VERSION = "0.1.0"
 
-#: Request bodies under these prefixes are streamed (image uploads): not size-limited
-#: as JSON and not buffered for Idempotency-Key.
-STREAMED_PREFIXES = ("/v1/images",)
+#: The one request whose body is streamed (an image upload): not limited to
+#: ``max_body_bytes`` and not buffered for Idempotency-Key. Exactly this method and path;
+#: every other route under /v1/images takes JSON like the rest of the API.
+STREAMED: frozenset[tuple[str, str]] = frozenset({("POST", "/v1/images")})
 
 bearer_scheme = HTTPBearer(
     auto_error=False,
@@ -53,10 +55,36 @@ async def database_url(settings: Settings) -> str:
     return await embedded_postgres_url(settings.postgres_dir)
 
 
+#: How long a starting process waits for an unreachable database before giving up.
+STARTUP_WAIT_SECONDS = 120.0
+
+
+async def _upgrade_when_reachable(db: Database, patience: float = STARTUP_WAIT_SECONDS
+                                  ) -> None:
+    """Apply the schema migrations, waiting (with backoff, one log line) while the
+    database is unreachable: a worker started during a database restart waits for it
+    instead of exiting."""
+    backoff = db.backoff()
+    deadline = asyncio.get_running_loop().time() + patience
+    while True:
+        try:
+            await upgrade(db)
+        except Exception as exc:
+            if not is_disconnect(exc) or asyncio.get_running_loop().time() >= deadline:
+                raise
+            db.outage.failed(exc)
+            await asyncio.sleep(backoff.next())
+        else:
+            db.outage.succeeded()
+            return
+
+
 async def build_context(settings: Settings, db: Database | None = None) -> AppContext:
     if db is None:
-        db = Database(await database_url(settings), pool_size=settings.db_pool_size)
-    await upgrade(db)
+        db = Database(await database_url(settings), pool_size=settings.db_pool_size,
+                      connect_timeout=settings.db_connect_timeout_seconds,
+                      retry_cap=settings.db_retry_max_seconds)
+    await _upgrade_when_reachable(db)
     keys = load_keys([k.get_secret_value() for k in settings.encryption_keys], settings.key_file)
     return AppContext(settings=settings, db=db, box=SecretBox(keys), store=build_store(settings))
 
@@ -67,14 +95,55 @@ def build_dispatcher(ctx: AppContext) -> Dispatcher:
                       DispatcherConfig.from_settings(ctx.settings))
 
 
+class Background:
+    """The worker and webhook dispatcher that run beside the API in ``vmigrate serve``
+    (or alone in ``vmigrate worker``), and what ``/readyz`` says about them."""
+
+    def __init__(self, ctx: AppContext) -> None:
+        self.worker = build_worker(ctx)
+        self.dispatcher = build_dispatcher(ctx)
+        self.task: asyncio.Task[None] | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await asyncio.gather(self.worker.run(stop), self.dispatcher.run(stop))
+
+    def start(self, stop: asyncio.Event) -> None:
+        self.task = asyncio.create_task(self.run(stop), name="background")
+        self.task.add_done_callback(self._ended)
+
+    @staticmethod
+    def _ended(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the in-process worker ended: %r", task.exception())
+
+    def health(self) -> dict[str, str]:
+        """``worker`` and ``webhooks``: ``ok``, or why not (``/readyz`` fails unless
+        both are ``ok``)."""
+        if self.task is not None and self.task.done():
+            return {"worker": "stopped", "webhooks": "stopped"}
+        return {"worker": self.worker.health(),
+                "webhooks": "waiting for the database" if self.dispatcher.failing else "ok"}
+
+
 async def run_background(ctx: AppContext, stop: asyncio.Event) -> None:
     """A worker and a webhook dispatcher, until ``stop`` is set."""
-    await asyncio.gather(build_worker(ctx).run(stop), build_dispatcher(ctx).run(stop))
+    await Background(ctx).run(stop)
 
 
 def build_worker(ctx: AppContext) -> Worker:
     deps = EngineDeps(settings=ctx.settings, db=ctx.db, box=ctx.box, store=ctx.store)
     return Worker(ctx.db, ctx.box, default_engines(deps), WorkerConfig.from_settings(ctx.settings))
+
+
+def _document_idempotency(app: FastAPI) -> None:
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document_header(generate(), STREAMED)
+        return app.openapi_schema or generate()
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(
@@ -92,14 +161,17 @@ def create_app(
         ctx.events.start()
         app.state.ctx = ctx
         stop = asyncio.Event()
-        worker = asyncio.create_task(run_background(ctx, stop)) if run_worker else None
+        background = Background(ctx) if run_worker else None
+        app.state.background = background
+        if background is not None:
+            background.start(stop)
         try:
             yield
         finally:
             stop.set()  # the worker hands its migrations back before the pool closes
             await ctx.events.close()  # ends every event stream
-            if worker is not None:
-                await worker
+            if background is not None and background.task is not None:
+                await asyncio.gather(background.task, return_exceptions=True)
             if owns_db:
                 await ctx.db.dispose()
 
@@ -110,10 +182,13 @@ def create_app(
         lifespan=lifespan,
     )
     problems.install(app)
+    _document_idempotency(app)
     # Added first, so it runs inside BodyLimit: the bodies it buffers are bounded.
-    app.add_middleware(Idempotency, exempt_prefixes=STREAMED_PREFIXES)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
-                       exempt_prefixes=STREAMED_PREFIXES)
+    app.add_middleware(Idempotency, streamed=STREAMED)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, streamed=STREAMED)
+    # Outermost: an exception that escaped everything else still becomes a problem
+    # document (503 for a lost database), and the connection stays open.
+    app.add_middleware(problems.ContainErrors)
     app.include_router(health.router)
     from app.api import routers
 

@@ -7,13 +7,13 @@ that belongs to a migration.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from app.api.deps import Context, Session, require_any
-from app.api.pagination import Limit
+from app.api.pagination import Limit, utc
 from app.api.problems import problem_responses
 from app.api.sse import STREAM_CONTENT, LastEventId, stream_response, wants_stream
 from app.errors import InvalidInput
@@ -38,10 +38,9 @@ TypeFilter = Annotated[
 
 
 def aware(value: datetime | None) -> datetime | None:
-    """Timestamps without an offset are UTC."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
+    """Timestamps in UTC (those without an offset are UTC), clamped to the range of
+    timestamps (:func:`~app.api.pagination.utc`)."""
+    return None if value is None else utc(value)
 
 
 def event_filter(

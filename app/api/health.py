@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from pydantic import BaseModel
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
 
 from app.api.deps import Context
 from app.api.problems import problem_responses
@@ -21,6 +21,12 @@ class Readiness(BaseModel):
     status: str
     database: str
     schema_revision: str | None
+    worker: str | None = Field(
+        default=None, description="The in-process worker (`vmigrate serve` without "
+        "`--no-worker`): `ok`, or why not; null when this process runs none.")
+    webhooks: str | None = Field(
+        default=None, description="The in-process webhook dispatcher: `ok`, or why not; "
+        "null when this process runs none.")
 
 
 class NotReady(AppError):
@@ -40,8 +46,9 @@ async def healthz() -> Health:
     "/readyz", operation_id="readiness", response_model=Readiness,
     responses=problem_responses(503),
 )
-async def readyz(ctx: Context) -> Readiness:
-    """The database is reachable and its schema is at the head migration."""
+async def readyz(ctx: Context, request: Request) -> Readiness:
+    """The database is reachable, its schema is at the head and the in-process worker
+    and webhook dispatcher (if any) work."""
     try:
         await ctx.db.ping()
         revision = await current_revision(ctx.db)
@@ -49,4 +56,11 @@ async def readyz(ctx: Context) -> Readiness:
         raise NotReady(f"database unreachable: {type(exc).__name__}") from exc
     if revision != head_revision():
         raise NotReady(f"database schema at {revision}, expected {head_revision()}")
-    return Readiness(status="ok", database="ok", schema_revision=revision)
+    background = getattr(request.app.state, "background", None)
+    parts = background.health() if background is not None else {}
+    broken = {name: state for name, state in parts.items() if state != "ok"}
+    if broken:
+        raise NotReady("; ".join(f"{name}: {state}" for name, state in broken.items()),
+                       extra={"errors": [{"pointer": f"/{name}", "detail": state}
+                                         for name, state in broken.items()]})
+    return Readiness(status="ok", database="ok", schema_revision=revision, **parts)

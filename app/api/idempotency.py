@@ -32,7 +32,6 @@ from typing import Annotated, Any
 import anyio
 from fastapi import Header
 from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import AppContext
@@ -45,10 +44,18 @@ log = logging.getLogger(__name__)
 
 HEADER = "idempotency-key"
 MAX_KEY_LENGTH = 255
+#: What a key may hold: visible ASCII (see :func:`_valid_key`).
+_KEY_PATTERN = "^[!-~]+$"
 #: Response headers worth replaying; others (date, server, ...) are per response.
 _KEPT_HEADERS = frozenset({b"content-type", b"location", b"etag", b"link", b"retry-after"})
 #: Larger responses are not stored (the claim is released): a retry runs again.
 _MAX_STORED = 4 * 1024 * 1024
+
+
+_HEADER_DESCRIPTION = (
+    "Makes the POST safe to retry: a repeat with the same key and body returns the first "
+    "response instead of running again (keys last `idempotency_ttl_seconds`). Same key, "
+    "different request: 422; while the first is still running: 409.")
 
 
 #: Declare on a POST route (``key: IdempotencyKeyHeader = None``) to document the header
@@ -56,13 +63,37 @@ _MAX_STORED = 4 * 1024 * 1024
 IdempotencyKeyHeader = Annotated[
     str | None,
     Header(
-        alias="Idempotency-Key", max_length=MAX_KEY_LENGTH,
-        description="Makes the POST safe to retry: a repeat with the same key and body "
-        "returns the first response instead of running again (keys last "
-        "`idempotency_ttl_seconds`). Same key, different request: 422; while the first "
-        "is still running: 409.",
+        alias="Idempotency-Key", max_length=MAX_KEY_LENGTH, description=_HEADER_DESCRIPTION,
     ),
 ]
+
+
+def document_header(spec: dict[str, Any], streamed: frozenset[tuple[str, str]]) -> None:
+    """Declare ``Idempotency-Key`` on every POST of the OpenAPI document that the
+    middleware covers (all but the streamed uploads), whether or not the route declared
+    it with :data:`IdempotencyKeyHeader`, with the 400 a malformed key gets: the
+    document says what the service does."""
+    for path, item in spec.get("paths", {}).items():
+        operation = item.get("post")
+        if not isinstance(operation, dict) or ("POST", path) in streamed:
+            continue
+        operation.get("responses", {}).setdefault("400", {
+            "description": "Problem", "content": {"application/problem+json": {
+                "schema": {"$ref": "#/components/schemas/Problem"}}}})
+        params = operation.setdefault("parameters", [])
+        for param in params:
+            if param.get("in") == "header" and param.get("name", "").lower() == HEADER:
+                param["schema"]["anyOf"][0]["pattern"] = _KEY_PATTERN
+                break
+        else:
+            params.append({
+                "name": "Idempotency-Key", "in": "header", "required": False,
+                "description": _HEADER_DESCRIPTION,
+                "schema": {"anyOf": [{"type": "string", "minLength": 1,
+                                      "maxLength": MAX_KEY_LENGTH, "pattern": _KEY_PATTERN},
+                                     {"type": "null"}],
+                           "description": _HEADER_DESCRIPTION, "title": "Idempotency-Key"},
+            })
 
 
 class Idempotency:
@@ -70,19 +101,19 @@ class Idempotency:
 
     def __init__(
         self, app: ASGIApp, *, in_flight_timeout: float = 300.0,
-        exempt_prefixes: tuple[str, ...] = (),
+        streamed: frozenset[tuple[str, str]] = frozenset(),
     ) -> None:
         self.app = app
         #: A claim older than this with no response is taken to be orphaned (its
         #: process died) and may be claimed again.
         self.in_flight_timeout = timedelta(seconds=in_flight_timeout)
-        #: Streaming uploads are not buffered, hence not covered.
-        self.exempt = exempt_prefixes
+        #: (method, path) of streamed uploads: not buffered, hence not covered.
+        self.streamed = streamed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             scope["type"] != "http" or scope["method"] != "POST"
-            or scope["path"].startswith(self.exempt)
+            or (scope["method"], scope["path"]) in self.streamed
         ):
             await self.app(scope, receive, send)
             return
@@ -101,12 +132,7 @@ class Idempotency:
         if tenant is None:
             await self.app(scope, receive, send)
             return
-        try:
-            body = await _read_body(receive)
-        except HTTPException as exc:  # BodyLimit's 413, raised from its receive
-            await _problem(scope, receive, send, exc.status_code, "request-body-too-large",
-                           "Request body too large", str(exc.detail))
-            return
+        body = await _read_body(receive)  # bounded: BodyLimit already read it
         if body is None:  # the client went away
             return
         await self._handle(ctx, tenant, key, body, scope, receive, send)

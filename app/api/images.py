@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request, Response
@@ -20,8 +20,8 @@ from app.api.pagination import Cursor, Limit, Page, after_uuid, encode_cursor
 from app.api.problems import problem_responses
 from app.errors import AppError
 from app.formats.base import FORMATS, RandomAccessSource
-from app.models.schemas.images import ImageOut
-from app.models.schemas.migrations import MigrationOut, MigrationView
+from app.models.schemas.images import ConversionFormat, ImageOut
+from app.models.schemas.migrations import MigrationOut, MigrationView, Options
 from app.services import images as service
 from app.services.tokens import Principal
 
@@ -40,6 +40,17 @@ class RangeNotSatisfiable(AppError):
     status = 416
     code = "range-not-satisfiable"
     title = "Range not satisfiable"
+
+
+def _disconnected(request: Request) -> Callable[[], Awaitable[None]]:
+    """Returns once the client has gone (call after the body was read: then the only
+    message left to receive is the disconnect)."""
+
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return wait
 
 
 def _etag(image_id: uuid.UUID) -> str:
@@ -66,6 +77,9 @@ async def upload_image(
     image = await service.upload(
         session, ctx.store, principal.tenant, name=name, declared_format=format,
         body=request.stream(), max_bytes=ctx.settings.max_image_bytes,
+        budget=service.CheckBudget(ctx.settings.image_check_min_seconds,
+                                   ctx.settings.image_check_min_bytes_per_second),
+        gone=_disconnected(request),
     )
     response.headers["Location"] = f"/v1/images/{image.id}"
     return ImageOut.model_validate(image)
@@ -98,6 +112,15 @@ async def get_image(image_id: uuid.UUID, principal: Reader, session: Session) ->
     return ImageOut.model_validate(await service.get(session, principal.tenant, image_id))
 
 
+#: Positions longer than this many digits are past the end of any image (and ``int`` of
+#: thousands of digits is refused by Python, or slow).
+_MAX_DIGITS = 19
+
+
+def _position(digits: str) -> int:
+    return int(digits) if len(digits) <= _MAX_DIGITS else 1 << 63
+
+
 def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """(start, end exclusive) of a single ``bytes=`` range, None for the whole object."""
     if header is None:
@@ -107,12 +130,13 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None  # unsupported forms (multiple ranges) get the whole object (RFC 9110)
     first, last = match.group(1), match.group(2)
     if first:
-        start = int(first)
-        end = min(int(last) + 1, size) if last else size
+        start = _position(first)
+        end = min(_position(last) + 1, size) if last else size
     else:
-        start, end = max(size - int(last), 0), size
+        start, end = max(size - _position(last), 0), size
     if start >= size or start >= end:
-        raise RangeNotSatisfiable(f"range {header!r} is outside the {size}-byte image",
+        shown = header if len(header) <= 64 else header[:61] + "..."
+        raise RangeNotSatisfiable(f"range {shown!r} is outside the {size}-byte image",
                                   extra={"size": size})
     return start, end
 
@@ -164,10 +188,11 @@ async def download_image(
 
 class ConversionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    format: Literal["raw", "qcow2", "vmdk", "vhd", "vhdx"] = Field(
-        description="The format of the new image.")
+    format: ConversionFormat = Field(description="The format of the new image.")
     name: str | None = Field(default=None, min_length=1, max_length=128, pattern=_PRINTABLE,
                              description="Name of the job and the new image.")
+    options: Options = Field(default_factory=Options,
+                             description="Bandwidth cap of the conversion.")
 
 
 @router.post(
@@ -182,7 +207,7 @@ async def convert_image(
     migration (watch it at the Location); it ends by adding the new image, whose
     ``parent_id`` is this one."""
     job = await service.request_conversion(session, principal.tenant, image_id, body.format,
-                                           body.name)
+                                           body.name, body.options.model_dump(mode="json"))
     response.headers["Location"] = f"/v1/migrations/{job.id}"
     return job
 

@@ -6,7 +6,7 @@ import base64
 import binascii
 import json
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Generic, TypeVar
 
 from fastapi import Query
@@ -29,12 +29,33 @@ def encode_cursor(created_at: datetime, row_id: uuid.UUID | int) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+_OLDEST = datetime.min.replace(tzinfo=UTC)
+_NEWEST = datetime.max.replace(tzinfo=UTC)
+
+
+def utc(value: datetime) -> datetime:
+    """``value`` in UTC (no offset: taken as UTC), clamped to what Python can represent:
+    ``0001-01-01T00:00:00+14:00`` is before every row, not an ``OverflowError``."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        offset = value.utcoffset()
+        return _OLDEST if offset is not None and offset.total_seconds() > 0 else _NEWEST
+
+
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (created_at in UTC, id) of a cursor; 422 for anything this API did not make
+    (its timestamps always carry an offset)."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, row_id = json.loads(raw)
-        return datetime.fromisoformat(created), str(row_id)
-    except (ValueError, TypeError, binascii.Error) as exc:
+        when = datetime.fromisoformat(created)
+        if when.tzinfo is None:
+            raise ValueError("no offset")
+        return when.astimezone(UTC), str(row_id)
+    except (ValueError, TypeError, OverflowError, binascii.Error, RecursionError) as exc:
         raise InvalidInput(
             "cursor is not one this API returned",
             extra={"errors": [{"pointer": "/cursor", "detail": "malformed cursor"}]},

@@ -2,8 +2,11 @@
 
 Every error leaves as ``application/problem+json`` with ``type``, ``title``,
 ``status`` and ``detail``; validation errors add ``errors``: one entry per bad field
-with its JSON pointer (``/source/port``) and what is wrong. Unexpected exceptions
-become a 500 whose detail names nothing internal (the traceback goes to the log).
+with its JSON pointer (``/source/port``) and what is wrong. An unreachable database
+is a 503 with ``Retry-After`` (:class:`~app.db.DatabaseUnavailable`). Unexpected
+exceptions become a 500 whose detail names nothing internal (the traceback goes to the
+log); :class:`ContainErrors` makes sure none escapes the app, since the server would
+then close the client's keep-alive connection.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.db import DatabaseUnavailable, is_disconnect
 from app.errors import AppError
 
 log = logging.getLogger(__name__)
@@ -154,13 +160,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(AppError)
     async def _app_error(request: Request, exc: AppError) -> JSONResponse:
-        errors = exc.extra.get("errors")
-        field_errors = [FieldError(**e) for e in errors] if isinstance(errors, list) else None
-        headers = {"Retry-After": "5"} if exc.retryable else None
-        return problem_response(
-            exc.status, exc.code, exc.title, exc.message,
-            instance=request.url.path, errors=field_errors, headers=headers,
-        )
+        return app_error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -186,12 +186,66 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem_response(
-            500, "internal-error", "Internal error",
-            "The service failed unexpectedly; the error was logged.",
-            instance=request.url.path,
-        )
+        return unexpected_response(exc, request.method, request.url.path)
+
+
+def app_error_response(exc: AppError, path: str) -> JSONResponse:
+    errors = exc.extra.get("errors")
+    field_errors = [FieldError(**e) for e in errors] if isinstance(errors, list) else None
+    headers = {"Retry-After": "5"} if exc.retryable else None
+    return problem_response(
+        exc.status, exc.code, exc.title, exc.message,
+        instance=path, errors=field_errors, headers=headers,
+    )
+
+
+def unexpected_response(exc: Exception, method: str, path: str) -> JSONResponse:
+    """A 503 when the database is away (the outage is logged once, by the database);
+    otherwise a 500 whose detail names nothing internal, the traceback logged."""
+    if isinstance(exc, AppError):
+        return app_error_response(exc, path)
+    if isinstance(exc, ClientDisconnect):  # nobody will read the answer; nothing to log
+        return problem_response(499, "client-closed-request", "Client closed the request",
+                                "the client disconnected before the request was read",
+                                instance=path)
+    if is_disconnect(exc):
+        return app_error_response(DatabaseUnavailable(
+            "the database is unreachable; retry shortly"), path)
+    log.exception("unhandled error on %s %s", method, path)
+    return problem_response(
+        500, "internal-error", "Internal error",
+        "The service failed unexpectedly; the error was logged.", instance=path,
+    )
+
+
+class ContainErrors:
+    """The outermost middleware: an exception that escaped the app (a route, a
+    dependency or another middleware) becomes a problem document here and goes no
+    further. Re-raised, it would make the server close the keep-alive connection after
+    the 500, and the client's next request on it would fail too."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:  # too late for a problem document: the server ends the response
+                raise
+            response = unexpected_response(exc, scope["method"], scope["path"])
+            await response(scope, receive, send)
 
 
 def _document_problem_media_type(spec: dict[str, Any]) -> None:

@@ -10,18 +10,17 @@ that fails later for want of a driver.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import get_args
 
 from app.drivers.kit.spec import DriverSpec, Role
 from app.drivers.registry import ENGINES, SPECS, EngineSupport, can_play, spec_for
-from app.models.enums import CloudKind, ImageFormat
+from app.models.enums import CloudKind, ImageFormat, StoreFormat
 
 __all__ = ["IMPORT_FORMATS", "MATRIX", "STORE_FORMATS", "CapabilityMatrix", "Role",
            "import_formats", "matrix_from"]
 
 #: Formats a mode-``store`` migration can leave in the image library (the spec's list).
-STORE_FORMATS: tuple[ImageFormat, ...] = (
-    ImageFormat.vhd, ImageFormat.qcow2, ImageFormat.raw, ImageFormat.vmdk,
-)
+STORE_FORMATS: tuple[ImageFormat, ...] = get_args(StoreFormat)
 
 
 class CapabilityMatrix:

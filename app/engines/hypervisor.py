@@ -50,8 +50,8 @@ from app.drivers.base import (
     DiskExport,
     ImportDisk,
     ImportSpec,
+    ServerLookup,
 )
-from app.drivers.base import ServerLookup as ServerRef
 from app.drivers.kit.connection import CloudConnection
 from app.engines.clouds import open_cloud
 from app.engines.deps import EngineDeps
@@ -301,6 +301,10 @@ class _StagingEngine(Engine):
             checked.append(CheckedImage(label=disk.label, digest=digest, size=size))
         return CheckImageResult(disks=tuple(checked))
 
+    def _image_name(self, server_name: str, disk_label: str) -> str:
+        """The library name of a stored disk: ``<server>-<disk>``."""
+        return f"{server_name}-{disk_label}".replace(" ", "-")[:255]
+
     async def _store(self, ctx: StepContext) -> StoreResult:
         server_name = self._validated().server_name
         ids = []
@@ -315,15 +319,15 @@ class _StagingEngine(Engine):
                           else self.deps.store.size(staged.key))
             lineage = self._lineage()
             async with self.deps.db.session() as session:
-                await images_repo.insert_image(session, VirtualImage(
+                created = await images_repo.add_image(session, VirtualImage(
                     id=image_id, tenant=self.run.tenant, status=ImageStatus.ready,
-                    name=f"{server_name}-{disk.label}".replace(" ", "-")[:255],
+                    name=self._image_name(server_name, disk.label),
                     format=disk.format.value, virtual_size=disk.virtual_size, size=size,
                     digest=disk.digest, location=staged.key,
                     migration_id=lineage.migration_id, cloud_id=lineage.cloud_id,
                     server=lineage.server, parent_id=lineage.parent_id))
             ids.append(image_id)
-            await ctx.event("image.created", {"image_id": str(image_id), "disk": disk.label})
+            await ctx.event("image.created", created)
         return StoreResult(images=tuple(ids))
 
     # --- cleanup ----------------------------------------------------------------------
@@ -412,7 +416,7 @@ class HypervisorEngine(_StagingEngine):
             return await self._validate_image(await self._target_format())
         ref = self._vm_source().server
         src = await self.sessions.source()
-        info = await src.validate_source(ServerRef(id=ref.id, name=ref.name))
+        info = await src.validate_source(ServerLookup(id=ref.id, name=ref.name))
         if not info.disks:
             raise AppError(f"server {info.name} has no disks to migrate")
         return ValidateResult(
@@ -497,7 +501,7 @@ class HypervisorEngine(_StagingEngine):
                 dest.model_dump(exclude=_NOT_PLACEMENT, exclude_none=True)))
         dst = await self.sessions.destination()
         # A dead worker may have left a half-imported VM: remove it (only ours).
-        await dst.destroy_vm(ServerRef(name=name), marker=self.marker)
+        await dst.destroy_vm(ServerLookup(name=name), marker=self.marker)
         created = await dst.import_vm(spec, disks)
         await ctx.event("migration.vm.provisioned", {"server_id": created.id, "name": name})
         return ProvisionResult(server_id=created.id, server_name=created.name)
@@ -507,7 +511,7 @@ class HypervisorEngine(_StagingEngine):
         expected = [d.digest for d in self._transferred().disks]
         new_id = self.run.result_of("provision", ProvisionResult).server_id
         dst = await self.sessions.destination_reader()
-        info = await dst.validate_source(ServerRef(id=new_id))
+        info = await dst.validate_source(ServerLookup(id=new_id))
         got = []
         async with dst.export_disks(new_id, None) as export:
             for disk in info.disks:
@@ -560,6 +564,10 @@ class ConversionEngine(_StagingEngine):
 
     def _lineage(self) -> Lineage:
         return Lineage(uuid.UUID(self.run.id), parent_id=self.spec.image_id)
+
+    def _image_name(self, server_name: str, disk_label: str) -> str:
+        # The conversion's name (the request's, or "<image> to <format>") names the image.
+        return self.spec.image_name or super()._image_name(server_name, disk_label)
 
     async def _validate(self, ctx: StepContext) -> ValidateResult:
         return await self._validate_image(self.spec.format)

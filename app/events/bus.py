@@ -29,7 +29,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from app.db import Database
+from app.db import Backoff, Database, describe, is_disconnect
 from app.models.event_filter import EventFilter
 from app.models.schemas.migrations import EventOut
 from app.repositories import events as repo
@@ -179,14 +179,22 @@ class EventBus:
             self._wake.set()
 
     async def _listen(self) -> None:
+        """Hold the LISTEN connection; reconnect with backoff whenever it is lost. A lost
+        connection is logged once; failed reconnects count towards the database's
+        outage (:class:`~app.db.Outage`, logged once per outage), not one line each."""
+        backoff = Backoff(self.reconnect_seconds, self.db.retry_cap)
+        failing = False
         while True:
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(self._dsn())
+                conn = await asyncpg.connect(self._dsn(), timeout=10)
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
                 self._listening.set()
+                self.db.outage.succeeded()
+                backoff.reset()
+                failing = False
                 log.info("listening for events on %s", CHANNEL)
                 while not lost.is_set():
                     with contextlib.suppress(TimeoutError):
@@ -197,7 +205,14 @@ class EventBus:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("event listener lost (%s); reconnecting", exc)
+                if self._listening.is_set():
+                    log.warning("event listener lost (%s); reconnecting", describe(exc))
+                elif is_disconnect(exc):
+                    self.db.outage.failed(exc)
+                elif not failing:
+                    log.warning("event listener cannot listen (%s); retrying with backoff",
+                                describe(exc))
+                failing = True
             finally:
                 if self._listening.is_set():
                     self._listening.clear()
@@ -205,7 +220,7 @@ class EventBus:
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(conn.close(timeout=2))
-            await asyncio.sleep(self.reconnect_seconds)
+            await asyncio.sleep(backoff.next())
 
     async def _fetch(self) -> None:
         while True:
@@ -219,7 +234,8 @@ class EventBus:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    log.warning("could not read notified events (%s)", exc)
+                    if not is_disconnect(exc):  # an outage is logged once, by Database
+                        log.warning("could not read notified events (%s)", describe(exc))
                     self._drop_all("event delivery was interrupted; resume with Last-Event-ID")
                     continue
                 for row in rows:

@@ -6,10 +6,10 @@ Reader (needs a :class:`~app.formats.base.RandomAccessSource`)
     standard, zero-flag (v3), unallocated and compressed clusters (zlib = raw deflate,
     and zstd from the v3 ``compression_type`` field), extended L2 entries with
     subclusters, internal snapshots (ignored: the active L1 table is read), lazy
-    refcounts (refcounts are never needed for reading). :meth:`Qcow2Reader.allocation_map`
-    answers from L1/L2 without reading data. Contiguous host clusters are coalesced
-    into large reads with several in flight; compressed clusters are inflated on a
-    thread pool.
+    refcounts (refcounts are read only to check that clusters in use are counted).
+    :meth:`Qcow2Reader.allocation_map` answers from L1/L2 without reading data.
+    Contiguous host clusters are coalesced into large reads with several in flight;
+    compressed clusters are inflated on a thread pool.
 
     Refused with a :class:`~app.formats.base.FormatError`: qcow version 1 and unknown
     versions, backing files ("flatten the chain first"), encryption (AES or LUKS),
@@ -18,7 +18,11 @@ Reader (needs a :class:`~app.formats.base.RandomAccessSource`)
     ``max_virtual_size``, and any malformed or inconsistent structure (truncation,
     tables past the end of the file, metadata overlaps, reserved bits, compressed
     clusters that do not inflate to exactly one cluster). Standard data clusters must
-    lie wholly inside the file (QEMU always writes them whole).
+    lie wholly inside the file (QEMU always writes them whole). The work an image can
+    cause is bounded by what it holds (:mod:`app.formats.qcow2_guard`): no host cluster
+    shared within the active L2 tables, compressed data claiming at most
+    ``max_compression_ratio`` times its host clusters, no cluster in use with a refcount
+    of 0; all checked as the L2 tables are walked, before the data they map is read.
 
 Writer
     See :mod:`app.formats.qcow2_writer`.
@@ -51,6 +55,7 @@ from app.formats.base import (
     SequentialSource,
     WriterOptions,
 )
+from app.formats.qcow2_guard import DEFAULT_MAX_COMPRESSION_RATIO, AllocationGuard
 from app.formats.qcow2_writer import Qcow2StreamWriter, Qcow2Writer, create_qcow2_writer
 from app.formats.raw import READ_DEPTH, prefetch_reads
 
@@ -221,8 +226,14 @@ class Qcow2Reader(ImageReader):
         file_size: int,
         extended_l2: bool,
         metadata: _Metadata,
+        refcount_table: bytes = b"",
+        max_compression_ratio: float = DEFAULT_MAX_COMPRESSION_RATIO,
+        check_allocation: bool = True,
     ) -> None:
         self._source = source
+        self._refcount_table = refcount_table
+        self._max_ratio = max_compression_ratio
+        self._check_allocation = check_allocation
         self._hdr = header
         self._l1 = l1
         self._file_size = file_size
@@ -274,6 +285,9 @@ class Qcow2Reader(ImageReader):
         cs = self._cs
         span = cs * self._l2_entries
         tables = prefetch_reads(self._source, self._l2_plan(), depth=2, fmt=FMT)
+        guard = AllocationGuard(self._source, self._hdr, self._file_size,
+                                self._refcount_table,
+                                max_compression_ratio=self._max_ratio)
         buf: bytes | memoryview = b""
         buf_off = buf_end = 0
         try:
@@ -293,6 +307,8 @@ class Qcow2Reader(ImageReader):
                     buf_end = buf_off + len(buf)
                 table = bytes(buf[off - buf_off : off - buf_off + cs])
                 runs = self._check_overlaps(self._parse_l2(table, guest, off), off)
+                if self._check_allocation:
+                    await guard.check(runs, off)
                 yield self._skipped(runs) if guest < self._skip_below else runs
         finally:
             await tables.aclose()
@@ -629,8 +645,14 @@ async def open_reader(
     source: RandomAccessSource | SequentialSource,
     *,
     max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE,
+    max_compression_ratio: float = DEFAULT_MAX_COMPRESSION_RATIO,
+    check_allocation: bool = True,
 ) -> Qcow2Reader:
-    """Parse and validate the header, extensions and L1 table of a qcow2 image."""
+    """Parse and validate the header, extensions and L1 table of a qcow2 image.
+
+    ``check_allocation=False`` reads L2 entries as they are, unchecked against each
+    other and the refcounts (:mod:`app.formats.qcow2_guard`): for tests of the parser
+    and for repairing tools, never for images from outside."""
     if not isinstance(source, RandomAccessSource):
         raise FormatError("reading qcow2 needs random access (a file or ranged HTTP)", fmt=FMT)
     file_size = source.size
@@ -729,6 +751,10 @@ async def open_reader(
         raise FormatError(
             f"bad refcount table ({rt_clusters} clusters at {rt_off:#x})", fmt=FMT, offset=48
         )
+    # The part of the refcount table that covers the file (the rest may be unread).
+    per_block = cs * 8 // (1 << hdr.refcount_order)
+    rt_needed = min(rt_clusters * cs, L.div_round_up(L.div_round_up(file_size, cs), per_block) * 8)
+    refcount_table = await _read_exact(source, rt_off, rt_needed, "refcount table")
     fixed = [0]  # the header cluster
     if needed:
         fixed.extend(
@@ -765,6 +791,9 @@ async def open_reader(
         file_size=file_size,
         extended_l2=extended_l2,
         metadata=_Metadata(clusters),
+        refcount_table=refcount_table,
+        max_compression_ratio=max_compression_ratio,
+        check_allocation=check_allocation,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal
 
 
 # Every platform of the product spec. Which of them a deployment accepts, and in which
@@ -41,10 +42,18 @@ class Platform(StrEnum):
 
 
 class ImageFormat(StrEnum):
+    """The disk formats of library images (every format with a reader and a writer)."""
+
     vhd = "vhd"
     qcow2 = "qcow2"
     raw = "raw"
     vmdk = "vmdk"
+    vhdx = "vhdx"
+
+
+#: The formats a mode-``store`` migration leaves in the library: the product spec's list
+#: (a stored image converts to vhdx, like any library image, afterwards).
+StoreFormat = Literal[ImageFormat.vhd, ImageFormat.qcow2, ImageFormat.raw, ImageFormat.vmdk]
 
 
 class MigrationStatus(StrEnum):

@@ -9,6 +9,10 @@ from sqlalchemy import delete, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models.db import VirtualImage
+from app.models.json import EventPayload
+
+#: The payload of an ``image.created`` event.
+ImageCreated = EventPayload
 
 
 async def get_image(session: AsyncSession, tenant: str, image_id: uuid.UUID) -> VirtualImage | None:
@@ -18,11 +22,24 @@ async def get_image(session: AsyncSession, tenant: str, image_id: uuid.UUID) -> 
     return result.scalar_one_or_none()
 
 
-async def insert_image(session: AsyncSession, image: VirtualImage) -> VirtualImage:
+async def add_image(session: AsyncSession, image: VirtualImage) -> ImageCreated:
+    """Put a new image into the library (the one way: uploads, migrations and
+    conversions alike) and return the payload of its ``image.created`` event, which the
+    caller records in its scope (tenant-level for an upload, the migration's own log for
+    an image a migration or conversion made)."""
     session.add(image)
     await session.flush()
     await session.refresh(image)
-    return image
+    return image_created(image)
+
+
+def image_created(image: VirtualImage) -> ImageCreated:
+    """The payload of ``image.created`` (docs/webhooks.md): what a consumer needs without
+    another call, and where the image came from."""
+    return {"image_id": str(image.id), "name": image.name, "format": image.format,
+            "virtual_size": image.virtual_size, "size": image.size, "digest": image.digest,
+            "migration_id": None if image.migration_id is None else str(image.migration_id),
+            "parent_id": None if image.parent_id is None else str(image.parent_id)}
 
 
 async def list_images(

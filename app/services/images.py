@@ -8,16 +8,18 @@ in the library (row or object) until every check passed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import AppError, Conflict, InvalidInput, NotFound
-from app.formats.base import FormatError, RandomAccessSource
+from app.formats.base import Extent, FormatError, RandomAccessSource
 from app.formats.digest import digest_extents
 from app.formats.io import FileSource
 from app.formats.registry import open_reader
@@ -29,6 +31,10 @@ from app.repositories import images as repo
 from app.storage.base import ImageStore, StagedImage
 
 log = logging.getLogger(__name__)
+
+
+#: Disks are made of sectors: every format but raw says so by construction.
+SECTOR = 512
 
 
 class TooLarge(AppError):
@@ -44,11 +50,68 @@ class Inspected:
     digest: str
 
 
+class InspectionTooLong(AppError):
+    status = 422
+    code = "image-check-timeout"
+    title = "Image check took too long"
+
+
+class ClientGone(AppError):
+    status = 499
+    code = "client-closed-request"
+    title = "Client closed the request"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckBudget:
+    """How long checking an upload may take: ``min_seconds``, or longer for a large file
+    at ``min_bytes_per_second`` (a file can justify work in proportion to its size)."""
+
+    min_seconds: float = 60.0
+    min_bytes_per_second: float = 20 * 1024 * 1024
+
+    def seconds(self, size: int) -> float:
+        return max(self.min_seconds, size / self.min_bytes_per_second)
+
+
+#: Data bytes an image may claim per byte of its file (and per MiB for tiny files).
+#: Nothing but compression makes the two differ, and real disks compress a few times;
+#: qcow2 checks its compressed clusters itself, this bounds every format.
+MAX_CLAIM_RATIO = 256
+
+
+class ClaimsTooMuch(FormatError):
+    """The image claims more data than its size can hold."""
+
+
+async def _counted(extents: AsyncIterator[Extent], limit: int) -> AsyncIterator[Extent]:
+    data = 0
+    async for ext in extents:
+        if ext.data is not None:
+            data += ext.length
+            if data > limit:
+                raise ClaimsTooMuch(f"the image holds more than {limit} bytes of data, "
+                                    f"over {MAX_CLAIM_RATIO} times its size")
+        yield ext
+
+
 async def inspect(source: RandomAccessSource, declared: str | None) -> Inspected:
-    """Identify an image, check it parses end to end, and compute its digest."""
+    """Identify an image, check it parses end to end, and compute its digest.
+
+    The work is bounded by what the file can justify: the allocation the image claims
+    (from its tables, before any data is read, where the format says) and the data it
+    actually yields may not exceed :data:`MAX_CLAIM_RATIO` times its size."""
+    limit = MAX_CLAIM_RATIO * max(source.size, 1024 * 1024)
     reader = await open_reader(source, declared)
     try:
-        digest = await digest_extents(reader.extents(), reader.virtual_size)
+        allocation = await reader.allocation_map()
+        if allocation is not None:
+            claimed = sum(length for _, length in allocation)
+            if claimed > limit:
+                raise ClaimsTooMuch(f"the image claims {claimed} bytes of data from a "
+                                    f"{source.size}-byte file, over {MAX_CLAIM_RATIO} "
+                                    "times its size")
+        digest = await digest_extents(_counted(reader.extents(), limit), reader.virtual_size)
     finally:
         await reader.close()
     return Inspected(reader.format, reader.virtual_size, digest)
@@ -70,10 +133,43 @@ async def _receive(staged: StagedImage, body: AsyncIterator[bytes], max_bytes: i
     return total
 
 
+async def _bounded(work: Awaitable[Inspected], seconds: float,
+                   gone: Callable[[], Awaitable[None]] | None) -> Inspected:
+    """``work`` within ``seconds``, cancelled as soon as ``gone`` returns (the client
+    disconnected: nobody is waiting for the answer)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(gone()) if gone is not None else None
+    try:
+        waiting: set[asyncio.Future[Any]] = {task}
+        if watcher is not None:
+            waiting.add(watcher)
+        done, _ = await asyncio.wait(waiting, timeout=seconds,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        if watcher is not None and watcher in done:
+            raise ClientGone("the client disconnected; the upload was discarded")
+        raise InspectionTooLong(
+            f"checking the image took longer than {seconds:.0f} s, more than its size "
+            "justifies; nothing was stored", extra={"errors": [
+                {"pointer": "/", "detail": "the image costs more to read than its size "
+                 "justifies"}]})
+    finally:
+        for pending in (task, watcher):
+            if pending is not None and not pending.done():
+                pending.cancel()
+        await asyncio.gather(task, *(w for w in (watcher,) if w is not None),
+                             return_exceptions=True)
+
+
 async def upload(
     session: AsyncSession, store: ImageStore, tenant: str, *, name: str,
     declared_format: str | None, body: AsyncIterator[bytes], max_bytes: int,
+    budget: CheckBudget | None = None, gone: Callable[[], Awaitable[None]] | None = None,
 ) -> VirtualImage:
+    """Receive, check and publish an upload. The check gets a time budget in proportion
+    to the file's size and stops when the client disconnects (``gone`` returns)."""
+    budget = budget or CheckBudget()
     staged = store.stage()
     published = False
     try:
@@ -83,12 +179,18 @@ async def upload(
                 {"pointer": "/", "detail": "send the image bytes as the request body"}]})
         source = FileSource(staged.path)
         try:
-            found = await inspect(source, declared_format)
+            found = await _bounded(inspect(source, declared_format),
+                                   budget.seconds(received), gone)
         except FormatError as exc:
             raise InvalidInput(f"not a usable disk image: {exc}", extra={"errors": [
                 {"pointer": "/format" if declared_format else "/", "detail": str(exc)}]}) from exc
         finally:
             await source.close()
+        if found.format == "raw" and found.virtual_size % SECTOR:
+            detail = (f"a raw image is whole {SECTOR}-byte sectors; this one is "
+                      f"{found.virtual_size} bytes")
+            raise InvalidInput(f"not a usable disk image: {detail}", extra={"errors": [
+                {"pointer": "/format" if declared_format else "/", "detail": detail}]})
         size = await staged.publish()
         published = True
         image = VirtualImage(
@@ -96,21 +198,15 @@ async def upload(
             format=found.format, virtual_size=found.virtual_size, size=size,
             digest=found.digest, location=staged.key,
         )
-        stored = await repo.insert_image(session, image)
-        await events_repo.record(session, tenant, "image.created", image_event(stored))
-        return stored
+        created = await repo.add_image(session, image)
+        await events_repo.record(session, tenant, "image.created", dict(created))
+        return image
     except BaseException:
         if published:
             await store.delete(staged.key)
         else:
             await staged.discard()
         raise
-
-
-def image_event(image: VirtualImage) -> dict[str, object]:
-    """The payload of ``image.created``: what a consumer needs without another call."""
-    return {"image_id": str(image.id), "name": image.name, "format": image.format,
-            "virtual_size": image.virtual_size, "size": image.size, "digest": image.digest}
 
 
 async def list_images(
@@ -164,6 +260,7 @@ CONVERTIBLE = ("raw", "qcow2", "vmdk", "vhd", "vhdx")
 
 async def request_conversion(
     session: AsyncSession, tenant: str, image_id: uuid.UUID, fmt: str, name: str | None,
+    options: dict[str, Any] | None = None,
 ) -> MigrationView:
     """Queue a conversion job (run by workers like a migration) producing a new image."""
     from app.services import migrations
@@ -171,8 +268,8 @@ async def request_conversion(
     image = await get(session, tenant, image_id)
     if image.status != ImageStatus.ready:
         raise Conflict(f"image {image_id} is {image.status}; only ready images convert")
+    job_name = (name or f"{image.name} to {fmt}")[:255]
     spec = {"type": MigrationType.conversion.value, "image_id": str(image.id),
-            "format": fmt, "options": {}}
+            "format": fmt, "options": options or {}, "image_name": job_name}
     return await migrations.insert(
-        session, tenant, MigrationType.conversion, None,
-        name or f"{image.name} to {fmt}", spec, None, run=True)
+        session, tenant, MigrationType.conversion, None, job_name, spec, None, run=True)

@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.crypto import SecretBox
-from app.db import Database
+from app.db import Database, DatabaseUnavailable
 from app.models.schemas.migrations import EventOut
 from app.repositories import events as events_repo
 from app.repositories import webhooks as repo
@@ -117,6 +117,8 @@ class Dispatcher:
         self._inflight: dict[uuid.UUID, tuple[uuid.UUID, asyncio.Task[None]]] = {}
         self._wake = asyncio.Event()
         self._client: httpx.AsyncClient | None = None
+        #: Set while claiming fails (database away); /readyz shows it.
+        self.failing = False
 
     async def __aenter__(self) -> Dispatcher:
         # No keep-alive: a connection is made to a checked address with the original
@@ -139,22 +141,40 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until ``stop`` is set; then give in-flight attempts one timeout to
-        finish (the rest are retried later, by whichever dispatcher gets there)."""
+        finish (the rest are retried later, by whichever dispatcher gets there).
+
+        Nothing else ends the loop: while claiming fails (the database is away) it backs
+        off; the database outage is logged once per process (:class:`~app.db.Outage`),
+        any other failure once per series of failures."""
         log.info("webhook dispatcher started")
+        backoff = self.db.backoff()
         async with self:
             while not stop.is_set():
                 started = 0
+                wait = self.config.poll_seconds
                 try:
                     started = await self.dispatch_due()
+                except DatabaseUnavailable:
+                    self.failing = True
+                    wait = backoff.next()
                 except Exception:
-                    log.exception("webhook dispatcher: claiming failed; retrying")
+                    if not self.failing:
+                        log.exception("webhook dispatcher: claiming failed; retrying with "
+                                      "backoff")
+                    self.failing = True
+                    wait = backoff.next()
+                else:
+                    if self.failing:
+                        log.info("webhook dispatcher: claiming works again")
+                    self.failing = False
+                    backoff.reset()
                 if started and len(self._inflight) < self.config.concurrency:
                     continue  # more may be due right away
                 self._wake.clear()
                 stopper = asyncio.ensure_future(stop.wait())
                 waker = asyncio.ensure_future(self._wake.wait())
                 try:
-                    await asyncio.wait({stopper, waker}, timeout=self.config.poll_seconds,
+                    await asyncio.wait({stopper, waker}, timeout=wait,
                                        return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     stopper.cancel()
@@ -205,6 +225,10 @@ class Dispatcher:
         outcome = await self.attempt(c)
         try:
             await self._record(c, outcome)
+        except DatabaseUnavailable:
+            # Logged once per outage by the database; the claim lapses and the delivery
+            # is attempted again (at least once; receivers drop repeats by webhook-id).
+            pass
         except Exception:
             log.exception("webhook delivery %s: could not record the outcome", c.id)
 

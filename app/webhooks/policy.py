@@ -21,6 +21,7 @@ from urllib.parse import SplitResult, urlsplit
 
 from app.config import Settings
 from app.errors import InvalidInput
+from app.models.schemas.fields import embedded_ipv4
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -87,11 +88,14 @@ def _networks(entries: Iterable[str]) -> tuple[frozenset[str], tuple[IPNetwork, 
 
 
 def is_public(address: IPAddress) -> bool:
-    """Globally routable unicast; IPv4-mapped/compatible IPv6 is judged as its IPv4."""
+    """Globally routable unicast; IPv6 that embeds an IPv4 address is judged as that
+    IPv4 address; the deprecated IPv6 site-local range (``fec0::/10``) is not public."""
     if isinstance(address, ipaddress.IPv6Address):
-        mapped = address.ipv4_mapped or address.sixtofour
+        mapped = embedded_ipv4(address)
         if mapped is not None:
             return is_public(mapped)
+        if address.is_site_local:
+            return False
     return address.is_global and not (
         address.is_multicast or address.is_reserved or address.is_unspecified
         or address.is_loopback or address.is_link_local or address.is_private

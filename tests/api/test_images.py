@@ -4,7 +4,9 @@ qemu-img making the images and the vmd1 digest of the raw source as the oracle."
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
@@ -17,8 +19,11 @@ from app.engines.deps import EngineDeps
 from app.engines.registry import default_engines
 from app.engines.worker import Worker, WorkerConfig
 from app.formats.digest import digest_file
+from app.repositories import images as images_repo
+from app.services import images as images_service
 from app.storage.local import LocalStore
 from tests.conftest import TokenFactory, auth
+from tests.formats import qcow2_bombs as bombs
 from tests.formats.oracle import make_sparse_raw, qemu_img
 
 SIZE = 5 * 1024 * 1024 + 512
@@ -159,15 +164,16 @@ async def test_tenants_and_delete(
     assert denied.status_code == 403
 
 
-@pytest.mark.parametrize("target", ["vmdk", "vhd", "qcow2"])
+@pytest.mark.parametrize("target", ["vmdk", "vhd", "qcow2", "vhdx"])
 async def test_conversion_job_makes_a_new_image(
     client: httpx.AsyncClient, make_token: TokenFactory, raw_disk: Path, settings: Settings,
     db: Database, tmp_path: Path, target: str,
 ) -> None:
     token = await make_token("acme")
     source = (await _upload(client, token, _convert(raw_disk, "qcow2"))).json()
+    named = {"name": f"converted to {target}"} if target != "qcow2" else {}
     r = await client.post(f"/v1/images/{source['id']}/conversions", headers=auth(token),
-                          json={"format": target})
+                          json={"format": target, **named})
     assert r.status_code == 202, r.text
     job = r.json()
     assert (job["type"], job["status"], job["format"]) == ("conversion", "queued", target)
@@ -189,6 +195,8 @@ async def test_conversion_job_makes_a_new_image(
     images = (await client.get("/v1/images", headers=auth(token))).json()["items"]
     (new,) = [i for i in images if i["id"] != source["id"]]
     assert new["format"] == target
+    # the conversion's name (or its default, "<image> to <format>") names the image
+    assert new["name"] == named.get("name", f"{source['name']} to {target}")
     assert new["parent_id"] == source["id"]
     assert new["migration_id"] == job["id"]
     assert new["digest"] == source["digest"] == digest_file(str(raw_disk))
@@ -199,6 +207,25 @@ async def test_conversion_job_makes_a_new_image(
                    out, raw_disk, check=False)
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
     assert list((settings.library_dir / "staging").glob("*")) == []
+    # One image.created payload for every way an image enters the library: the upload's
+    # (tenant-level) and the conversion's (in the job's own log) carry the same fields.
+    r = await client.get("/v1/events?type=image.created", headers=auth(token))
+    created = {e["payload"]["image_id"]: e for e in r.json()["items"]}
+    assert set(created) == {source["id"], new["id"]}
+    uploaded, converted = created[source["id"]], created[new["id"]]
+    assert uploaded["migration_id"] is None
+    assert converted["migration_id"] == job["id"]
+    # (events in a migration's log also name the step that wrote them)
+    assert converted["payload"].pop("step") == "store"
+    assert set(uploaded["payload"]) == set(converted["payload"]) == {
+        "image_id", "name", "format", "virtual_size", "size", "digest", "migration_id",
+        "parent_id"}
+    assert converted["payload"] == {
+        "image_id": new["id"], "name": new["name"], "format": target,
+        "virtual_size": new["virtual_size"], "size": new["size"], "digest": new["digest"],
+        "migration_id": job["id"], "parent_id": source["id"]}
+    assert (uploaded["payload"]["migration_id"], uploaded["payload"]["parent_id"]) == (
+        None, None)
 
 
 async def test_conversion_requests_are_checked(
@@ -249,3 +276,87 @@ async def test_delete_removes_bytes_only_after_the_commit(
     assert [committed_rows for _, committed_rows in seen] == [False, False]
     assert len(list((settings.library_dir / "objects").iterdir())) == 1  # the second stayed
     assert any("disk on fire" in rec.getMessage() for rec in caplog.records)
+
+
+async def _nothing_published(client: httpx.AsyncClient, token: str, settings: Settings) -> None:
+    assert (await client.get("/v1/images", headers=auth(token))).json()["items"] == []
+    assert [p for p in settings.library_dir.rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.parametrize(("build", "why"), [
+    (bombs.compressed_bomb, "decompression bomb"),
+    (bombs.shared_data_cluster, "also holds another guest cluster"),
+    (bombs.spread_bomb, "more than 256:1"),
+    (lambda: bombs.refcount_disagrees()[0], "refcount is 0"),
+])
+async def test_image_bombs_are_refused_fast_and_nothing_is_published(
+    client: httpx.AsyncClient, make_token: TokenFactory, settings: Settings,
+    build: Callable[[], bytes], why: str,
+) -> None:
+    token = await make_token()
+    image = build()
+    started = time.monotonic()
+    cpu = time.process_time()
+    r = await client.post("/v1/images", params={"name": "bomb"}, content=image,
+                          headers={**auth(token), "Content-Type": "application/octet-stream"})
+    wall, spent = time.monotonic() - started, time.process_time() - cpu
+    assert r.status_code == 422, r.text
+    assert why in r.json()["detail"]
+    assert spent < 3.0, (wall, spent)
+    print(f"{why}: {len(image)} bytes refused in {wall:.2f} s ({spent:.2f} s CPU)")
+    await _nothing_published(client, token, settings)
+
+
+async def test_other_formats_may_not_claim_more_than_their_size(
+    client: httpx.AsyncClient, make_token: TokenFactory, settings: Settings, tmp_path: Path
+) -> None:
+    """A VHD whose block table points every block at the same data claims 256x its
+    file: refused from its tables before the data is read."""
+    raw = tmp_path / "one-block.raw"
+    make_sparse_raw(raw, 2 * 1024**3, [(0, 2 * 1024 * 1024)], seed=4)
+    vhd = _convert(raw, "vhd", "-o", "subformat=dynamic,force_size=on")
+    data = bytearray(vhd.read_bytes())
+    # dynamic header at 512: table offset (u64 at +16), max entries (u32 at +28)
+    bat = int.from_bytes(data[512 + 16:512 + 24], "big")
+    first = data[bat:bat + 4]
+    entries = int.from_bytes(data[512 + 28:512 + 32], "big")
+    assert first != b"\xff\xff\xff\xff"
+    assert entries == 1024
+    for i in range(entries):
+        data[bat + 4 * i:bat + 4 * i + 4] = first
+    out = tmp_path / "claims.vhd"
+    out.write_bytes(bytes(data))
+    token = await make_token()
+    r = await client.post("/v1/images", params={"name": "claims"}, content=bytes(data),
+                          headers={**auth(token), "Content-Type": "application/octet-stream"})
+    assert r.status_code == 422, r.text
+    assert "over 256 times its size" in r.json()["detail"]
+    await _nothing_published(client, token, settings)
+
+
+async def test_checking_an_upload_has_a_time_budget_and_stops_for_a_gone_client(
+    db: Database, settings: Settings, raw_disk: Path
+) -> None:
+    store = LocalStore(settings.library_dir)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield raw_disk.read_bytes()
+
+    async def gone_at_once() -> None:
+        return None
+
+    async def never() -> None:
+        await asyncio.Event().wait()
+
+    for budget, gone, error in [
+        (images_service.CheckBudget(1e-9, 1e30), never, images_service.InspectionTooLong),
+        (images_service.CheckBudget(), gone_at_once, images_service.ClientGone),
+    ]:
+        with pytest.raises(error):
+            async with db.session() as session:
+                await images_service.upload(
+                    session, store, "acme", name="x", declared_format=None, body=body(),
+                    max_bytes=1 << 40, budget=budget, gone=gone)
+    async with db.session() as session:
+        assert await images_repo.list_images(session, "acme", limit=10, after=None) == []
+    assert [p for p in settings.library_dir.rglob("*") if p.is_file()] == []

@@ -255,7 +255,10 @@ async def test_two_workers_run_each_migration_exactly_once(
         await asyncio.sleep(0.01)
 
     stop = asyncio.Event()
-    workers = [_worker(db, box, slowish, worker_id=f"w{i}", concurrency=3) for i in range(2)]
+    # A lease long enough that a loaded machine's slow heartbeat never hands a run over
+    # (that failover is correct, and tested elsewhere; here both workers compete).
+    workers = [_worker(db, box, slowish, worker_id=f"w{i}", concurrency=3, lease_seconds=15.0)
+               for i in range(2)]
     tasks = [asyncio.create_task(w.run(stop)) for w in workers]
     try:
         async with asyncio.timeout(60):

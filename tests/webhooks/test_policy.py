@@ -41,6 +41,9 @@ async def test_ipv6_target_and_explicit_port() -> None:
     "0.0.0.0", "::1",  # noqa: S104 - an address to refuse, not to bind
     "fe80::1", "fd00:ec2::254", "::ffff:127.0.0.1", "224.0.0.1",
     "100.100.100.200",
+    "fec0::1", "feff:ffff::1",  # deprecated site-local fec0::/10 (was accepted)
+    "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
+    "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo whose client is 192.0.2.45
 ])
 async def test_non_public_addresses_are_refused(address: str) -> None:
     with pytest.raises(TargetRefused) as caught:
@@ -101,3 +104,6 @@ def test_is_public() -> None:
     assert is_public(ipaddress.ip_address("8.8.8.8"))
     assert not is_public(ipaddress.ip_address("::ffff:10.0.0.1"))
     assert not is_public(ipaddress.ip_address("2002:7f00:1::"))  # 6to4 of 127.0.0.1
+    assert not is_public(ipaddress.ip_address("fec0::1"))
+    assert is_public(ipaddress.ip_address("2606:4700:4700::1111"))
+    assert is_public(ipaddress.ip_address("64:ff9b::808:808"))  # NAT64 of 8.8.8.8

@@ -93,7 +93,7 @@ class DestinationDevice(_Frozen):
     exclusive: bool
 
 
-class ValidateResult(StepResult):
+class LiveStreamValidateResult(StepResult):
     size: int
     vg: str
     lv: str
@@ -111,11 +111,11 @@ class WarmPass(_Frozen):
     seconds: float
 
 
-class PrecopyResult(StepResult):
+class LiveStreamPrecopyResult(StepResult):
     passes: tuple[WarmPass, ...]
 
 
-class SnapshotResult(StepResult):
+class LiveStreamSnapshotResult(StepResult):
     name: str
     vg: str
     path: str
@@ -123,7 +123,7 @@ class SnapshotResult(StepResult):
     cow_bytes: int
 
 
-class TransferResult(StepResult):
+class LiveStreamTransferResult(StepResult):
     digest: str
     bytes: int
     resumed_from: int
@@ -134,11 +134,11 @@ class TransferResult(StepResult):
     zstd: bool
 
 
-class VerifyResult(StepResult):
+class LiveStreamVerifyResult(StepResult):
     digest: str
 
 
-class RemoveSnapshotResult(StepResult):
+class LiveStreamRemoveSnapshotResult(StepResult):
     snapshot: str
     removed: bool
     destination: Literal["incomplete"] | None = None
@@ -212,8 +212,8 @@ class LiveStreamEngine(Engine):
                                       "can provision one; none is available")
         return self.spec.destination
 
-    def _validated(self) -> ValidateResult:
-        return self.run.result_of("validate", ValidateResult)
+    def _validated(self) -> LiveStreamValidateResult:
+        return self.run.result_of("validate", LiveStreamValidateResult)
 
     async def run_step(self, ctx: StepContext) -> StepResult | None:
         steps: dict[str, Callable[[StepContext], Awaitable[StepResult]]] = {
@@ -241,7 +241,7 @@ class LiveStreamEngine(Engine):
 
     # -- validate ------------------------------------------------------------------
 
-    async def _validate(self, ctx: StepContext) -> ValidateResult:
+    async def _validate(self, ctx: StepContext) -> LiveStreamValidateResult:
         dest = self.dest
         async with self._session("source") as src:
             lv = await lvm.lv_info(src, self.source_device)
@@ -274,7 +274,7 @@ class LiveStreamEngine(Engine):
             if not ok:
                 await ctx.event("live_stream.dd_fallback", {"host": side, "reason": (
                     "no python3 >= 3.6" if not self.tuning.force_dd else "forced")})
-        return ValidateResult(
+        return LiveStreamValidateResult(
             size=lv.size, vg=lv.vg, lv=lv.lv, snapshot=self.snapshot,
             snapshot_size=snap_size, helpers=helpers,
             source_mounts=tuple(m.mountpoint for m in lv_dev.rw_mounts),
@@ -290,7 +290,7 @@ class LiveStreamEngine(Engine):
     def warm(self) -> bool:
         return self.options.sync == "warm"
 
-    async def _precopy(self, ctx: StepContext) -> PrecopyResult:
+    async def _precopy(self, ctx: StepContext) -> LiveStreamPrecopyResult:
         """Delta passes from the running volume until one sends little enough."""
         size = self._validated().size
         limit = self.options.warm_delta_bytes or max(size // 100, 4 * 2**20)
@@ -310,10 +310,10 @@ class LiveStreamEngine(Engine):
                     "changed_blocks": done.changed_blocks, "seconds": done.seconds})
                 if result.data_bytes <= limit:
                     break
-        return PrecopyResult(passes=tuple(passes))
+        return LiveStreamPrecopyResult(passes=tuple(passes))
 
     async def _delta(self, ctx: StepContext, src: SshSession, dst: SshSession, device: str,
-                     size: int, start: int, reporter: _Reporter | None = None) -> DeltaResult:
+                     size: int, start: int, reporter: _StreamReporter | None = None) -> DeltaResult:
         v = self._validated()
         throttle = self.options.throttle_bytes_per_second
         result = await delta_stream(
@@ -325,12 +325,12 @@ class LiveStreamEngine(Engine):
         await ctx.progress(size, size, force=True)
         return result
 
-    def _exclusive(self, v: ValidateResult) -> bool:
+    def _exclusive(self, v: LiveStreamValidateResult) -> bool:
         return v.destination.exclusive and not self.dest.overwrite_mounted
 
     # -- snapshot ------------------------------------------------------------------
 
-    async def _snapshot(self, ctx: StepContext) -> SnapshotResult:
+    async def _snapshot(self, ctx: StepContext) -> LiveStreamSnapshotResult:
         v = self._validated()
         vg, name = v.vg, self.snapshot
         async with self._session("source") as src:
@@ -348,14 +348,14 @@ class LiveStreamEngine(Engine):
             status = await lvm.check_snapshot(src, vg, name)
         await ctx.event("live_stream.snapshot.created", {
             "snapshot": f"{vg}/{name}", "cow_bytes": status.size, "frozen": freeze})
-        return SnapshotResult(name=name, vg=vg, path=f"/dev/{vg}/{name}", uuid=status.uuid,
-                              cow_bytes=status.size)
+        return LiveStreamSnapshotResult(name=name, vg=vg, path=f"/dev/{vg}/{name}",
+                                        uuid=status.uuid, cow_bytes=status.size)
 
     # -- transfer ------------------------------------------------------------------
 
-    async def _transfer(self, ctx: StepContext) -> TransferResult:
+    async def _transfer(self, ctx: StepContext) -> LiveStreamTransferResult:
         v = self._validated()
-        snap = self.run.result_of("snapshot", SnapshotResult)
+        snap = self.run.result_of("snapshot", LiveStreamSnapshotResult)
         size, vg, name = v.size, v.vg, snap.name
         checkpoint = self.run.checkpoint_as(StreamCheckpoint)
         resume = 0
@@ -370,7 +370,7 @@ class LiveStreamEngine(Engine):
                                           "snapshot step; run the migration again")
             if resume:
                 await ctx.event("live_stream.transfer.resumed", {"offset": resume})
-            reporter = _Reporter(ctx, size, snap.uuid, resume,
+            reporter = _StreamReporter(ctx, size, snap.uuid, resume,
                                  self.tuning.checkpoint_seconds)
             throttle = self.options.throttle_bytes_per_second
             try:
@@ -392,7 +392,7 @@ class LiveStreamEngine(Engine):
             await lvm.check_snapshot(src, vg, name)
         await ctx.checkpoint(StreamCheckpoint(snapshot_uuid=snap.uuid, size=size, offset=size))
         await ctx.progress(size, size, force=True)
-        done = TransferResult(
+        done = LiveStreamTransferResult(
             digest=result.digest, bytes=size, resumed_from=result.resumed_from,
             data_bytes=result.data_bytes, zero_bytes=result.zero_bytes,
             seconds=round(result.seconds, 3),
@@ -405,9 +405,9 @@ class LiveStreamEngine(Engine):
 
     # -- verify --------------------------------------------------------------------
 
-    async def _verify(self, ctx: StepContext) -> VerifyResult:
+    async def _verify(self, ctx: StepContext) -> LiveStreamVerifyResult:
         v = self._validated()
-        size, expected = v.size, self.run.result_of("transfer", TransferResult).digest
+        size, expected = v.size, self.run.result_of("transfer", LiveStreamTransferResult).digest
         async with self._session("source") as src:
             await lvm.check_snapshot(src, v.vg, self.snapshot)
         async with self._session("destination") as dst:
@@ -416,11 +416,12 @@ class LiveStreamEngine(Engine):
         if digest != expected:
             raise VerifyMismatch(f"the destination's first {size} bytes have digest {digest}, "
                                  f"the source's {expected}")
-        return VerifyResult(digest=digest)
+        return LiveStreamVerifyResult(digest=digest)
 
     # -- cleanup -------------------------------------------------------------------
 
-    async def _remove_snapshot(self, ctx: StepContext, outcome: str) -> RemoveSnapshotResult:
+    async def _remove_snapshot(self, ctx: StepContext,
+                               outcome: str) -> LiveStreamRemoveSnapshotResult:
         v = self._validated()
         async with self._session("source") as src:
             removed = await lvm.remove_snapshot(src, v.vg, self.snapshot)
@@ -431,7 +432,7 @@ class LiveStreamEngine(Engine):
                 "device": self.dest.device,
                 "durable_offset": checkpoint.offset if checkpoint else 0,
                 "outcome": outcome})
-            return RemoveSnapshotResult(snapshot=snapshot, removed=removed,
+            return LiveStreamRemoveSnapshotResult(snapshot=snapshot, removed=removed,
                                         destination="incomplete")
         if self.dest.reboot_after:
             async with self._session("destination") as dst:
@@ -439,11 +440,11 @@ class LiveStreamEngine(Engine):
                 await dst.run("nohup sh -c 'sleep 2; reboot' >/dev/null 2>&1 </dev/null &",
                               what="reboot")
             await ctx.event("live_stream.destination.rebooting", {})
-            return RemoveSnapshotResult(snapshot=snapshot, removed=removed, rebooted=True)
-        return RemoveSnapshotResult(snapshot=snapshot, removed=removed)
+            return LiveStreamRemoveSnapshotResult(snapshot=snapshot, removed=removed, rebooted=True)
+        return LiveStreamRemoveSnapshotResult(snapshot=snapshot, removed=removed)
 
 
-class _Reporter:
+class _StreamReporter:
     """Persists checkpoints and progress from the pipeline's synchronous callbacks,
     at most once per ``interval``, from a task of its own."""
 

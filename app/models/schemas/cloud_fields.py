@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from app.models.schemas.fields import NotMetadata
+
 Name = Annotated[
     str,
     StringConstraints(
@@ -43,7 +45,7 @@ def _host(value: str) -> str:
 Host = Annotated[
     str,
     StringConstraints(max_length=253, pattern=r"^[A-Za-z0-9_:\[][A-Za-z0-9_.:\[\]-]*$"),
-    AfterValidator(_host),
+    AfterValidator(_host), NotMetadata,
     Field(description="DNS name or IP address (no scheme, no port)."),
 ]
 # Strict: "443" or true is a client bug to report, not something to guess about.

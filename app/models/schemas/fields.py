@@ -34,6 +34,8 @@ __all__ = [
     "Label",
     "LvDevice",
     "Name",
+    "NotMetadata",
+    "NotMetadataUrl",
     "Password",
     "Port",
     "PosixUser",
@@ -118,6 +120,73 @@ Host = Annotated[
     AfterValidator(_host),
     Field(description="DNS hostname or IP address (no scheme, port or path)."),
 ]
+
+
+#: NAT64 (RFC 6052): the last 32 bits are an IPv4 address a gateway will connect to.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for (mapped, 6to4, Teredo client, NAT64)."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    if address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF)
+    return None
+
+
+#: Instance metadata services outside the link-local ranges, and their names.
+_METADATA_ADDRESSES = frozenset({
+    ipaddress.ip_address("fd00:ec2::254"),  # AWS over IPv6
+    ipaddress.ip_address("100.100.100.200"),  # Alibaba Cloud
+    ipaddress.ip_address("168.63.129.16"),  # Azure wire server
+})
+_METADATA_NAMES = frozenset({"metadata", "metadata.google.internal", "metadata.goog",
+                             "instance-data", "instance-data.ec2.internal"})
+
+
+def is_metadata_host(host: str) -> bool:
+    """Whether ``host`` (a name or an address literal) is a link-local or cloud
+    instance-metadata address (169.254.169.254 and the like): a worker must never
+    connect there on a user's behalf, since the answer is the service's own identity."""
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name in _METADATA_NAMES:
+        return True
+    try:
+        address = ipaddress.ip_address(name.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        address = embedded_ipv4(address) or address
+    return address.is_link_local or address in _METADATA_ADDRESSES
+
+
+def not_metadata_host(value: str) -> str:
+    """Refuse link-local and cloud instance-metadata hosts (169.254.169.254, fe80::/10,
+    metadata.google.internal, ...): a worker connecting there would talk to the
+    metadata service of the machine it runs on, with the service's own identity."""
+    if is_metadata_host(value):
+        raise invalid("must not be a link-local or cloud metadata address")
+    return value
+
+
+#: Apply to any host a worker will connect to: ``Annotated[Host, NotMetadata]``.
+NotMetadata = AfterValidator(not_metadata_host)
+
+
+def _url_not_metadata(value: Any) -> Any:
+    host = getattr(value, "host", None)
+    if isinstance(host, str) and is_metadata_host(host):
+        raise invalid("must not point at a link-local or cloud metadata address")
+    return value
+
+
+#: The same for a URL a worker will connect to: ``Annotated[HttpUrl, NotMetadataUrl]``.
+NotMetadataUrl = AfterValidator(_url_not_metadata)
 
 PosixUser = Annotated[
     str,

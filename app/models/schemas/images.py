@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+#: The formats a library image can be converted into (every format with a writer).
+ConversionFormat = Literal["raw", "qcow2", "vmdk", "vhd", "vhdx"]
 
 
 class ImageOut(BaseModel):

@@ -36,7 +36,13 @@ from pydantic import (
 )
 
 from app.models.db import Migration, MigrationEvent, MigrationStep
-from app.models.enums import HypervisorMode, ImageFormat, MigrationStatus, Platform, StepStatus
+from app.models.enums import (
+    HypervisorMode,
+    MigrationStatus,
+    Platform,
+    StepStatus,
+    StoreFormat,
+)
 from app.models.schemas.fields import (
     AccountName,
     BlockDevice,
@@ -58,6 +64,7 @@ from app.models.schemas.fields import (
     WinRMPort,
     invalid,
 )
+from app.models.schemas.images import ConversionFormat
 
 
 class _Strict(BaseModel):
@@ -178,7 +185,7 @@ class _HypervisorCommon(_Strict):
     platform: Platform = Field(description="Guest OS type.")
     destination: HypervisorDestination | None = Field(
         default=None, description="Mode new only: where to provision.")
-    format: ImageFormat | None = Field(
+    format: StoreFormat | None = Field(
         default=None, description="Mode store only: library image format (default qcow2).")
     options: HypervisorOptions = Field(default_factory=HypervisorOptions)
 
@@ -488,7 +495,7 @@ class ConversionMigration(_MigrationOutBase):
     name: str
     mode: None = None
     image_id: uuid.UUID = Field(description="The library image converted.")
-    format: ImageFormat = Field(description="The format of the new image.")
+    format: ConversionFormat = Field(description="The format of the new image.")
     options: Options = Field(default_factory=Options)
 
 

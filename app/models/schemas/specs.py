@@ -63,6 +63,8 @@ class ConversionSpec(BaseModel):
     image_id: uuid.UUID
     format: ImageFormat
     options: Options = Field(default_factory=Options)
+    image_name: str | None = Field(
+        default=None, description="The new image's name (the conversion's name).")
 
 
 StoredSpec = HypervisorSpec | ImageExtractSpec | LiveStreamSpec | ConversionSpec
