@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from starlette.types import Message, Receive, Scope, Send
 
 from app.api.overload import InFlightLimit
@@ -133,21 +135,34 @@ async def test_a_finished_response_is_not_cancelled_by_the_closing_disconnect() 
 
 
 @pytest.fixture
-async def tight_app(settings: Settings, db: Database) -> AsyncIterator[httpx.AsyncClient]:
+async def tight_app(settings: Settings, db: Database) -> AsyncIterator[
+        tuple[httpx.AsyncClient, FastAPI]]:
     app = create_app(settings.model_copy(update={"api_max_in_flight": 1,
                                                  "api_retry_after_seconds": 2}), db=db)
     transport = httpx.ASGITransport(app=app)
     async with (app.router.lifespan_context(app),
                 httpx.AsyncClient(transport=transport, base_url="http://t") as client):
-        yield client
+        yield client, app
+
+
+def _limiter(app: FastAPI) -> InFlightLimit:
+    layer: Any = app.middleware_stack
+    for _ in range(20):
+        if isinstance(layer, InFlightLimit):
+            return layer
+        layer = layer.app
+    raise AssertionError("no InFlightLimit in the middleware stack")
 
 
 async def test_the_app_answers_overload_with_its_problem(
-    tight_app: httpx.AsyncClient, make_token: TokenFactory
+    tight_app: tuple[httpx.AsyncClient, FastAPI], make_token: TokenFactory
 ) -> None:
     """The service itself: one slot (``api_max_in_flight=1``) held by a request whose
     body is still arriving; another request gets the 503 at once."""
+    client, app = tight_app
     headers = auth(await make_token())
+    assert (await client.get("/v1/migrations", headers=headers)).status_code == 200
+    limiter = _limiter(app)
     more = asyncio.Event()
 
     async def slow_body() -> AsyncIterator[bytes]:
@@ -155,19 +170,19 @@ async def test_the_app_answers_overload_with_its_problem(
         await more.wait()
         yield b"]}"
 
-    held = asyncio.create_task(tight_app.post(
+    held = asyncio.create_task(client.post(
         "/v1/migrations/batch", content=slow_body(),
         headers={**headers, "Content-Type": "application/json"}))
-    refused = None
-    for _ in range(10_000):  # until the held request has its slot
-        r = await tight_app.get("/v1/migrations", headers=headers)
-        if r.status_code == 503:
-            refused = r
+    for _ in range(1000):
+        if limiter.in_flight == 1:
             break
         await asyncio.sleep(0)
-    assert refused is not None
+    assert limiter.in_flight == 1
+    refused = await client.get("/v1/migrations", headers=headers)
+    assert refused.status_code == 503
     assert refused.headers["retry-after"] == "2"
     assert refused.json()["type"].endswith("/overloaded")
     more.set()
     assert (await held).status_code == 422  # an empty batch: the held request completed
-    assert (await tight_app.get("/v1/migrations", headers=headers)).status_code == 200
+    assert limiter.in_flight == 0
+    assert (await client.get("/v1/migrations", headers=headers)).status_code == 200
