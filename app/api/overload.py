@@ -97,15 +97,46 @@ class InFlightLimit:
     async def _cancel_on_disconnect(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the app; cancel it if the client disconnects before the response ended.
 
-        One task reads the server's ``receive`` (nothing else does): it hands the body
-        to the app through a one-slot queue (so an upload is still read only as fast as
-        the app takes it), then waits for the disconnect the server reports, which after
-        a complete response just means "done"."""
-        inbox: asyncio.Queue[Message] = asyncio.Queue(maxsize=1)
+        The body is read only when the app asks for it (a refused upload is never
+        read, an accepted one is read as fast as the app takes it). Once it has been
+        read whole (at once for a request without a body), a watcher waits for the
+        disconnect the server reports, which after a complete response just means
+        "done"; from then on the app's own ``receive`` waits for the same event."""
         responded = False
+        gone = asyncio.Event()
+        watcher: asyncio.Task[None] | None = None
+        bodyless = not any(name in (b"content-length", b"transfer-encoding")
+                           for name, _ in scope.get("headers", ()))
+        body_given = False
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    gone.set()
+                    if not responded and not app_task.done():
+                        self.cancelled += 1
+                        app_task.cancel()
+                    return
+                await asyncio.sleep(0)  # (the empty body of a bodyless request)
+
+        def start_watching() -> None:
+            nonlocal watcher
+            if watcher is None:
+                watcher = asyncio.ensure_future(watch())
 
         async def app_receive() -> Message:
-            return await inbox.get()
+            nonlocal body_given
+            if bodyless and not body_given:
+                body_given = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            if watcher is not None:
+                await gone.wait()
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body"):
+                start_watching()
+            return message
 
         async def app_send(message: Message) -> None:
             nonlocal responded
@@ -114,29 +145,18 @@ class InFlightLimit:
             await send(message)
 
         app_task = asyncio.ensure_future(self.app(scope, app_receive, app_send))
-
-        async def pump() -> None:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    if not responded and not app_task.done():
-                        self.cancelled += 1
-                        app_task.cancel()
-                    with contextlib.suppress(asyncio.QueueFull):
-                        inbox.put_nowait(message)
-                    return
-                await inbox.put(message)
-
-        pump_task = asyncio.ensure_future(pump())
+        if bodyless:
+            start_watching()
         try:
             await asyncio.wait({app_task})
         finally:
             if not app_task.done():  # we were cancelled ourselves (server shutdown)
                 app_task.cancel()
                 await asyncio.wait({app_task})
-            pump_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump_task
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
         if app_task.cancelled():
             return  # the client left: nobody to answer
         app_task.result()  # re-raises what the app raised
