@@ -9,18 +9,20 @@ module only knows how to express it in SQL.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
     Numeric,
     Select,
+    Table,
     Text,
     and_,
     case,
@@ -30,6 +32,7 @@ from sqlalchemy import (
     null,
     or_,
     select,
+    text,
     tuple_,
     update,
 )
@@ -470,6 +473,31 @@ async def rendered_page(
 # --- write paths for many rows at once ----------------------------------------------
 
 
+async def rendered_many(
+    session: AsyncSession, tenant: str, ids: Sequence[uuid.UUID]
+) -> list[Rendered]:
+    """The views of these migrations (in no particular order), in one statement."""
+    stmt = _rendered_query().where(Migration.tenant == tenant, Migration.id.in_(list(ids)))
+    return [Rendered(*row) for row in await session.execute(stmt)]
+
+
+_STEP_ROWS = text(
+    "INSERT INTO migration_steps (migration_id, position, name, cleanup, status, "
+    "bytes_total, bytes_done) "
+    "SELECT m, p, n, c, s, 0, 0 FROM unnest("
+    "CAST(:migration_ids AS uuid[]), CAST(:positions AS integer[]), "
+    "CAST(:names AS varchar[]), CAST(:cleanups AS boolean[]), CAST(:statuses AS varchar[])"
+    ") AS t(m, p, n, c, s)"
+)
+_EVENT_ROWS = text(
+    "INSERT INTO migration_events (tenant, migration_id, seq, type, payload) "
+    "SELECT t, m, q, y, p FROM unnest("
+    "CAST(:tenants AS varchar[]), CAST(:migration_ids AS uuid[]), "
+    "CAST(:seqs AS integer[]), CAST(:types AS varchar[]), CAST(:payloads AS jsonb[])"
+    ") AS e(t, m, q, y, p)"
+)
+
+
 async def insert_many(
     session: AsyncSession,
     migrations: Sequence[Mapping[str, Any]],
@@ -477,17 +505,32 @@ async def insert_many(
     events: Sequence[Mapping[str, Any]],
 ) -> list[tuple[uuid.UUID, datetime]]:
     """Insert migrations, their step rows and their events: three statements whatever
-    the count (multi-row VALUES). Returns each migration's (id, created_at), in order."""
+    the count (the migrations as multi-row VALUES, steps and events as arrays, so
+    thousands of rows cost one parameter set each). Returns each migration's
+    (id, created_at), in order."""
+    table = cast(Table, Migration.__table__)
     created = await session.execute(
-        sql_insert(Migration).returning(Migration.id, Migration.created_at,
-                                        sort_by_parameter_order=True),
+        sql_insert(table).returning(table.c.id, table.c.created_at,
+                                    sort_by_parameter_order=True),
         list(migrations),
     )
     stamps = [(row[0], row[1]) for row in created]
     if steps:
-        await session.execute(sql_insert(MigrationStep), list(steps))
+        await session.execute(_STEP_ROWS, {
+            "migration_ids": [s["migration_id"] for s in steps],
+            "positions": [s["position"] for s in steps],
+            "names": [s["name"] for s in steps],
+            "cleanups": [s["cleanup"] for s in steps],
+            "statuses": [s["status"] for s in steps],
+        })
     if events:
-        await session.execute(sql_insert(MigrationEvent), list(events))
+        await session.execute(_EVENT_ROWS, {
+            "tenants": [e["tenant"] for e in events],
+            "migration_ids": [e["migration_id"] for e in events],
+            "seqs": [e["seq"] for e in events],
+            "types": [e["type"] for e in events],
+            "payloads": [json.dumps(e["payload"]) for e in events],
+        })
     return stamps
 
 

@@ -202,10 +202,12 @@ async def create_many(
     tenant: str,
     bodies: Sequence[CreateBody],
     matrix: CapabilityMatrix = MATRIX,
-) -> list[MigrationView]:
+) -> list[bytes]:
     """Create every one of ``bodies`` or none: each is checked as :func:`create` checks
     one (problems are reported at ``/items/<index>/...``), then all are written with a
-    few multi-row statements. Items with ``run`` are queued one transition each."""
+    few multi-row statements. Items with ``run`` are queued one transition each.
+    Returns their views as JSON, in the order of ``bodies`` (rendered by PostgreSQL in
+    one more statement)."""
     if len(bodies) > MAX_BATCH:
         raise InvalidInput(f"at most {MAX_BATCH} migrations per batch, got {len(bodies)}")
     lookup = _CloudLookup(session, tenant)
@@ -215,7 +217,11 @@ async def create_many(
                         for p in await check(session, tenant, body, matrix, lookup))
     if problems:
         raise _rejection(problems)
-    return await _store(session, [_prepare_body(box, tenant, body) for body in bodies])
+    news = [_prepare_body(box, tenant, body) for body in bodies]
+    await _store(session, news, views=False)
+    rendered = {r.id: r for r in await repo.rendered_many(session, tenant,
+                                                           [n.row["id"] for n in news])}
+    return [_json_of(rendered[n.row["id"]]) for n in news]
 
 
 @dataclass(slots=True)
@@ -267,23 +273,26 @@ def _prepare(
     return _New(row, steps, event, run)
 
 
-async def _store(session: AsyncSession, news: Sequence[_New]) -> list[MigrationView]:
+async def _store(session: AsyncSession, news: Sequence[_New], *, views: bool = True
+                 ) -> list[MigrationView]:
     """Write prepared migrations (three statements), queue those with ``run``, and
-    return their views: built from what was written, read back only when queued."""
+    (``views``) return their views: built from what was written, read back only when
+    queued."""
     stamps = await repo.insert_many(
         session,
         [n.row for n in news],
         [step for n in news for step in n.steps],
         [n.event for n in news],
     )
-    views = []
+    out: list[MigrationView] = []
     for new, (migration_id, created_at) in zip(news, stamps, strict=True):
         if new.run:
             await machine.apply(session, migration_id, new.row["tenant"], Action.run)
-            views.append(await get(session, new.row["tenant"], migration_id))
-        else:
-            views.append(_fresh_view(new, created_at))
-    return views
+            if views:
+                out.append(await get(session, new.row["tenant"], migration_id))
+        elif views:
+            out.append(_fresh_view(new, created_at))
+    return out
 
 
 def _fresh_view(new: _New, created_at: datetime) -> MigrationView:
