@@ -96,7 +96,7 @@ def _prepare(settings: Settings) -> dict[str, str]:
 
 
 def _worker_command() -> list[str]:
-    return [sys.executable, "-c", "from app.cli import main; main()", "worker"]
+    return [sys.executable, "-m", "app.cli", "worker"]
 
 
 class WorkerProcesses:

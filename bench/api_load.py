@@ -67,19 +67,30 @@ def migration_body(cloud_id: str, n: int) -> dict[str, Any]:
     }
 
 
+def _pct(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000, 1)
+
+
 @dataclass
 class Stats:
+    #: Seconds from due to answered, for the expected status ...
     latencies: list[float] = field(default_factory=list)
+    #: ... and for 503 + Retry-After answers (overload refusals).
+    refusals: list[float] = field(default_factory=list)
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
-    overloaded: int = 0
 
     def row(self) -> dict[str, Any]:
-        lat = sorted(self.latencies)
-        def pct(p: float) -> float | None:
-            return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 1) if lat else None
-        return {"ok": len(lat), "p50_ms": pct(0.50), "p99_ms": pct(0.99),
-                "max_ms": round(lat[-1] * 1000, 1) if lat else None,
-                "overloaded_503": self.overloaded, "errors": dict(self.errors)}
+        answers = self.latencies + self.refusals
+        return {"ok": len(self.latencies), "p50_ms": _pct(self.latencies, 0.50),
+                "p99_ms": _pct(self.latencies, 0.99),
+                "max_ms": _pct(self.latencies, 1.0),
+                "overloaded_503": len(self.refusals),
+                "p99_503_ms": _pct(self.refusals, 0.99),
+                "longest_wait_for_any_answer_ms": _pct(answers, 1.0),
+                "errors": dict(self.errors)}
 
 
 class Server:
@@ -222,8 +233,7 @@ async def offer(http: aiohttp.ClientSession, url: str, headers: dict[str, str],
                         if nxt:
                             cursors.append(nxt)
                 elif r.status == 503 and "retry-after" in r.headers:
-                    s.overloaded += 1
-                    s.latencies.append(elapsed)  # an answer, and how long it took
+                    s.refusals.append(elapsed)  # an answer, and how long it took
                 else:
                     s.errors[f"http {r.status}"] += 1
         except TimeoutError:
@@ -250,7 +260,7 @@ async def offer(http: aiohttp.ClientSession, url: str, headers: dict[str, str],
     if tasks:
         await asyncio.wait(tasks)
     elapsed = time.monotonic() - start
-    answered = sum(len(s.latencies) for s in stats.values())
+    answered = sum(len(s.latencies) + len(s.refusals) for s in stats.values())
     lag.sort()
     return {
         "offered_per_s": rate, "duration_s": duration,
@@ -303,6 +313,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 print(json.dumps({"overload": result["overload"]}), flush=True)
     finally:
         server.stop()
+        if args.server_log:
+            shutil.copy(root / "server.log", args.server_log)
         shutil.rmtree(root, ignore_errors=True)
     return result
 
@@ -317,6 +329,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="API processes")
     parser.add_argument("--timeout", type=float, default=10.0)
     parser.add_argument("--json", type=Path, help="Also write the results here.")
+    parser.add_argument("--server-log", type=Path, help="Keep the server's output here.")
     args = parser.parse_args()
     if not (0 < args.seed <= 1_000_000 and 0 < args.rate <= 5000
             and 0 < args.duration <= 600 and 0 <= args.overload_rate <= 5000
