@@ -70,6 +70,12 @@ class Settings(BaseSettings):
         description="`vmigrate serve --workers N`: how many migration worker processes run "
         "beside the N API processes.",
     )
+    api_max_loop_lag_seconds: float = Field(
+        default=0.25, gt=0, le=10,
+        description="An API process whose event loop runs later than this (seconds: "
+        "requests are waiting to be run) answers new requests with the overload 503 until "
+        "it has caught up.",
+    )
     api_retry_after_seconds: int = Field(
         default=1, ge=1, le=3600,
         description="The `Retry-After` of an overload 503 (seconds).",

@@ -190,7 +190,8 @@ def create_app(
     # Past api_max_in_flight requests, a 503 at once (before any other work); a client
     # that disconnects has its request cancelled.
     app.add_middleware(InFlightLimit, max_in_flight=settings.api_max_in_flight,
-                       retry_after=settings.api_retry_after_seconds)
+                       retry_after=settings.api_retry_after_seconds,
+                       max_loop_lag=settings.api_max_loop_lag_seconds)
     # Outermost: an exception that escaped everything else still becomes a problem
     # document (503 for a lost database), and the connection stays open.
     app.add_middleware(problems.ContainErrors)

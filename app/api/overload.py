@@ -40,16 +40,29 @@ def is_event_stream(scope: Scope) -> bool:
     return False
 
 
+#: How often the event loop's lag is sampled while requests arrive.
+LAG_SAMPLE_SECONDS = 0.05
+#: The lag sampler stops after this long without a request (and starts again with one).
+LAG_IDLE_SECONDS = 5.0
+
+
 class InFlightLimit:
     """At most ``max_in_flight`` requests at once in this process; the rest get a 503
     problem with ``Retry-After: retry_after`` at once. Disconnected clients' requests
-    are cancelled."""
+    are cancelled.
+
+    Counting requests in flight does not see the ones still waiting for the event loop
+    (parsed but not yet run, or not yet parsed): under a flood the loop itself becomes
+    the queue. So the loop's lag is sampled too (how late a short sleep wakes up); while
+    it exceeds ``max_loop_lag`` seconds, new requests are refused as well, which drains
+    that queue at the cost of a 503 each instead of a full request each."""
 
     def __init__(
         self,
         app: ASGIApp,
         max_in_flight: int,
         retry_after: int = 1,
+        max_loop_lag: float = 0.25,
         exempt_paths: frozenset[str] = PROBES,
         exempt: Callable[[Scope], bool] = is_event_stream,
     ) -> None:
@@ -57,6 +70,11 @@ class InFlightLimit:
             raise ValueError("max_in_flight must be at least 1")
         self.app = app
         self.max_in_flight = max_in_flight
+        self.max_loop_lag = max_loop_lag
+        #: The latest sample of the event loop's lag (seconds).
+        self.lag = 0.0
+        self._sampler: asyncio.Task[None] | None = None
+        self._last_request = 0.0
         self.exempt_paths = exempt_paths
         self.exempt = exempt
         self.in_flight = 0
@@ -67,8 +85,9 @@ class InFlightLimit:
             "type": PROBLEM_BASE + "overloaded",
             "title": "Server overloaded",
             "status": 503,
-            "detail": f"this API process is already working on {max_in_flight} requests; "
-                      f"retry in {retry_after} s (or on another replica)",
+            "detail": f"this API process is at capacity ({max_in_flight} requests in "
+                      f"flight, or {max_loop_lag} s behind); retry in {retry_after} s (or "
+                      "on another replica)",
         }).encode()
         self._refusal_start: Message = {
             "type": "http.response.start", "status": 503,
@@ -83,7 +102,8 @@ class InFlightLimit:
                 or self.exempt(scope)):
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.max_in_flight:
+        self._sample_lag()
+        if self.in_flight >= self.max_in_flight or self.lag > self.max_loop_lag:
             self.refused += 1
             await send(self._refusal_start)
             await send(self._refusal_body)
@@ -93,6 +113,21 @@ class InFlightLimit:
             await self._cancel_on_disconnect(scope, receive, send)
         finally:
             self.in_flight -= 1
+
+    def _sample_lag(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._last_request = loop.time()
+        if self._sampler is None or self._sampler.done():
+            self._sampler = loop.create_task(self._sample(), name="loop-lag")
+
+    async def _sample(self) -> None:
+        """Measure how late a short sleep wakes up, until requests stop coming."""
+        loop = asyncio.get_running_loop()
+        while loop.time() - self._last_request < LAG_IDLE_SECONDS:
+            before = loop.time()
+            await asyncio.sleep(LAG_SAMPLE_SECONDS)
+            self.lag = max(0.0, loop.time() - before - LAG_SAMPLE_SECONDS)
+        self.lag = 0.0
 
     async def _cancel_on_disconnect(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the app; cancel it if the client disconnects before the response ended.

@@ -4,6 +4,7 @@ that disconnects has its request cancelled. Driven by events, never by timing.""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -59,7 +60,7 @@ async def test_past_the_bound_a_503_problem_with_retry_after_at_once() -> None:
         problem = refused.json()
         assert problem["status"] == 503
         assert problem["type"].endswith("/overloaded")
-        assert "2 requests" in problem["detail"]
+        assert "2 requests in flight" in problem["detail"]
         gate_calls = gate.entered
         gate.release.set()
         assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
@@ -67,6 +68,30 @@ async def test_past_the_bound_a_503_problem_with_retry_after_at_once() -> None:
         assert limited.refused == 1
         assert (await client.get("/v1/x")).status_code == 200
         assert gate.entered == gate_calls + 1
+
+
+async def test_a_lagging_event_loop_refuses_new_requests() -> None:
+    """Requests waiting for the loop are not in flight yet; a loop running late (here
+    blocked for 0.4 s, so its sampled lag is at least 0.4 - 0.05 s) refuses new ones
+    until it catches up."""
+    gate = Gate()
+    gate.release.set()
+    limited = InFlightLimit(gate, max_in_flight=100, max_loop_lag=0.25)
+    transport = httpx.ASGITransport(app=limited)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.get("/v1/x")).status_code == 200  # starts the sampler
+        await asyncio.sleep(0)
+        time.sleep(0.4)  # block the loop, as a flood of work would
+        for _ in range(100):  # until the sampler has woken up (late) and measured
+            if limited.lag > 0.25:
+                break
+            await asyncio.sleep(0)
+        assert limited.lag > 0.25
+        r = await client.get("/v1/x")
+        assert r.status_code == 503
+        assert "retry-after" in r.headers
+        limited.lag = 0.0  # caught up (the next sample says so)
+        assert (await client.get("/v1/x")).status_code == 200
 
 
 async def test_probes_and_event_streams_are_not_counted() -> None:
