@@ -71,7 +71,7 @@ class Settings(BaseSettings):
         "beside the N API processes.",
     )
     api_max_loop_lag_seconds: float = Field(
-        default=0.25, gt=0, le=10,
+        default=0.5, gt=0, le=10,
         description="An API process whose event loop runs later than this (seconds: "
         "requests are waiting to be run) answers new requests with the overload 503 until "
         "it has caught up.",

@@ -46,6 +46,7 @@ import psutil
 
 BATCH = 500
 SEED_CONCURRENCY = 2
+SEED_ATTEMPTS = 20
 #: Most requests the generator keeps outstanding; past it a due request is counted as
 #: "not sent" (the generator, not the server, is the limit then).
 MAX_OUTSTANDING = 4000
@@ -176,8 +177,9 @@ async def wait_ready(http: aiohttp.ClientSession, url: str, deadline: float) -> 
 
 
 async def seed(http: aiohttp.ClientSession, url: str, headers: dict[str, str],
-               cloud_id: str, count: int) -> tuple[list[str], float]:
+               cloud_id: str, count: int) -> tuple[list[str], float, int]:
     ids: list[str] = []
+    refused = [0]
     started = time.monotonic()
     todo = collections.deque(range(0, count, BATCH))
 
@@ -185,14 +187,22 @@ async def seed(http: aiohttp.ClientSession, url: str, headers: dict[str, str],
         while todo:
             first = todo.popleft()
             items = [migration_body(cloud_id, n) for n in range(first, min(count, first + BATCH))]
-            async with http.post(url + "/v1/migrations/batch", json={"items": items},
-                                 headers=headers) as r:
-                if r.status != 201:
-                    raise SystemExit(f"seeding failed: {r.status} {await r.text()}")
-                ids.extend(m["id"] for m in (await r.json())["items"])
+            for _attempt in range(SEED_ATTEMPTS):  # a 503 says when to try again
+                async with http.post(url + "/v1/migrations/batch", json={"items": items},
+                                     headers=headers) as r:
+                    if r.status == 503 and "retry-after" in r.headers:
+                        refused[0] += 1
+                        await asyncio.sleep(float(r.headers["retry-after"]))
+                        continue
+                    if r.status != 201:
+                        raise SystemExit(f"seeding failed: {r.status} {await r.text()}")
+                    ids.extend(m["id"] for m in (await r.json())["items"])
+                    break
+            else:
+                raise SystemExit(f"seeding failed: overloaded {SEED_ATTEMPTS} times in a row")
 
     await asyncio.gather(*(loader() for _ in range(SEED_CONCURRENCY)))
-    return ids, time.monotonic() - started
+    return ids, time.monotonic() - started, refused[0]
 
 
 async def offer(http: aiohttp.ClientSession, url: str, headers: dict[str, str],
@@ -292,9 +302,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 if r.status != 201:
                     raise SystemExit(f"cloud: {r.status} {await r.text()}")
                 cloud_id = (await r.json())["id"]
-            ids, took = await seed(http, server.url, headers, cloud_id, args.seed)
+            ids, took, refused = await seed(http, server.url, headers, cloud_id, args.seed)
             result["seed"] = {"migrations": len(ids), "seconds": round(took, 1),
-                              "per_s": round(len(ids) / took, 1)}
+                              "per_s": round(len(ids) / took, 1),
+                              "batches_refused_503_and_retried": refused}
             print(json.dumps({"seed": result["seed"]}), flush=True)
             await asyncio.sleep(2)  # let autovacuum/analyze see the new rows
             cpu0 = server.cpu_seconds()

@@ -62,7 +62,7 @@ class InFlightLimit:
         app: ASGIApp,
         max_in_flight: int,
         retry_after: int = 1,
-        max_loop_lag: float = 0.25,
+        max_loop_lag: float = 0.5,
         exempt_paths: frozenset[str] = PROBES,
         exempt: Callable[[Scope], bool] = is_event_stream,
     ) -> None:

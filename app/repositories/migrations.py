@@ -241,27 +241,6 @@ async def get(session: AsyncSession, tenant: str, migration_id: uuid.UUID) -> Mi
     return result.scalar_one_or_none()
 
 
-async def page(
-    session: AsyncSession,
-    tenant: str,
-    *,
-    statuses: Sequence[str],
-    types: Sequence[str],
-    before: tuple[datetime, uuid.UUID] | None,
-    limit: int,
-) -> list[Migration]:
-    """Newest first by (created_at, id); ``before`` is the last row of the previous page."""
-    stmt = select(Migration).where(Migration.tenant == tenant)
-    if statuses:
-        stmt = stmt.where(Migration.status.in_(statuses))
-    if types:
-        stmt = stmt.where(Migration.type.in_(types))
-    if before is not None:
-        stmt = stmt.where(tuple_(Migration.created_at, Migration.id) < tuple_(*before))
-    stmt = stmt.order_by(Migration.created_at.desc(), Migration.id.desc()).limit(limit)
-    return list((await session.execute(stmt)).scalars())
-
-
 # --- read paths: one statement per migration or page, no ORM objects ----------------
 
 #: What the API shows of a step, as one JSON object per step.
@@ -324,34 +303,6 @@ async def record(session: AsyncSession, tenant: str, migration_id: uuid.UUID) ->
     stmt = _records_query().where(Migration.id == migration_id, Migration.tenant == tenant)
     row = (await session.execute(stmt)).one_or_none()
     return None if row is None else Record(*row)
-
-
-def page_query(
-    tenant: str,
-    *,
-    statuses: Sequence[str],
-    types: Sequence[str],
-    before: tuple[datetime, uuid.UUID] | None,
-    limit: int,
-) -> Select[*tuple[Any, ...]]:
-    """Newest first by (created_at, id), after ``before`` (the last row of the previous
-    page): a backward range scan of ``ix_migrations_tenant_created`` that stops after
-    ``limit`` rows, however many rows the tenant has."""
-    return _paged(_records_query(), tenant, statuses, types, before, limit)
-
-
-async def records(
-    session: AsyncSession,
-    tenant: str,
-    *,
-    statuses: Sequence[str],
-    types: Sequence[str],
-    before: tuple[datetime, uuid.UUID] | None,
-    limit: int,
-) -> list[Record]:
-    """A page of migrations with their steps, in one statement."""
-    stmt = page_query(tenant, statuses=statuses, types=types, before=before, limit=limit)
-    return [Record(*row) for row in await session.execute(stmt)]
 
 
 # The same view, serialised by PostgreSQL: the spec merged with the state columns, as

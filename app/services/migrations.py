@@ -71,13 +71,6 @@ class CloudRef:
 PageKey = tuple[datetime, uuid.UUID]
 
 
-@dataclass(frozen=True, slots=True)
-class ListedMigrations:
-    items: list[MigrationView]
-    #: Key of the last item when more rows follow, else None.
-    next_key: PageKey | None
-
-
 def _cloud_refs(body: CreateBody) -> list[CloudRef]:
     """Every cloud the body names, with the part it must be able to play."""
     match body:
@@ -358,31 +351,6 @@ async def get(session: AsyncSession, tenant: str, migration_id: uuid.UUID) -> Mi
     return _view(rec)
 
 
-async def list_page(
-    session: AsyncSession,
-    tenant: str,
-    *,
-    statuses: Sequence[MigrationStatus],
-    types: Sequence[MigrationType],
-    limit: int,
-    before: PageKey | None,
-) -> ListedMigrations:
-    """Newest first, starting after ``before`` (a previous page's ``next_key``); one
-    statement for the page and the steps of its migrations."""
-    rows = await repo.records(
-        session,
-        tenant,
-        statuses=[s.value for s in statuses],
-        types=[t.value for t in types],
-        before=before,
-        limit=limit + 1,
-    )
-    more = len(rows) > limit
-    rows = rows[:limit]
-    next_key = (rows[-1].created_at, rows[-1].id) if more else None
-    return ListedMigrations([_view(r) for r in rows], next_key)
-
-
 #: Types whose stored spec holds every field of their API view, so PostgreSQL's
 #: rendering of it is the view as is (tests/api/test_migration_reads.py checks each
 #: shape against the models). Others (conversions store a short spec) go through the
@@ -422,7 +390,8 @@ async def list_json(
     limit: int,
     before: PageKey | None,
 ) -> RenderedPage:
-    """Like :func:`list_page`, each item JSON as PostgreSQL rendered it (one statement)."""
+    """Newest first, after ``before`` (a previous page's ``next_key``); each item JSON
+    as PostgreSQL rendered it, the page and its steps in one statement."""
     rows = await repo.rendered_page(
         session, tenant, statuses=[s.value for s in statuses],
         types=[t.value for t in types], before=before, limit=limit + 1,
