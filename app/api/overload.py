@@ -54,8 +54,9 @@ class InFlightLimit:
     Counting requests in flight does not see the ones still waiting for the event loop
     (parsed but not yet run, or not yet parsed): under a flood the loop itself becomes
     the queue. So the loop's lag is sampled too (how late a short sleep wakes up); while
-    it exceeds ``max_loop_lag`` seconds, new requests are refused as well, which drains
-    that queue at the cost of a 503 each instead of a full request each."""
+    consecutive samples exceed ``max_loop_lag`` seconds, new requests are refused as
+    well, which drains that queue at the cost of a 503 each instead of a full request
+    each. One late sample (a single long request, a pause) refuses nothing."""
 
     def __init__(
         self,
@@ -73,6 +74,9 @@ class InFlightLimit:
         self.max_loop_lag = max_loop_lag
         #: The latest sample of the event loop's lag (seconds).
         self.lag = 0.0
+        #: How many samples in a row were later than ``max_loop_lag``, and in all.
+        self.late_samples = 0
+        self.samples = 0
         self._sampler: asyncio.Task[None] | None = None
         self._last_request = 0.0
         self.exempt_paths = exempt_paths
@@ -86,7 +90,7 @@ class InFlightLimit:
             "title": "Server overloaded",
             "status": 503,
             "detail": f"this API process is at capacity ({max_in_flight} requests in "
-                      f"flight, or {max_loop_lag} s behind); retry in {retry_after} s (or "
+                      f"flight, or running {max_loop_lag} s behind); retry in {retry_after} s (or "
                       "on another replica)",
         }).encode()
         self._refusal_start: Message = {
@@ -103,7 +107,7 @@ class InFlightLimit:
             await self.app(scope, receive, send)
             return
         self._sample_lag()
-        if self.in_flight >= self.max_in_flight or self.lag > self.max_loop_lag:
+        if self.in_flight >= self.max_in_flight or self.late_samples >= 2:
             self.refused += 1
             await send(self._refusal_start)
             await send(self._refusal_body)
@@ -127,7 +131,10 @@ class InFlightLimit:
             before = loop.time()
             await asyncio.sleep(LAG_SAMPLE_SECONDS)
             self.lag = max(0.0, loop.time() - before - LAG_SAMPLE_SECONDS)
+            self.late_samples = self.late_samples + 1 if self.lag > self.max_loop_lag else 0
+            self.samples += 1
         self.lag = 0.0
+        self.late_samples = 0
 
     async def _cancel_on_disconnect(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the app; cancel it if the client disconnects before the response ended.
