@@ -83,8 +83,12 @@ def _raise_stopped(signum: int, _frame: object) -> None:
               "(by default serve stops it if serve started it).")
 @click.option("--metrics-address", metavar="HOST:PORT", help=_METRICS_HELP + " GET /metrics "
               "on the API (scope metrics:read) is there either way.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Run N API processes, and VMIGRATE_SERVE_WORKER_PROCESSES migration "
+              "workers as processes of their own (none with --no-worker). Unset: one "
+              "process serving the API with a worker inside it.")
 def serve(host: str | None, port: int | None, no_worker: bool, keep_db: bool,
-          metrics_address: str | None) -> None:
+          metrics_address: str | None, workers: int | None) -> None:
     """Run the HTTP API and a worker until SIGTERM/SIGINT.
 
     With no VMIGRATE_DATABASE_URL, the embedded PostgreSQL under DATA_DIR/postgres is
@@ -124,9 +128,15 @@ def serve(host: str | None, port: int | None, no_worker: bool, keep_db: bool,
             settings = settings.model_copy(update={"database_url": SecretStr(started.url)})
         from app.main import create_app
         from app.server import serve as run_server
+        from app.server import serve_processes
 
-        ok = run_server(create_app(settings, run_worker=not no_worker), sock,
-                        log_level=settings.log_level.lower())
+        if workers is not None:
+            serve_processes(settings, sock, log_level=settings.log_level.lower(),
+                            workers=workers,
+                            migration_workers=0 if no_worker else settings.serve_worker_processes)
+        else:
+            ok = run_server(create_app(settings, run_worker=not no_worker), sock,
+                            log_level=settings.log_level.lower())
     except _Stopped:
         pass
     finally:

@@ -53,6 +53,33 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(
         default=10, ge=1, description="Database connections per process (pool size)."
     )
+    auth_cache_seconds: float = Field(
+        default=10.0, ge=0, le=300,
+        description="How long an API process trusts a token it has read from the database: "
+        "a revoked token is refused by every process within this many seconds. 0 reads the "
+        "token on every request.",
+    )
+    api_max_in_flight: int = Field(
+        default=32, ge=1,
+        description="Requests one API process works on at once (event streams and health "
+        "checks aside); past it a request is answered at once with a 503 problem and "
+        "`Retry-After` instead of waiting in a queue.",
+    )
+    serve_worker_processes: int = Field(
+        default=1, ge=0, le=64,
+        description="`vmigrate serve --workers N`: how many migration worker processes run "
+        "beside the N API processes.",
+    )
+    api_max_loop_lag_seconds: float = Field(
+        default=0.5, gt=0, le=10,
+        description="An API process whose event loop runs later than this (seconds: "
+        "requests are waiting to be run) answers new requests with the overload 503 until "
+        "it has caught up.",
+    )
+    api_retry_after_seconds: int = Field(
+        default=1, ge=1, le=3600,
+        description="The `Retry-After` of an overload 503 (seconds).",
+    )
     db_connect_timeout_seconds: float = Field(
         default=10.0, gt=0, description="Bound on opening a database connection (and on "
         "waiting for a free pooled one); past it the request answers 503."

@@ -18,13 +18,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -166,6 +167,36 @@ class Backoff:
         return delay / 2 + self._rng.random() * delay / 2
 
 
+#: A pooled connection unused for longer than this is checked (one round trip) before
+#: it is handed out; a busy pool hands out connections without any check.
+PING_AFTER_IDLE_SECONDS = 10.0
+
+
+def _ping_when_idle(engine: AsyncEngine, idle: float) -> None:
+    """Pessimistic disconnect handling for idle connections only.
+
+    ``pool_pre_ping`` checks every checkout, which is a round trip per request. A
+    connection used a moment ago is as good as checked (a server that went away
+    meanwhile fails a statement, and SQLAlchemy then drops every pooled connection of
+    that age), so only those idle for more than ``idle`` seconds are pinged; a failed
+    ping makes the pool retry with a new connection."""
+    pool = engine.sync_engine.pool
+
+    @event.listens_for(pool, "checkin")
+    def _checked_in(dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(pool, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since <= idle:
+            return
+        try:
+            dbapi_connection.ping()
+        except Exception as exc:
+            raise sa_exc.DisconnectionError(str(exc)) from exc
+
+
 class Database:
     """An async engine and its session factory."""
 
@@ -173,9 +204,10 @@ class Database:
                  retry_cap: float = 5.0) -> None:
         self.url = url
         self.engine: AsyncEngine = create_async_engine(
-            url, pool_size=pool_size, pool_pre_ping=True, pool_timeout=connect_timeout,
+            url, pool_size=pool_size, pool_timeout=connect_timeout,
             connect_args={"timeout": connect_timeout},
         )
+        _ping_when_idle(self.engine, PING_AFTER_IDLE_SECONDS)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self.outage = Outage()
         #: Longest wait between two attempts of a loop waiting for the database.

@@ -20,6 +20,7 @@ from app.api import docs, health, metrics, problems
 from app.api.deps import AppContext
 from app.api.idempotency import Idempotency, document_header
 from app.api.limits import BodyLimit
+from app.api.overload import InFlightLimit
 from app.config import Settings
 from app.crypto import SecretBox, load_keys
 from app.db import Database, embedded_postgres_url, is_disconnect, upgrade
@@ -188,6 +189,11 @@ def create_app(
     # Added first, so it runs inside BodyLimit: the bodies it buffers are bounded.
     app.add_middleware(Idempotency, streamed=STREAMED)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, streamed=STREAMED)
+    # Past api_max_in_flight requests, a 503 at once (before any other work); a client
+    # that disconnects has its request cancelled.
+    app.add_middleware(InFlightLimit, max_in_flight=settings.api_max_in_flight,
+                       retry_after=settings.api_retry_after_seconds,
+                       max_loop_lag=settings.api_max_loop_lag_seconds)
     # Outermost: an exception that escaped everything else still becomes a problem
     # document (503 for a lost database), and the connection stays open.
     app.add_middleware(problems.ContainErrors)

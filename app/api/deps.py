@@ -1,9 +1,16 @@
-"""Request-scoped dependencies: the application context, a DB session, the caller."""
+"""Request-scoped dependencies: the application context, a DB session, the caller.
+
+A request uses one session (one transaction) at most: the route's. Authentication
+takes the caller from the process's :class:`~app.services.tokens.TokenCache`, and only
+on a miss reads the token in that same session (FastAPI resolves ``get_session`` once
+per request). A session acquires its connection on its first statement, so a request
+that needs no statement (a cached token, a 403) never touches the pool.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
@@ -13,7 +20,7 @@ from app.config import Settings
 from app.crypto import SecretBox
 from app.db import Database
 from app.events.bus import EventBus
-from app.services.tokens import Principal, authenticate
+from app.services.tokens import Principal, TokenCache
 from app.storage.base import ImageStore
 
 
@@ -27,6 +34,11 @@ class AppContext:
     store: ImageStore
     #: Live events (LISTEN/NOTIFY); started by the lifespan, None outside it.
     events: EventBus | None = None
+    #: Tokens this process has read recently (``settings.auth_cache_seconds``).
+    tokens: TokenCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokens = TokenCache(self.settings.auth_cache_seconds)
 
 
 def get_context(request: Request) -> AppContext:
@@ -54,23 +66,23 @@ def _unauthorized(detail: str) -> HTTPException:
     return HTTPException(401, detail, headers={"WWW-Authenticate": 'Bearer realm="vmigrate"'})
 
 
-async def _principal(request: Request, ctx: AppContext) -> Principal:
+async def _principal(request: Request, ctx: AppContext, session: AsyncSession) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise _unauthorized("a bearer token is required (Authorization: Bearer <token>)")
-    async with ctx.db.session() as session:
-        principal = await authenticate(session, token.strip())
+    principal = await ctx.tokens.authenticate(session, token.strip())
     if principal is None:
         raise _unauthorized("the bearer token is unknown or revoked")
+    ctx.tokens.used(ctx.db, principal)
     return principal
 
 
 def require(scope: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
     """A dependency that authenticates the bearer token and checks one scope."""
 
-    async def dependency(request: Request, ctx: Context) -> Principal:
-        principal = await _principal(request, ctx)
+    async def dependency(request: Request, ctx: Context, session: Session) -> Principal:
+        principal = await _principal(request, ctx, session)
         if not principal.allows(scope):
             raise HTTPException(403, f"the token lacks the {scope!r} scope")
         return principal
@@ -82,8 +94,8 @@ def require_any(*scopes: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
     """Like :func:`require`, satisfied by any one of ``scopes`` (the route then narrows
     what it shows to what the token's scopes allow)."""
 
-    async def dependency(request: Request, ctx: Context) -> Principal:
-        principal = await _principal(request, ctx)
+    async def dependency(request: Request, ctx: Context, session: Session) -> Principal:
+        principal = await _principal(request, ctx, session)
         if not any(principal.allows(s) for s in scopes):
             raise HTTPException(403, f"the token needs one of the scopes {', '.join(scopes)}")
         return principal

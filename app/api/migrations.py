@@ -6,10 +6,12 @@ HTTP only: authentication, parameters, status codes and headers. The use cases a
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
+from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api import sse
@@ -19,7 +21,13 @@ from app.api.problems import problem_responses
 from app.errors import InvalidInput
 from app.models.enums import MigrationStatus, MigrationType
 from app.models.event_filter import EventFilter
-from app.models.schemas.migrations import EventPage, MigrationCreate, MigrationOut, MigrationView
+from app.models.schemas.migrations import (
+    EventPage,
+    MigrationCreate,
+    MigrationOut,
+    MigrationView,
+    dump_view,
+)
 from app.services import migrations as service
 from app.services.events import StreamStart
 from app.services.migrations import PageKey
@@ -39,6 +47,30 @@ _READ = problem_responses(401, 403, 404, 422)
 
 class MigrationPage(Page[MigrationOut]):
     """A page of migrations, newest first."""
+
+
+class MigrationBatch(BaseModel):
+    """Migrations to create together: all of them, or (any problem) none."""
+
+    items: list[MigrationCreate] = Field(
+        min_length=1, max_length=service.MAX_BATCH,
+        description=f"1 to {service.MAX_BATCH} create bodies, as `POST /v1/migrations` "
+        "takes them. A problem in any item refuses the whole batch, each problem at "
+        "`/items/<index>/...`.")
+
+
+class CreatedMigrations(BaseModel):
+    items: list[MigrationOut] = Field(description="The migrations created, in the "
+                                      "order of the request's items.")
+
+
+JSON_MEDIA_TYPE = "application/json"
+
+
+def _json(content: bytes, status_code: int = 200) -> Response:
+    """The response as already serialised: validated once by the service, not again by
+    FastAPI's response model (which still documents it in OpenAPI)."""
+    return Response(content=content, status_code=status_code, media_type=JSON_MEDIA_TYPE)
 
 
 _ACT = problem_responses(401, 403, 404, 409, 422)
@@ -75,10 +107,32 @@ async def create_migration(
     ctx: Context,
     tx: Tx,
     who: Writer,
-) -> MigrationView:
+) -> Response:
     view = await service.create(tx, ctx.box, who.tenant, body)
-    response.headers["Location"] = request.url_for("get_migration", migration_id=view.id).path
-    return view
+    out = _json(dump_view(view), 201)
+    out.headers["Location"] = request.url_for("get_migration", migration_id=view.id).path
+    return out
+
+
+@router.post(
+    "/batch",
+    status_code=201,
+    response_model=CreatedMigrations,
+    operation_id="create_migrations",
+    summary="Create many migrations at once (all or none)",
+    responses=problem_responses(400, 401, 403, 413, 422),
+)
+async def create_migrations(
+    batch: Annotated[MigrationBatch, Body()],
+    ctx: Context,
+    tx: Tx,
+    who: Writer,
+) -> Response:
+    """The cheap way to create many: one transaction and a few multi-row statements for
+    the whole batch (items with `run: true` are queued one by one). The request body is
+    limited like every other (`VMIGRATE_MAX_BODY_BYTES`)."""
+    items = await service.create_many(tx, ctx.box, who.tenant, batch.items)
+    return _json(b'{"items":[' + b",".join(items) + b"]}", 201)
 
 
 @router.get(
@@ -95,8 +149,8 @@ async def list_migrations(
     type: Annotated[list[MigrationType] | None, Query(description="Any of these.")] = None,
     limit: Limit = 50,
     cursor: Cursor = None,
-) -> MigrationPage:
-    page = await service.list_page(
+) -> Response:
+    page = await service.list_json(
         tx,
         who.tenant,
         statuses=status or [],
@@ -105,7 +159,9 @@ async def list_migrations(
         before=_page_key(cursor),
     )
     key = page.next_key
-    return MigrationPage(items=page.items, next_cursor=encode_cursor(*key) if key else None)
+    cursor_json = json.dumps(encode_cursor(*key)).encode() if key else b"null"
+    return _json(b'{"items":[' + b",".join(page.items) + b'],"next_cursor":'
+                 + cursor_json + b"}")
 
 
 @router.get(
@@ -115,8 +171,8 @@ async def list_migrations(
     summary="Read a migration",
     responses=_READ,
 )
-async def get_migration(migration_id: MigrationId, tx: Tx, who: Reader) -> MigrationView:
-    return await service.get(tx, who.tenant, migration_id)
+async def get_migration(migration_id: MigrationId, tx: Tx, who: Reader) -> Response:
+    return _json(await service.get_json(tx, who.tenant, migration_id))
 
 
 @router.post(

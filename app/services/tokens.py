@@ -1,16 +1,29 @@
-"""API tokens: created once (only their SHA-256 is stored), checked on every request."""
+"""API tokens: created once (only their SHA-256 is stored), checked on every request.
+
+Checking a token costs a database read, so each process keeps what it read in a
+:class:`TokenCache` for ``ttl`` seconds: a revoked token keeps working on a process
+that saw it within the last ``ttl`` seconds, and is refused everywhere after that.
+``last_used_at`` is written at most once per ``touch_interval`` per token and process,
+by a task of its own, never by the request that used the token.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import re
 import secrets
+import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.db import Database
 from app.errors import InvalidInput
 from app.models.db import ApiToken
 
@@ -83,21 +96,121 @@ async def create_token(
     return row, token
 
 
-async def authenticate(session: AsyncSession, token: str) -> Principal | None:
-    """The principal for a presented token, or None if unknown or revoked."""
+async def lookup(session: AsyncSession, token_hash: str) -> Principal | None:
+    """The principal of an unrevoked token with this hash, or None (one SELECT)."""
     row = (
         await session.execute(
-            select(ApiToken).where(
-                ApiToken.token_hash == hash_token(token), ApiToken.revoked_at.is_(None)
+            select(ApiToken.id, ApiToken.tenant, ApiToken.scopes).where(
+                ApiToken.token_hash == token_hash, ApiToken.revoked_at.is_(None)
             )
         )
-    ).scalar_one_or_none()
+    ).one_or_none()
     if row is None:
         return None
-    await session.execute(
-        update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=datetime.now(UTC))
-    )
     return Principal(tenant=row.tenant, scopes=frozenset(row.scopes), token_id=str(row.id))
+
+
+async def authenticate(session: AsyncSession, token: str) -> Principal | None:
+    """The principal for a presented token, or None if unknown or revoked; uncached,
+    and stamps ``last_used_at`` (for callers outside the API's request path)."""
+    principal = await lookup(session, hash_token(token))
+    if principal is not None:
+        await session.execute(
+            update(ApiToken).where(ApiToken.token_hash == hash_token(token))
+            .values(last_used_at=datetime.now(UTC))
+        )
+    return principal
+
+
+log = logging.getLogger(__name__)
+
+
+class TokenCache:
+    """Known tokens of one process, each trusted for ``ttl`` seconds after it was read.
+
+    - A hit costs no statement. A miss is one SELECT, in the session the request
+      already has (so a request still uses one transaction at most).
+    - Revocation takes effect on every process within ``ttl`` seconds: an entry is never
+      used once it is ``ttl`` old, and is then read again.
+    - Unknown or revoked tokens are not remembered (a token created a moment ago works
+      at once); at most ``max_entries`` tokens are kept, the oldest dropped first.
+    - ``last_used_at`` is written at most once per ``touch_interval`` per token by this
+      process, in a task of its own with its own short transaction: a request never
+      waits for it, and a failed write is only logged (the next use tries again).
+    """
+
+    def __init__(
+        self,
+        ttl: float,
+        *,
+        touch_interval: float = 60.0,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl = ttl
+        self.touch_interval = touch_interval
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: dict[str, tuple[Principal, float]] = {}
+        self._touched: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.lookups = 0  # how many times a token was read from the database
+
+    def cached(self, token: str) -> Principal | None:
+        """The principal if this process read the token less than ``ttl`` ago."""
+        key = hash_token(token)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        principal, read_at = entry
+        if self._clock() - read_at >= self.ttl:
+            del self._entries[key]
+            return None
+        return principal
+
+    async def authenticate(self, session: AsyncSession, token: str) -> Principal | None:
+        """The token's principal: from the cache, else read in ``session``."""
+        principal = self.cached(token)
+        if principal is not None:
+            return principal
+        key = hash_token(token)
+        self.lookups += 1
+        principal = await lookup(session, key)
+        if principal is not None:
+            if len(self._entries) >= self.max_entries:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[key] = (principal, self._clock())
+        return principal
+
+    def used(self, db: Database, principal: Principal) -> None:
+        """Note a use of ``principal``'s token; schedules the ``last_used_at`` write when
+        the last one from this process is ``touch_interval`` old (or there was none)."""
+        now = self._clock()
+        last = self._touched.get(principal.token_id)
+        if last is not None and now - last < self.touch_interval:
+            return
+        self._touched[principal.token_id] = now
+        if len(self._touched) > self.max_entries:
+            self._touched.pop(next(iter(self._touched)))
+        task = asyncio.create_task(self._touch(db, principal.token_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _touch(db: Database, token_id: str) -> None:
+        try:
+            async with db.session() as session:
+                await session.execute(
+                    update(ApiToken).where(ApiToken.id == uuid.UUID(token_id))
+                    .values(last_used_at=datetime.now(UTC))
+                )
+        except Exception as exc:  # the next use after touch_interval tries again
+            log.warning("could not record a token's last use: %s", exc)
+
+    async def drain(self) -> None:
+        """Wait for the pending ``last_used_at`` writes (at shutdown, and in tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
 
 async def revoke_token(session: AsyncSession, prefix: str) -> int:

@@ -113,13 +113,19 @@ async def test_read_scope_reads_but_does_not_write(
 
 
 async def test_revoked_token_is_401(
-    client: httpx.AsyncClient, make_token: TokenFactory, db: Database
+    settings: Settings, db: Database, make_token: TokenFactory
 ) -> None:
-    token = await make_token()
-    assert (await client.get("/v1/clouds", headers=auth(token))).status_code == 200
-    async with db.session() as session:
-        assert await revoke_token(session, token[:12]) == 1
-    r = await client.get("/v1/clouds", headers=auth(token))
+    """With the cache off (``auth_cache_seconds=0``) a revocation applies at the next
+    request; with it on, within that many seconds (tests/api/test_auth_cache.py)."""
+    app = create_app(settings.model_copy(update={"auth_cache_seconds": 0.0}), db=db)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            token = await make_token()
+            assert (await client.get("/v1/clouds", headers=auth(token))).status_code == 200
+            async with db.session() as session:
+                assert await revoke_token(session, token[:12]) == 1
+            r = await client.get("/v1/clouds", headers=auth(token))
     assert r.status_code == 401
     assert "revoked" in r.json()["detail"]
 

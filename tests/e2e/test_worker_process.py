@@ -117,8 +117,10 @@ async def test_sigterm_hands_the_migration_back(
     assert proc.wait(timeout=30) == 0
     m = await _get(client, token, mid)
     assert m["status"] == "queued"  # released: claimable at once, no lease to wait out
-    events = (await client.get(f"/v1/migrations/{mid}/events", headers=auth(token),
-                               params={"limit": 200})).json()["items"]
+    r = await client.get(f"/v1/migrations/{mid}/events", headers=auth(token),
+                         params={"limit": 200})
+    assert r.status_code == 200, r.text
+    events = r.json()["items"]
     assert events[-1]["type"] == "migration.released"
     # cancelled while nobody holds it, after it powered the VM off and snapshotted it:
     # a worker must unwind that before the migration is cancelled
