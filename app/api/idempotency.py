@@ -38,6 +38,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import AppContext
+from app.api.limits import replay_body
 from app.api.problems import problem_response
 from app.crypto import SecretBox
 from app.models.idempotency import Claimed, StoredKey
@@ -168,7 +169,7 @@ class Idempotency:
             return
         captured = _Capture(send)
         try:
-            await self.app(scope, _replay(body, receive), captured.send)
+            await self.app(scope, replay_body(body, receive), captured.send)
         except BaseException:
             await self._release(ctx, tenant, key, outcome)
             raise
@@ -227,18 +228,6 @@ async def _read_body(receive: Receive) -> bytes | None:
             return b"".join(chunks)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A receive that yields the buffered body once, then defers to the real one."""
-    sent = False
-
-    async def replayed() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replayed
 
 
 class _Capture:

@@ -74,7 +74,7 @@ class BodyLimit:
                     errors=[FieldError(pointer=bad, detail=detail)],
                 )(scope, receive, send)
                 return
-        await self.app(scope, _replay(body, receive), send)
+        await self.app(scope, replay_body(body, receive), send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         await problem_response(
@@ -84,7 +84,7 @@ class BodyLimit:
         )(scope, receive, send)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay_body(body: bytes, receive: Receive) -> Receive:
     """A receive that yields the buffered body once, then defers to the real one."""
     sent = False
 
