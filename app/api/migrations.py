@@ -103,7 +103,6 @@ def _page_key(cursor: str | None) -> PageKey | None:
 async def create_migration(
     body: MigrationCreate,
     request: Request,
-    response: Response,
     ctx: Context,
     tx: Tx,
     who: Writer,

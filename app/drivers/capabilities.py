@@ -10,17 +10,14 @@ that fails later for want of a driver.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import get_args
 
 from app.drivers.kit.spec import DriverSpec, Role
 from app.drivers.registry import ENGINES, SPECS, EngineSupport, can_play, spec_for
-from app.models.enums import CloudKind, ImageFormat, StoreFormat
+from app.models.enums import CloudKind, ImageFormat
 
-__all__ = ["IMPORT_FORMATS", "MATRIX", "STORE_FORMATS", "CapabilityMatrix", "Role",
+__all__ = ["IMPORT_FORMATS", "MATRIX", "CapabilityMatrix", "Role",
            "import_formats", "matrix_from"]
 
-#: Formats a mode-``store`` migration can leave in the image library (the spec's list).
-STORE_FORMATS: tuple[ImageFormat, ...] = get_args(StoreFormat)
 
 
 class CapabilityMatrix:
